@@ -1,0 +1,1 @@
+"""The `qtool` command line: a typer app over the library functions."""

@@ -1,0 +1,102 @@
+"""`qtool`: quantize, evaluate and inspect LLM checkpoints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qtool.errors import FAILURE, QtoolError
+
+app = typer.Typer(
+    help="Quantize LLM weights to packed INT4/INT8 checkpoints and measure what they lose.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the checkpoint to."),
+    method: str = typer.Option("rtn", help="Quantization method."),
+    bits: int = typer.Option(4, help="Bits per weight, 2-8."),
+    group_size: int = typer.Option(64, help="Input columns per scale; -1 for one scale per output channel."),
+    symmetric: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric."),
+    skip: list[str] = typer.Option([], help="Regex of layer names to leave unquantized (repeatable)."),
+    format: str = typer.Option("compressed-tensors", "--format", help="Checkpoint format."),
+    seed: int = typer.Option(0, help="Seed for everything random."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with offline data sets (else $QTOOL_DATA_DIR)."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint folder."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Quantize MODEL and write a packed checkpoint to OUTPUT."""
+    options = dict(locals())
+    from qtool.cli.quantize_cmd import run_quantize
+
+    run_quantize(**options)
+
+
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Argument(..., help="Checkpoint or model: folder, .gguf file, alias or hub id."),
+    ppl: str = typer.Option("wikitext", help="Data set for perplexity: wikitext2, wiki-leads or a file."),
+    seqlen: int = typer.Option(2048, help="Tokens per window."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
+    compare: Optional[str] = typer.Option(None, help="Base model to compare against on the same windows."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on cuda)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with offline data sets (else $QTOOL_DATA_DIR)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint folder."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Perplexity of MODEL, and with --compare its KL divergence and top-1 agreement with a base model."""
+    options = dict(locals())
+    from qtool.cli.eval_cmd import run_eval
+
+    run_eval(**options)
+
+
+@app.command()
+def inspect(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
+):
+    """Per-layer schemes, shapes, sizes and bits per weight of a checkpoint."""
+    from qtool.cli.inspect_cmd import run_inspect
+
+    run_inspect(checkpoint, json_output)
+
+
+@app.command()
+def version():
+    """Print qtool's version."""
+    from qtool import __version__
+
+    print(__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: QtoolError becomes one line on stderr and exit code 2 (bad input) or 1 (failure);
+    usage errors keep typer's own message and exit code 2."""
+    try:
+        app(args=argv, prog_name="qtool")
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+    except QtoolError as error:
+        print(f"qtool: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except MemoryError:
+        print("qtool: error: out of memory; use a smaller model, --seqlen or --max-windows", file=sys.stderr)
+        return FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

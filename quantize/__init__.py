@@ -1,0 +1,1 @@
+"""Quantization algorithms and formats: schemes, grids, methods, packing, checkpoint writers and readers."""

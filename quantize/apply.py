@@ -1,0 +1,115 @@
+"""Quantize a model's linear layers according to a recipe.
+
+This module walks the model and hands each weight to the method; the methods themselves
+(`qtool.quantize.methods`) never see modules.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qtool.errors import QtoolError
+from qtool.quantize.methods import METHODS, MethodResult
+from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.scheme import Recipe, Scheme
+
+
+@dataclass
+class QuantizedModel:
+    """What quantizing a model produced: the quantized layers, their errors, the layers left dense."""
+
+    weights: dict[str, QuantizedWeight]
+    errors: dict[str, dict] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def output_layer_name(model: nn.Module) -> str | None:
+    """The name of the output projection (lm_head), which stays dense unless a recipe asks for it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
+
+
+def plan_layers(model: nn.Module, recipe: Recipe) -> dict[str, Scheme | None]:
+    """The scheme each linear layer gets (None: stays dense), in module order."""
+    head = output_layer_name(model)
+    plan = {}
+    for name in linear_layers(model):
+        if name == head:
+            plan[name] = next((o.scheme for o in recipe.overrides if o.matches(name)), None)
+        else:
+            plan[name] = recipe.scheme_for(name)
+    if head is not None and plan.get(head) is not None and _is_tied(model):
+        raise QtoolError(
+            f"{head} shares its weight with the input embeddings, so it cannot be quantized alone; "
+            f"drop the override that matches {head!r}"
+        )
+    return plan
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def check_group_sizes(model: nn.Module, plan: dict[str, Scheme | None]) -> None:
+    """Refuse, before any work, a group size that does not divide a layer's input features."""
+    layers = linear_layers(model)
+    bad = {
+        name: layers[name].in_features
+        for name, scheme in plan.items()
+        if scheme is not None and scheme.group_size != -1 and layers[name].in_features % scheme.group_size
+    }
+    if not bad:
+        return
+    sizes = sorted(set(bad.values()))
+    common = math.gcd(*(layers[name].in_features for name, scheme in plan.items() if scheme is not None))
+    valid = [str(d) for d in range(8, common + 1) if common % d == 0] + ["-1"]
+    names = ", ".join(list(bad)[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise QtoolError(
+        f"group size does not divide the input features ({', '.join(map(str, sizes))}) of {names}; "
+        f"group sizes that fit every quantized layer: {', '.join(valid)}"
+    )
+
+
+def quantize_model(
+    model: nn.Module, recipe: Recipe, on_layer: Callable[[str, int, int], None] | None = None
+) -> QuantizedModel:
+    """Quantize every planned linear layer of `model` (left unchanged) with the recipe's method.
+    `on_layer(name, done, total)` is called before each layer, for progress displays."""
+    method = METHODS.get(recipe.method)
+    if method.needs_calibration:
+        raise QtoolError(f"method {recipe.method!r} needs calibration, which this build does not run yet")
+    plan = plan_layers(model, recipe)
+    if not any(plan.values()):
+        raise QtoolError("no layer is left to quantize: every linear layer is skipped by the recipe")
+    check_group_sizes(model, plan)
+    layers = linear_layers(model)
+    started = time.perf_counter()
+    result = QuantizedModel(weights={})
+    total = sum(scheme is not None for scheme in plan.values())
+    with torch.no_grad():
+        for name, scheme in plan.items():
+            if scheme is None:
+                result.skipped.append(name)
+                continue
+            if on_layer is not None:
+                on_layer(name, len(result.weights), total)
+            outcome: MethodResult = method.run(layers[name].weight.data, scheme, None)
+            result.weights[name] = outcome.weight
+            result.errors[name] = {"error": outcome.error, "kind": outcome.error_kind}
+    result.seconds = time.perf_counter() - started
+    return result

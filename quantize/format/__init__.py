@@ -1,0 +1,123 @@
+"""Checkpoint formats: a registry of writers/readers around the canonical `QuantizedWeight`.
+
+Each format knows how to store one quantized layer, what `quantization_config` says about the whole
+model, and how to read both back. Folder handling (atomic writes, shards) is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qtool.errors import QtoolError
+from qtool.quantize.format import compressed_tensors
+from qtool.quantize.format.checkpoint import (
+    load_tensors,
+    read_json,
+    save_tensors,
+    unique_tensors,
+    write_folder_atomically,
+    write_json,
+)
+from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.scheme import Scheme
+from qtool.registry import Registry
+
+RECORD_FILE = "qtool.json"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    quant_method: str
+    layer_tensors: Callable[[str, QuantizedWeight], dict[str, torch.Tensor]]
+    quantization_config: Callable[[dict[str, QuantizedWeight], list[str]], dict]
+    read_layers: Callable[[dict[str, torch.Tensor], dict], tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]]
+    layer_schemes: Callable[[dict, list[str]], dict[str, Scheme]]
+    layer_suffixes: tuple[str, ...]
+
+    def layer_names(self, tensor_names) -> list[str]:
+        """Quantized layers, named by the tensor every one of them stores first in `layer_suffixes`."""
+        marker = "." + self.layer_suffixes[0]
+        return sorted(name.removesuffix(marker) for name in tensor_names if name.endswith(marker))
+
+
+FORMATS: Registry[Format] = Registry("checkpoint format")
+FORMATS.register("compressed-tensors")(
+    Format(
+        name="compressed-tensors",
+        quant_method=compressed_tensors.QUANT_METHOD,
+        layer_tensors=compressed_tensors.layer_tensors,
+        quantization_config=compressed_tensors.quantization_config,
+        read_layers=compressed_tensors.read_layers,
+        layer_schemes=compressed_tensors.layer_schemes,
+        layer_suffixes=compressed_tensors.LAYER_SUFFIXES,
+    )
+)
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """A quantized checkpoint in memory: its config.json, quantized layers and dense tensors."""
+
+    config: dict
+    weights: dict[str, QuantizedWeight]
+    dense: dict[str, torch.Tensor]
+
+
+def write_checkpoint(
+    destination: Path,
+    model: nn.Module,
+    weights: dict[str, QuantizedWeight],
+    dense_linears: list[str],
+    format_name: str,
+    record: dict,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> None:
+    """Write `model` with `weights` replacing its quantized linears' weights, atomically."""
+    fmt = FORMATS.get(format_name)
+
+    def fill(folder: Path) -> None:
+        tensors = {
+            name: tensor
+            for name, tensor in unique_tensors(model.state_dict()).items()
+            if not (name.endswith(".weight") and name.removesuffix(".weight") in weights)
+        }
+        for name, weight in weights.items():
+            tensors.update(fmt.layer_tensors(name, weight))
+        save_tensors(folder, tensors)
+        config = model.config.to_dict()
+        config["quantization_config"] = fmt.quantization_config(weights, dense_linears)
+        write_json(folder / "config.json", config)
+        if getattr(model, "generation_config", None) is not None:
+            write_json(folder / "generation_config.json", model.generation_config.to_diff_dict())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        write_json(folder / RECORD_FILE, record)
+
+    write_folder_atomically(destination, fill, overwrite=overwrite)
+
+
+def format_for(config: dict) -> Format:
+    """The format a checkpoint's config.json declares."""
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    for name in FORMATS:
+        if FORMATS.get(name).quant_method == method:
+            return FORMATS.get(name)
+    raise QtoolError(f"quantization method {method!r} in config.json is not supported; qtool reads: compressed-tensors")
+
+
+def read_checkpoint(folder: Path) -> QuantizedCheckpoint:
+    config = read_json(folder / "config.json")
+    fmt = format_for(config)
+    weights, dense = fmt.read_layers(load_tensors(folder), config["quantization_config"])
+    return QuantizedCheckpoint(config=config, weights=weights, dense=dense)
+
+
+def is_quantized(folder: Path) -> bool:
+    return "quantization_config" in read_json(folder / "config.json")

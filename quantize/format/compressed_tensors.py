@@ -1,0 +1,171 @@
+"""compressed-tensors `pack-quantized`: the format vLLM and transformers load as it is.
+
+Per quantized linear `NAME` (all packed along the last dimension of the stored tensor, as
+`qtool.quantize.packing` draws it; codes stored unsigned, i.e. the signed value + 2**(bits-1)):
+
+    NAME.weight_packed      int32 [out, ceil(in*bits/32)]   codes, packed along the input dimension
+    NAME.weight_scale       model dtype [out, n_groups]
+    NAME.weight_zero_point  int32 [ceil(out*bits/32), n_groups]   asymmetric only; packed along the
+                            output dimension (the transpose is packed, then transposed back)
+    NAME.weight_shape       int64 [2]                        (out, in)
+    NAME.weight_g_idx       int32 [in]                       act-order with groups only
+
+Dequantization: w = (q - zp) * scale with q, zp signed; qtool's unsigned codes and zero points
+differ from them by the same 2**(bits-1), so (code - zero) * scale is the same number.
+`config.json` carries `quantization_config` with one `config_group` per distinct scheme and the
+names of the linear layers left dense in `ignore`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from qtool.errors import QtoolError
+from qtool.quantize import packing
+from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.scheme import Scheme
+
+QUANT_METHOD = "compressed-tensors"
+PACKED_FORMAT = "pack-quantized"
+COMPRESSED_TENSORS_VERSION = "0.12.0"
+LAYER_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The tensors stored for one quantized layer."""
+    tensors = {
+        f"{name}.weight_packed": weight.packed,
+        f"{name}.weight_scale": weight.scales,
+        f"{name}.weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
+    if weight.zeros is not None:
+        tensors[f"{name}.weight_zero_point"] = packing.pack(weight.zeros.t(), weight.scheme.bits).t().contiguous()
+    if weight.g_idx is not None:
+        tensors[f"{name}.weight_g_idx"] = weight.g_idx.to(torch.int32)
+    return tensors
+
+
+def read_layer(name: str, tensors: dict[str, torch.Tensor], scheme: Scheme) -> QuantizedWeight:
+    """The `QuantizedWeight` of one layer from its stored tensors."""
+    try:
+        packed = tensors[f"{name}.weight_packed"]
+        scales = tensors[f"{name}.weight_scale"]
+        out_features, in_features = (int(v) for v in tensors[f"{name}.weight_shape"].tolist())
+    except KeyError as missing:
+        raise QtoolError(f"checkpoint is missing tensor {missing.args[0]}") from None
+    zero_point = tensors.get(f"{name}.weight_zero_point")
+    if scheme.symmetric != (zero_point is None):
+        state = "has" if zero_point is not None else "lacks"
+        raise QtoolError(f"{name} {state} a zero point, which its {scheme.describe()} scheme contradicts")
+    zeros = None
+    if zero_point is not None:
+        zeros = packing.unpack(zero_point.t().contiguous(), scheme.bits, out_features).t().contiguous()
+    expected = (out_features, packing.packed_width(in_features, scheme.bits))
+    if tuple(packed.shape) != expected or scales.shape[0] != out_features:
+        raise QtoolError(
+            f"{name}: weight_packed {tuple(packed.shape)} / weight_scale {tuple(scales.shape)} do not fit "
+            f"shape {(out_features, in_features)} at {scheme.bits} bits"
+        )
+    g_idx = tensors.get(f"{name}.weight_g_idx")
+    return QuantizedWeight(packed, scales, zeros, scheme, (out_features, in_features), g_idx)
+
+
+def _weights_args(scheme: Scheme, act_order: bool) -> dict:
+    return {
+        "num_bits": scheme.bits,
+        "type": "int",
+        "symmetric": scheme.symmetric,
+        "strategy": "channel" if scheme.group_size == -1 else "group",
+        "group_size": None if scheme.group_size == -1 else scheme.group_size,
+        "actorder": "group" if act_order else None,
+        "dynamic": False,
+        "observer": "minmax",
+        "block_structure": None,
+    }
+
+
+def quantization_config(weights: dict[str, QuantizedWeight], dense_linears: list[str]) -> dict:
+    """`quantization_config` for config.json: one config group per distinct scheme, and `ignore`."""
+    by_scheme: dict[tuple[Scheme, bool], list[str]] = {}
+    for name, weight in weights.items():
+        by_scheme.setdefault((weight.scheme, weight.g_idx is not None), []).append(name)
+    single = len(by_scheme) == 1
+    groups = {}
+    for index, ((scheme, act_order), names) in enumerate(sorted(by_scheme.items(), key=lambda item: item[1][0])):
+        groups[f"group_{index}"] = {
+            "targets": ["Linear"] if single else sorted(names),
+            "weights": _weights_args(scheme, act_order),
+            "input_activations": None,
+            "output_activations": None,
+            "format": PACKED_FORMAT,
+        }
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": PACKED_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": sorted(dense_linears),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "version": COMPRESSED_TENSORS_VERSION,
+    }
+
+
+def _scheme_from_args(args: dict, group: str) -> Scheme:
+    if args.get("type", "int") != "int":
+        raise QtoolError(f"config group {group}: weights of type {args.get('type')!r} are not supported (only int)")
+    strategy = args.get("strategy")
+    if strategy not in ("group", "channel"):
+        raise QtoolError(f"config group {group}: weight strategy {strategy!r} is not supported (group or channel)")
+    group_size = int(args["group_size"]) if strategy == "group" else -1
+    return Scheme(bits=int(args["num_bits"]), group_size=group_size, symmetric=bool(args.get("symmetric", True)))
+
+
+def _target_rank(target: str, name: str) -> int | None:
+    """How specifically `target` names layer `name` (lower is more specific), or None if it does not."""
+    if target == name:
+        return 0
+    if target.startswith("re:") and re.match(target[3:], name):
+        return 1
+    if target == "Linear":
+        return 2
+    return None
+
+
+def layer_schemes(config: dict, layer_names: list[str]) -> dict[str, Scheme]:
+    """The scheme of each quantized layer, by the most specific config group targeting it."""
+    groups = {}
+    for group, body in (config.get("config_groups") or {}).items():
+        body_format = body.get("format") or config.get("format")
+        if body_format != PACKED_FORMAT:
+            raise QtoolError(f"config group {group}: format {body_format!r} is not supported (only {PACKED_FORMAT})")
+        if body.get("input_activations"):
+            raise QtoolError(f"config group {group}: activation quantization is not supported yet")
+        groups[group] = (_scheme_from_args(body.get("weights") or {}, group), body.get("targets") or [])
+    schemes = {}
+    for name in layer_names:
+        best: tuple[int, Scheme] | None = None
+        for scheme, targets in groups.values():
+            for target in targets:
+                rank = _target_rank(target, name)
+                if rank is not None and (best is None or rank < best[0]):
+                    best = (rank, scheme)
+        if best is None:
+            raise QtoolError(f"{name} has packed weights but no config group targets it")
+        schemes[name] = best[1]
+    return schemes
+
+
+def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """Split stored tensors into quantized layers and the dense tensors beside them."""
+    names = sorted(key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed"))
+    schemes = layer_schemes(config, names)
+    weights = {name: read_layer(name, tensors, schemes[name]) for name in names}
+    dense = {
+        key: tensor
+        for key, tensor in tensors.items()
+        if not (key.rpartition(".")[0] in weights and key.rpartition(".")[2] in LAYER_SUFFIXES)
+    }
+    return weights, dense

@@ -1,0 +1,68 @@
+"""Uniform integer grids: one scale (and zero point) per group of input columns.
+
+A weight w in group g of row r is stored as the code q = clamp(round(w / s) + z, 0, 2**bits - 1)
+and read back as (q - z) * s, with s = scales[r, g] and z = zeros[r, g]. Symmetric grids fix
+z = 2**(bits-1) and s = max|w| / ((2**bits - 1) / 2), so the grid is centred on zero;
+asymmetric grids span [min(w, 0), max(w, 0)] with a rounded integer zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qtool.quantize.scheme import Scheme
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Per-group scales (in the dtype they are stored in) and integer zero points, both [out, n_groups]."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def max_code(bits: int) -> int:
+    return 2**bits - 1
+
+
+def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View [out, in] as [out, n_groups, group_size]; per-channel is one group of all columns."""
+    out_features, in_features = weight.shape
+    size = in_features if group_size == -1 else group_size
+    return weight.reshape(out_features, in_features // size, size)
+
+
+def fit_minmax(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> Grid:
+    """The min-max grid of each group. Scales are rounded to `scale_dtype` before zeros are chosen,
+    so codes and stored scales agree exactly."""
+    groups = grouped(weight.float(), scheme.group_size)
+    top = max_code(scheme.bits)
+    if scheme.symmetric:
+        scales = groups.abs().amax(dim=-1) / (top / 2)
+    else:
+        low = groups.amin(dim=-1).clamp(max=0)
+        high = groups.amax(dim=-1).clamp(min=0)
+        scales = (high - low) / top
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales)).to(scale_dtype)
+    if scheme.symmetric:
+        zeros = torch.full_like(scales, 2 ** (scheme.bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.round(-low / scales.float()).clamp(0, top).to(torch.int32)
+    return Grid(scales=scales, zeros=zeros)
+
+
+def quantize_to_codes(weight: torch.Tensor, grid: Grid, scheme: Scheme) -> torch.Tensor:
+    """Integer codes [out, in] of `weight` on `grid`."""
+    groups = grouped(weight.float(), scheme.group_size)
+    scales = grid.scales.float().unsqueeze(-1)
+    zeros = grid.zeros.unsqueeze(-1)
+    codes = torch.round(groups / scales) + zeros
+    return codes.clamp(0, max_code(scheme.bits)).to(torch.int32).reshape(weight.shape)
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(q - z) * s in float32, for codes [out, in] with contiguous groups of `group_size` columns."""
+    groups = grouped(codes, group_size)
+    return ((groups - zeros.unsqueeze(-1)).float() * scales.float().unsqueeze(-1)).reshape(codes.shape)

@@ -1,0 +1,108 @@
+"""Quantization settings as frozen, validated values: `Scheme` for one layer, `Recipe` for a model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from qtool.errors import QtoolError
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one linear layer's weight is quantized.
+
+    bits: 2-8. group_size: input columns sharing one scale (and zero), -1 for one per output
+    channel. symmetric: zero fixed at 2**(bits-1), so no zero point is stored.
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise QtoolError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+            self.group_size != -1 and self.group_size < 1
+        ):
+            raise QtoolError(f"group size must be -1 (per channel) or a positive integer, got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise QtoolError(f"symmetric must be true or false, got {self.symmetric!r}")
+
+    def group_count(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def describe(self) -> str:
+        group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
+        return f"W{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class Override:
+    """Layers whose name matches `pattern` (re.search) get `scheme`, or stay unquantized when it is None."""
+
+    pattern: str
+    scheme: Scheme | None
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as error:
+            raise QtoolError(f"layer pattern {self.pattern!r} is not a valid regular expression: {error}") from None
+
+    def matches(self, layer_name: str) -> bool:
+        return re.search(self.pattern, layer_name) is not None
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which text calibrates the model: a named source or a file, `nsamples` windows of `seqlen` tokens."""
+
+    source: str = "wiki-leads"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("nsamples", "seqlen"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QtoolError(f"calibration {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a quantized checkpoint: method, default scheme, per-layer overrides,
+    calibration data and output format. The first matching override wins. Method and format names
+    are checked against their registries where they are used."""
+
+    method: str = "rtn"
+    scheme: Scheme = field(default_factory=Scheme)
+    overrides: tuple[Override, ...] = ()
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    format: str = "compressed-tensors"
+
+    def scheme_for(self, layer_name: str) -> Scheme | None:
+        for override in self.overrides:
+            if override.matches(layer_name):
+                return override.scheme
+        return self.scheme
+
+    def to_dict(self) -> dict:
+        def scheme_dict(scheme: Scheme | None) -> dict:
+            if scheme is None:
+                return {"skip": True}
+            return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric}
+
+        return {
+            "method": self.method,
+            "scheme": scheme_dict(self.scheme),
+            "overrides": [{"match": o.pattern, **scheme_dict(o.scheme)} for o in self.overrides],
+            "calibration": {
+                "source": self.calibration.source,
+                "nsamples": self.calibration.nsamples,
+                "seqlen": self.calibration.seqlen,
+                "seed": self.calibration.seed,
+            },
+            "format": self.format,
+        }

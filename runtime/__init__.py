@@ -1,0 +1,1 @@
+"""Load quantized checkpoints and run them: model resolution, loader, QuantLinear, evaluation."""

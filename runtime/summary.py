@@ -1,0 +1,74 @@
+"""What a model folder holds, from file headers alone: per-layer schemes, sizes and bits per weight."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safetensors import safe_open
+
+from qtool.quantize.format import format_for
+from qtool.quantize.format.checkpoint import read_json, tensor_infos, weight_files
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    shape: tuple[int, int]
+    scheme: str
+    bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class ModelSummary:
+    """Sizes of a model folder's tensors; `layers` lists the quantized linears (none for a dense model)."""
+
+    total_bytes: int
+    layers: list[LayerSummary] = field(default_factory=list)
+    dense_linears: list[str] = field(default_factory=list)
+
+    @property
+    def quantized_bits_per_weight(self) -> float | None:
+        weights = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
+        return 8 * sum(layer.bytes for layer in self.layers) / weights if weights else None
+
+    def to_dict(self) -> dict:
+        return {
+            "total_bytes": self.total_bytes,
+            "quantized_bits_per_weight": self.quantized_bits_per_weight,
+            "layers": [{**asdict(layer), "bits_per_weight": layer.bits_per_weight} for layer in self.layers],
+            "dense_linears": self.dense_linears,
+        }
+
+
+def summarize(folder: Path) -> ModelSummary:
+    infos = tensor_infos(folder)
+    summary = ModelSummary(total_bytes=sum(info.nbytes for info in infos.values()))
+    config = read_json(folder / "config.json")
+    if "quantization_config" not in config:
+        return summary
+    fmt = format_for(config)
+    names = fmt.layer_names(infos)
+    schemes = fmt.layer_schemes(config["quantization_config"], names)
+    shapes = _stored_shapes(folder, names)
+    for name in names:
+        stored = [infos[f"{name}.{suffix}"] for suffix in fmt.layer_suffixes if f"{name}.{suffix}" in infos]
+        summary.layers.append(LayerSummary(name, shapes[name], schemes[name].describe(), sum(s.nbytes for s in stored)))
+    summary.dense_linears = list(config["quantization_config"].get("ignore") or [])
+    return summary
+
+
+def _stored_shapes(folder: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    """The (out, in) shape of each quantized layer, read from its small `weight_shape` tensor."""
+    wanted = {f"{name}.weight_shape": name for name in names}
+    shapes = {}
+    for file in weight_files(folder):
+        with safe_open(file, framework="pt") as reader:
+            for key in wanted.keys() & set(reader.keys()):
+                out_features, in_features = reader.get_tensor(key).tolist()
+                shapes[wanted[key]] = (int(out_features), int(in_features))
+    return shapes
