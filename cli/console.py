@@ -42,9 +42,12 @@ def progress(enabled: bool = True):
         yield display
 
 
-def status(message: str, enabled: bool = True) -> None:
-    if enabled:
-        stderr.print(message)
+@contextmanager
+def working(description: str, detail: str = "", enabled: bool = True):
+    """A transient line on stderr while one step of unknown length runs."""
+    with progress(enabled) as display:
+        display.add_task(description, total=None, detail=detail)
+        yield
 
 
 def mib(nbytes: int) -> str:

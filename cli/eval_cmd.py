@@ -58,13 +58,13 @@ def run_eval(
     torch_dtype = choose_dtype(dtype, device)
     show = not (quiet or json_output)
     console.quiet_libraries()
-    folder = resolve_model(model)
-    base_folder = resolve_model(compare) if compare else None
-    text = load_text(ppl, data_dir)
-    console.status(f"loading {folder}", show)
-    evaluated = load_model(folder, torch_dtype, device, trust_remote_code)
-    tokens = tokenize(load_tokenizer(folder, trust_remote_code), text)
-    base = load_model(base_folder, torch_dtype, device, trust_remote_code) if base_folder else None
+    with console.working("loading", model, show):
+        folder = resolve_model(model)
+        base_folder = resolve_model(compare) if compare else None
+        text = load_text(ppl, data_dir)
+        evaluated = load_model(folder, torch_dtype, device, trust_remote_code)
+        tokens = tokenize(load_tokenizer(folder, trust_remote_code), text)
+        base = load_model(base_folder, torch_dtype, device, trust_remote_code) if base_folder else None
     windows = split_windows(tokens, seqlen, max_windows)
     with console.progress(show) as bar:
         task = bar.add_task("perplexity", total=windows.shape[0], detail=ppl)

@@ -65,9 +65,9 @@ def run_quantize(
     console.quiet_libraries()
     torch.manual_seed(seed)
     folder = resolve_model(model)
-    console.status(f"loading {folder}", show)
-    fp_model = load_model(folder, dtype=None, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(folder, trust_remote_code)
+    with console.working("loading", str(folder), show):
+        fp_model = load_model(folder, dtype=None, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(folder, trust_remote_code)
     with console.progress(show) as bar:
         task = bar.add_task("quantizing", total=None, detail="")
         quantized = quantize_model(
@@ -86,8 +86,7 @@ def run_quantize(
         "quantize_seconds": round(quantized.seconds, 3),
         "versions": versions(),
     }
-    with console.progress(show) as bar:
-        bar.add_task("writing checkpoint", total=None, detail=str(output))
+    with console.working("writing", str(output), show):
         record["wall_seconds"] = round(time.perf_counter() - started, 3)
         write_checkpoint(output, fp_model, quantized.weights, quantized.skipped, recipe.format, record, tokenizer, overwrite)
     report(folder, output, record, json_output)

@@ -46,9 +46,9 @@ class ModelSummary:
 
 
 def summarize(folder: Path) -> ModelSummary:
+    config = read_json(folder / "config.json")
     infos = tensor_infos(folder)
     summary = ModelSummary(total_bytes=sum(info.nbytes for info in infos.values()))
-    config = read_json(folder / "config.json")
     if "quantization_config" not in config:
         return summary
     fmt = format_for(config)

@@ -29,7 +29,8 @@ from qtool.quantize.scheme import Scheme
 
 QUANT_METHOD = "compressed-tensors"
 PACKED_FORMAT = "pack-quantized"
-COMPRESSED_TENSORS_VERSION = "0.12.0"
+COMPRESSED_TENSORS_VERSION = "0.19.0"
+DENSE_STREAM_SINCE = (0, 18)  # earlier versions packed 32 // bits whole codes per word
 LAYER_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
@@ -134,6 +135,13 @@ def _target_rank(target: str, name: str) -> int | None:
     return None
 
 
+def _version(config: dict) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in str(config.get("version", "")).split(".")[:2])
+    except ValueError:
+        return DENSE_STREAM_SINCE
+
+
 def layer_schemes(config: dict, layer_names: list[str]) -> dict[str, Scheme]:
     """The scheme of each quantized layer, by the most specific config group targeting it."""
     groups = {}
@@ -143,7 +151,13 @@ def layer_schemes(config: dict, layer_names: list[str]) -> dict[str, Scheme]:
             raise QtoolError(f"config group {group}: format {body_format!r} is not supported (only {PACKED_FORMAT})")
         if body.get("input_activations"):
             raise QtoolError(f"config group {group}: activation quantization is not supported yet")
-        groups[group] = (_scheme_from_args(body.get("weights") or {}, group), body.get("targets") or [])
+        scheme = _scheme_from_args(body.get("weights") or {}, group)
+        if 32 % scheme.bits and _version(config) < DENSE_STREAM_SINCE:
+            raise QtoolError(
+                f"config group {group}: {scheme.bits}-bit weights written by compressed-tensors "
+                f"{config.get('version')} use the pre-0.18 packing, which qtool does not read; re-export them"
+            )
+        groups[group] = (scheme, body.get("targets") or [])
     schemes = {}
     for name in layer_names:
         best: tuple[int, Scheme] | None = None

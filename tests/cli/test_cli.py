@@ -1,0 +1,160 @@
+"""The command line end to end on a tiny real-format model, and every bad input it can get."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qtool.cli.app import main
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "w4"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--group-size", "32", "--quiet"]) == 0
+    return out
+
+
+def test_quantize_writes_a_complete_checkpoint(tiny_checkpoint):
+    names = {p.name for p in tiny_checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "qtool.json", "tokenizer.json", "generation_config.json"} <= names
+    record = json.loads((tiny_checkpoint / "qtool.json").read_text())
+    assert record["recipe"]["scheme"] == {"bits": 4, "group_size": 32, "symmetric": False}
+    assert record["skipped"] == ["lm_head"]
+    assert len(record["layers"]) == 14
+    assert record["versions"]["qtool"] and record["wall_seconds"] > 0
+
+
+def test_quantize_json_prints_one_object(tiny_llama_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "quantize", tiny_llama_dir, "-o", tmp_path / "w8", "--bits", "8", "--group-size", "-1", "--sym", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["quantized_layers"] == 14
+    assert 8 < summary["quantized_bits_per_weight"] < 8.6
+    assert summary["size_after_bytes"] < summary["size_before_bytes"]
+
+
+def test_eval_json_compares_with_the_base(tiny_checkpoint, tiny_llama_dir, tiny_text_file, capsys):
+    code, out, _ = run(
+        capsys, "eval", tiny_checkpoint, "--ppl", tiny_text_file, "--seqlen", "64", "--max-windows", "3",
+        "--compare", tiny_llama_dir, "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert {"ppl", "windows", "tokens", "seqlen", "dataset", "base_ppl", "kl", "top1_agree"} <= result.keys()
+    assert (result["windows"], result["tokens"], result["seqlen"]) == (3, 192, 64)
+    assert result["ppl"] > 1 and result["base_ppl"] > 1 and result["kl"] >= 0 and 0 <= result["top1_agree"] <= 1
+
+
+def test_eval_table_names_the_protocol(tiny_checkpoint, tiny_text_file, capsys):
+    code, out, _ = run(capsys, "eval", tiny_checkpoint, "--ppl", tiny_text_file, "--seqlen", "64", "--max-windows", "1")
+    assert code == 0
+    assert "perplexity" in out and "non-overlapping windows" in out
+
+
+def test_inspect_lists_layers_with_bits_per_weight(tiny_checkpoint, capsys):
+    code, out, _ = run(capsys, "inspect", tiny_checkpoint, "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert len(summary["layers"]) == 14 and summary["dense_linears"] == ["lm_head"]
+    layer = summary["layers"][0]
+    # 4-bit codes + an fp16 scale and a 4-bit zero per 32 weights, + the 16-byte shape tensor
+    assert 4.6 < layer["bits_per_weight"] < 4.8
+    code, out, _ = run(capsys, "inspect", tiny_checkpoint)
+    assert code == 0 and "W4 g32 asym" in out
+
+
+def expect_usage_error(capsys, args, message, tmp_path=None):
+    code, out, err = run(capsys, *args)
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert message in lines[0]
+    return lines[0]
+
+
+def test_missing_model(capsys, tmp_path):
+    expect_usage_error(capsys, ["quantize", tmp_path / "nope", "-o", tmp_path / "out"], "not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(capsys, tmp_path):
+    expect_usage_error(capsys, ["eval", tmp_path], "has no config.json")
+
+
+def test_unknown_method(capsys, tiny_llama_dir, tmp_path):
+    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--method", "magic"], "choose one of: rtn")
+
+
+@pytest.mark.parametrize("bits", ["1", "9"])
+def test_bad_bits(capsys, tiny_llama_dir, tmp_path, bits):
+    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--bits", bits], "bits must be")
+
+
+def test_group_size_that_does_not_divide(capsys, tiny_llama_dir, tmp_path):
+    line = expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--group-size", "48"], "does not divide")
+    assert "8, 16, 32, 64, -1" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_format(capsys, tiny_llama_dir, tmp_path):
+    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--format", "onnx"], "compressed-tensors")
+
+
+def test_existing_output(capsys, tiny_llama_dir, tiny_checkpoint):
+    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tiny_checkpoint], "already exists")
+
+
+def test_hub_id_offline(capsys, tmp_path):
+    expect_usage_error(capsys, ["quantize", "org/some-model", "-o", tmp_path / "o"], "network is off")
+
+
+def test_unreadable_data_file(capsys, tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    expect_usage_error(capsys, ["eval", tiny_checkpoint, "--ppl", bad], "bad.jsonl:1: not valid JSON")
+
+
+def test_unknown_dataset_offline(capsys, tiny_checkpoint, tmp_path):
+    expect_usage_error(capsys, ["eval", tiny_checkpoint, "--ppl", "wikitext", "--data-dir", tmp_path], "wikitext2 is not on disk")
+    expect_usage_error(capsys, ["eval", tiny_checkpoint, "--ppl", "c4"], "unknown data source 'c4'")
+
+
+def test_corrupt_checkpoint(capsys, tiny_checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    expect_usage_error(capsys, ["eval", broken], "not a readable safetensors file")
+    (broken / "config.json").write_text("{")
+    expect_usage_error(capsys, ["inspect", broken], "not valid JSON")
+
+
+def test_corrupt_gguf(capsys, tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF but not really")
+    expect_usage_error(capsys, ["eval", tmp_path / "model.gguf"], "cannot read GGUF file")
+
+
+def test_bad_eval_options(capsys, tiny_checkpoint):
+    expect_usage_error(capsys, ["eval", tiny_checkpoint, "--seqlen", "1"], "--seqlen must be at least 2")
+    expect_usage_error(capsys, ["eval", tiny_checkpoint, "--dtype", "int8"], "unknown dtype")
+    expect_usage_error(capsys, ["eval", tiny_checkpoint, "--device", "tpu"], "unknown device")
+
+
+def test_console_script_exit_codes(tmp_path):
+    missing = subprocess.run(
+        [sys.executable, "-m", "qtool.cli.app", "eval", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("qtool: error:") and "Traceback" not in missing.stderr
+    usage = subprocess.run([sys.executable, "-m", "qtool.cli.app", "quantize"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr

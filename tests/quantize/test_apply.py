@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from qtool.errors import QtoolError
+from qtool.quantize.apply import plan_layers, quantize_model
+from qtool.quantize.methods import METHODS
+from qtool.quantize.scheme import Override, Recipe, Scheme
+
+
+def test_lm_head_stays_dense_and_every_block_linear_is_planned(tiny_llama):
+    plan = plan_layers(tiny_llama, Recipe())
+    assert plan["lm_head"] is None
+    quantized = [name for name, scheme in plan.items() if scheme is not None]
+    assert len(quantized) == 2 * 7
+    assert all(".layers." in name for name in quantized)
+
+
+def test_skip_patterns_leave_layers_dense(tiny_llama):
+    result = quantize_model(tiny_llama, Recipe(overrides=(Override("down_proj", None),)))
+    assert "model.layers.0.mlp.down_proj" in result.skipped
+    assert "model.layers.0.mlp.down_proj" not in result.weights
+    assert len(result.weights) == 2 * 6
+
+
+def test_tied_lm_head_cannot_be_quantized_alone(tiny_llama):
+    with pytest.raises(QtoolError, match="shares its weight with the input embeddings"):
+        plan_layers(tiny_llama, Recipe(overrides=(Override("lm_head", Scheme()),)))
+
+
+def test_group_size_that_does_not_divide_names_layers_and_sizes_that_work(tiny_llama):
+    with pytest.raises(QtoolError) as error:
+        quantize_model(tiny_llama, Recipe(scheme=Scheme(4, 48, False)))
+    message = str(error.value)
+    assert "model.layers.0.self_attn.q_proj" in message
+    assert "group sizes that fit every quantized layer: 8, 16, 32, 64, -1" in message
+
+
+def test_skipping_everything_is_an_error(tiny_llama):
+    with pytest.raises(QtoolError, match="no layer is left to quantize"):
+        quantize_model(tiny_llama, Recipe(overrides=(Override(".", None),)))
+
+
+def test_unknown_method_lists_the_registered_ones(tiny_llama):
+    with pytest.raises(QtoolError, match="unknown method 'magic'; choose one of: rtn"):
+        quantize_model(tiny_llama, Recipe(method="magic"))
+    assert "rtn" in METHODS
+
+
+def test_rtn_leaves_the_model_unchanged_and_reports_relative_error(tiny_llama):
+    before = {name: p.clone() for name, p in tiny_llama.state_dict().items()}
+    result = quantize_model(tiny_llama, Recipe(scheme=Scheme(4, 32, True)))
+    assert all(torch.equal(before[name], p) for name, p in tiny_llama.state_dict().items())
+    for name, weight in result.weights.items():
+        original = tiny_llama.get_submodule(name).weight
+        error = (original - weight.dequantize()).pow(2).sum() / original.pow(2).sum()
+        assert result.errors[name]["error"] == pytest.approx(error.item(), rel=1e-4)
+        assert 0 < result.errors[name]["error"] < 0.05
+
+
+def test_more_bits_give_less_error(tiny_llama):
+    errors = {
+        bits: sum(e["error"] for e in quantize_model(tiny_llama, Recipe(scheme=Scheme(bits, 32, False))).errors.values())
+        for bits in (2, 3, 4, 8)
+    }
+    assert errors[2] > errors[3] > errors[4] > errors[8]

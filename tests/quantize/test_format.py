@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+
+from qtool.errors import QtoolError
+from qtool.quantize.apply import quantize_model
+from qtool.quantize.format import read_checkpoint, write_checkpoint
+from qtool.quantize.format.checkpoint import save_tensors, weight_files, write_folder_atomically
+from qtool.quantize.format.compressed_tensors import layer_schemes
+from qtool.quantize.grid import fit_minmax, quantize_to_codes
+from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.scheme import Override, Recipe, Scheme
+
+SCHEMES = [Scheme(bits, group, sym) for bits in (2, 3, 4, 5, 8) for group in (32, -1) for sym in (True, False)]
+
+
+def write(model, folder, recipe):
+    result = quantize_model(model, recipe)
+    write_checkpoint(folder, model, result.weights, result.skipped, "compressed-tensors", {"recipe": recipe.to_dict()})
+    return result
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
+def test_checkpoint_round_trip_is_bit_exact(tiny_llama, tmp_path, scheme):
+    result = write(tiny_llama, tmp_path / "ckpt", Recipe(scheme=scheme))
+    loaded = read_checkpoint(tmp_path / "ckpt")
+    assert loaded.weights.keys() == result.weights.keys()
+    for name, weight in result.weights.items():
+        back = loaded.weights[name]
+        assert back.scheme == scheme and back.shape == weight.shape
+        assert torch.equal(back.packed, weight.packed)
+        assert torch.equal(back.scales, weight.scales)
+        assert torch.equal(back.zero_points(), weight.zero_points())
+    assert "model.embed_tokens.weight" in loaded.dense
+    assert "lm_head.weight" not in loaded.dense  # tied: stored once, as the embedding
+
+
+def test_act_order_g_idx_round_trips(tmp_path, tiny_llama):
+    weight = torch.randn(16, 64)
+    scheme = Scheme(4, 16, False)
+    grid = fit_minmax(weight, scheme, torch.float16)
+    g_idx = torch.randperm(64).remainder(4).to(torch.int32)
+    quantized = QuantizedWeight.from_codes(quantize_to_codes(weight, grid, scheme), grid, scheme, g_idx=g_idx)
+    from qtool.quantize.format.compressed_tensors import layer_tensors, read_layer
+
+    back = read_layer("layer", layer_tensors("layer", quantized), scheme)
+    assert torch.equal(back.g_idx, g_idx)
+    assert torch.equal(back.dequantize(), quantized.dequantize())
+
+
+def test_same_inputs_give_the_same_bytes(tiny_llama, tmp_path):
+    for name in ("a", "b"):
+        write(tiny_llama, tmp_path / name, Recipe())
+    for file in ("model.safetensors", "config.json", "generation_config.json", "qtool.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
+def test_mixed_schemes_become_config_groups_and_dense_layers_ignore(tiny_llama, tmp_path):
+    recipe = Recipe(
+        scheme=Scheme(4, 32, False),
+        overrides=(Override("mlp", Scheme(8, -1, True)), Override(r"layers\.1\.self_attn\.o_proj", None)),
+    )
+    write(tiny_llama, tmp_path / "mixed", recipe)
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    assert len(config["config_groups"]) == 2
+    assert config["ignore"] == ["lm_head", "model.layers.1.self_attn.o_proj"]
+    loaded = read_checkpoint(tmp_path / "mixed")
+    assert loaded.weights["model.layers.0.mlp.up_proj"].scheme == Scheme(8, -1, True)
+    assert loaded.weights["model.layers.0.self_attn.q_proj"].scheme == Scheme(4, 32, False)
+    assert "model.layers.1.self_attn.o_proj.weight" in loaded.dense
+
+
+def test_most_specific_target_decides_the_scheme():
+    group = {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}
+    config = {
+        "format": "pack-quantized",
+        "config_groups": {
+            "broad": {**group, "targets": ["Linear"]},
+            "regex": {**group, "targets": ["re:.*mlp.*"], "weights": {**group["weights"], "num_bits": 8}},
+            "exact": {**group, "targets": ["model.layers.0.mlp.up_proj"], "weights": {**group["weights"], "num_bits": 2}},
+        },
+    }
+    schemes = layer_schemes(config, ["a.q_proj", "a.mlp.down_proj", "model.layers.0.mlp.up_proj"])
+    assert [schemes[n].bits for n in schemes] == [4, 8, 2]
+
+
+def test_a_failed_write_leaves_no_folder_behind(tmp_path):
+    def fail(folder):
+        (folder / "half.safetensors").write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_folder_atomically(tmp_path / "out", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_unless_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    with pytest.raises(QtoolError, match="already exists"):
+        write_folder_atomically(tmp_path / "out", lambda folder: None)
+    write_folder_atomically(tmp_path / "out", lambda folder: (folder / "new").write_text("y"), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_large_models_are_sharded_with_an_index(tmp_path):
+    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(5)}
+    files = save_tensors(tmp_path, tensors, shard_bytes=2048)
+    assert len(files) == 3
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert [p.name for p in weight_files(tmp_path)] == files
+
+
+def test_pickle_only_folders_are_refused(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(QtoolError, match="never unpickles"):
+        weight_files(tmp_path)

