@@ -8,6 +8,7 @@ import torch
 
 from qtool.calibrate.data import load_text, tokenize
 from qtool.cli import console
+from qtool.cli.devices import choose_device, choose_dtype
 from qtool.errors import QtoolError
 from qtool.quantize.format import RECORD_FILE
 from qtool.quantize.format.checkpoint import read_json
@@ -15,27 +16,6 @@ from qtool.runtime.loader import load_model, load_tokenizer
 from qtool.runtime.perplexity import PROTOCOL, Perplexity, perplexity, split_windows
 from qtool.runtime.resolve import resolve_model
 from qtool.runtime.summary import summarize
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def choose_device(device: str | None) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QtoolError(f"device {device!r} asked for, but no CUDA device is available; use --device cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise QtoolError(f"unknown device {device!r}; use cpu or cuda")
-    return device
-
-
-def choose_dtype(dtype: str | None, device: str) -> torch.dtype:
-    if dtype is None:
-        return torch.float32 if device == "cpu" else torch.float16
-    if dtype not in DTYPES:
-        raise QtoolError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
 
 def run_eval(
     model: str,
@@ -69,6 +49,7 @@ def run_eval(
     with console.progress(show) as bar:
         task = bar.add_task("perplexity", total=windows.shape[0], detail=ppl)
         result = perplexity(evaluated, windows, base, on_window=lambda i: bar.update(task, completed=i + 1))
+    sizes = summarize(folder)
     summary = {
         **result.to_dict(),
         "dataset": ppl,
@@ -76,8 +57,8 @@ def run_eval(
         "device": device,
         "dtype": str(torch_dtype).removeprefix("torch."),
         "model": model,
-        "size_bytes": summarize(folder).total_bytes,
-        "quantized_bits_per_weight": summarize(folder).quantized_bits_per_weight,
+        "size_bytes": sizes.total_bytes,
+        "quantized_bits_per_weight": sizes.quantized_bits_per_weight,
     }
     if base_folder is not None:
         summary["base"] = compare

@@ -10,26 +10,31 @@ from pathlib import Path
 import torch
 
 from qtool import __version__
+from qtool.calibrate.data import calibration_windows, load_text, tokenize
+from qtool.calibrate.data import fingerprint as data_fingerprint
 from qtool.cli import console
+from qtool.cli.devices import choose_device
 from qtool.errors import QtoolError
 from qtool.quantize.apply import quantize_model
 from qtool.quantize.format import FORMATS, write_checkpoint
 from qtool.quantize.methods import METHODS
-from qtool.quantize.scheme import Override, Recipe, Scheme
-from qtool.runtime.loader import load_model, load_tokenizer
+from qtool.quantize.scheme import CalibrationSpec, GPTQOptions, Override, Recipe, Scheme
+from qtool.runtime.loader import load_model, load_tokenizer, stored_dtype
 from qtool.runtime.resolve import resolve_model
 from qtool.runtime.summary import summarize
 
 
-def build_recipe(method: str, bits: int, group_size: int, symmetric: bool, skip: list[str], format: str) -> Recipe:
+def build_recipe(options: dict) -> Recipe:
     """The recipe the flags describe, with method and format checked against their registries."""
-    METHODS.get(method)
-    FORMATS.get(format)
+    METHODS.get(options["method"])
+    FORMATS.get(options["format"])
     return Recipe(
-        method=method,
-        scheme=Scheme(bits=bits, group_size=group_size, symmetric=symmetric),
-        overrides=tuple(Override(pattern, None) for pattern in skip),
-        format=format,
+        method=options["method"],
+        scheme=Scheme(bits=options["bits"], group_size=options["group_size"], symmetric=options["symmetric"]),
+        overrides=tuple(Override(pattern, None) for pattern in options["skip"]),
+        calibration=CalibrationSpec(options["calib"], options["nsamples"], options["seqlen"], options["seed"]),
+        format=options["format"],
+        gptq=GPTQOptions(options["block_size"], options["damp"], options["act_order"], options["true_sequential"]),
     )
 
 
@@ -41,43 +46,43 @@ def versions() -> dict:
     }
 
 
-def run_quantize(
-    model: str,
-    output: Path,
-    method: str,
-    bits: int,
-    group_size: int,
-    symmetric: bool,
-    skip: list[str],
-    format: str,
-    seed: int,
-    data_dir: Path | None,
-    overwrite: bool,
-    trust_remote_code: bool,
-    json_output: bool,
-    quiet: bool,
-) -> None:
+def run_quantize(**options) -> None:
     started = time.perf_counter()
-    recipe = build_recipe(method, bits, group_size, symmetric, skip, format)
-    if output.exists() and not overwrite:
+    recipe = build_recipe(options)
+    output: Path = options["output"]
+    if output.exists() and not options["overwrite"]:
         raise QtoolError(f"output folder {output} already exists; choose another -o or pass --overwrite")
-    show = not (quiet or json_output)
+    method = METHODS.get(recipe.method)
+    device = choose_device(options["device"])
+    show = not (options["quiet"] or options["json_output"])
+    trust = options["trust_remote_code"]
     console.quiet_libraries()
-    torch.manual_seed(seed)
-    folder = resolve_model(model)
+    torch.manual_seed(recipe.calibration.seed)
+    folder = resolve_model(options["model"])
+    stored = stored_dtype(folder)
+    # calibration on the CPU computes in float32 (CPU half-precision matmuls are slow and lossy)
+    compute_dtype = torch.float32 if method.needs_calibration and device == "cpu" else stored
     with console.working("loading", str(folder), show):
-        fp_model = load_model(folder, dtype=None, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(folder, trust_remote_code)
+        model = load_model(folder, dtype=compute_dtype, trust_remote_code=trust)
+        tokenizer = load_tokenizer(folder, trust)
+        calibration = fingerprint = None
+        if method.needs_calibration:
+            spec = recipe.calibration
+            text = load_text(spec.source, options["data_dir"])
+            calibration = calibration_windows(tokenize(tokenizer, text), spec.nsamples, spec.seqlen, spec.seed)
+            fingerprint = data_fingerprint(calibration)
     with console.progress(show) as bar:
-        task = bar.add_task("quantizing", total=None, detail="")
+        task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
         quantized = quantize_model(
-            fp_model, recipe, on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name)
+            model, recipe, calibration, device, scale_dtype=stored,
+            on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
         )
     record = {
         "recipe": recipe.to_dict(),
-        "model": {"source": model, "folder": str(folder)},
-        "seed": seed,
-        "calibration_fingerprint": None,
+        "model": {"source": options["model"], "folder": str(folder)},
+        "seed": recipe.calibration.seed,
+        "calibration_fingerprint": fingerprint,
+        "device": device,
         "layers": {
             name: {"scheme": weight.scheme.describe(), **quantized.errors[name]}
             for name, weight in quantized.weights.items()
@@ -88,8 +93,9 @@ def run_quantize(
     }
     with console.working("writing", str(output), show):
         record["wall_seconds"] = round(time.perf_counter() - started, 3)
-        write_checkpoint(output, fp_model, quantized.weights, quantized.skipped, recipe.format, record, tokenizer, overwrite)
-    report(folder, output, record, json_output)
+        write_checkpoint(output, model, quantized.weights, quantized.skipped, recipe.format, record, tokenizer,
+                         options["overwrite"], dtype=stored)
+    report(folder, output, record, options["json_output"])
 
 
 def report(source: Path, output: Path, record: dict, json_output: bool) -> None:

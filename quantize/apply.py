@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from qtool.calibrate.pipeline import BlockRun, calibrate_sequentially
 from qtool.errors import QtoolError
 from qtool.quantize.methods import METHODS, MethodResult
 from qtool.quantize.qweight import QuantizedWeight
@@ -86,30 +87,74 @@ def check_group_sizes(model: nn.Module, plan: dict[str, Scheme | None]) -> None:
 
 
 def quantize_model(
-    model: nn.Module, recipe: Recipe, on_layer: Callable[[str, int, int], None] | None = None
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    scale_dtype: torch.dtype | None = None,
+    on_layer: Callable[[str, int, int], None] | None = None,
 ) -> QuantizedModel:
-    """Quantize every planned linear layer of `model` (left unchanged) with the recipe's method.
-    `on_layer(name, done, total)` is called before each layer, for progress displays."""
+    """Quantize every planned linear layer of `model` with the recipe's method.
+
+    Data-free methods leave the model unchanged. Calibrated methods run block by block over the
+    `calibration` token windows [n, seqlen] on `device`, and leave each quantized linear holding
+    its dequantized weight, so later blocks are calibrated on what the quantized model computes.
+    Scales are stored in `scale_dtype` (default: each weight's dtype). `on_layer(name, done,
+    total)` is called before each layer, for progress displays.
+    """
     method = METHODS.get(recipe.method)
-    if method.needs_calibration:
-        raise QtoolError(f"method {recipe.method!r} needs calibration, which this build does not run yet")
     plan = plan_layers(model, recipe)
     if not any(plan.values()):
         raise QtoolError("no layer is left to quantize: every linear layer is skipped by the recipe")
     check_group_sizes(model, plan)
-    layers = linear_layers(model)
     started = time.perf_counter()
-    result = QuantizedModel(weights={})
-    total = sum(scheme is not None for scheme in plan.values())
+    result = QuantizedModel(weights={}, skipped=[name for name, scheme in plan.items() if scheme is None])
+    total = len(plan) - len(result.skipped)
+
+    def quantize_layer(name: str, layer: nn.Linear, stats=None) -> None:
+        if on_layer is not None:
+            on_layer(name, len(result.weights), total)
+        outcome: MethodResult = method.run(
+            layer.weight.data, plan[name], stats=stats, recipe=recipe, scale_dtype=scale_dtype
+        )
+        result.weights[name] = outcome.weight.to("cpu")
+        result.errors[name] = {"error": outcome.error, "kind": outcome.error_kind, **(outcome.notes or {})}
+
     with torch.no_grad():
-        for name, scheme in plan.items():
-            if scheme is None:
-                result.skipped.append(name)
-                continue
-            if on_layer is not None:
-                on_layer(name, len(result.weights), total)
-            outcome: MethodResult = method.run(layers[name].weight.data, scheme, None)
-            result.weights[name] = outcome.weight
-            result.errors[name] = {"error": outcome.error, "kind": outcome.error_kind}
+        if not method.needs_calibration:
+            for name, layer in linear_layers(model).items():
+                if plan[name] is not None:
+                    quantize_layer(name, layer)
+        else:
+            if calibration is None:
+                raise QtoolError(f"method {recipe.method!r} needs calibration data")
+            calibrate_sequentially(
+                model, calibration, _block_handler(method, plan, recipe, quantize_layer, result), device
+            )
+            outside = [name for name in plan if plan[name] is not None and name not in result.weights]
+            if outside:
+                raise QtoolError(f"{', '.join(outside[:3])} lie outside the decoder blocks; skip them with --skip")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _block_handler(method, plan, recipe: Recipe, quantize_layer, result: QuantizedModel):
+    """Calibrate one block: each group of linears sharing an input (all at once without
+    true-sequential) collects its statistics, is quantized, and keeps its dequantized weight."""
+
+    def handle(run: BlockRun) -> None:
+        groups = run.input_groups()
+        if not recipe.gptq.true_sequential:
+            groups = [[name for group in groups for name in group]]
+        for group in groups:
+            targets = [local for local in group if plan.get(run.full_name(local)) is not None]
+            if not targets:
+                continue
+            stats = run.collect(targets, lambda linear: method.statistic(linear, run.device))
+            for local in targets:
+                layer = run.linears[local]
+                quantize_layer(run.full_name(local), layer, stats[local])
+                restored = result.weights[run.full_name(local)].dequantize(layer.weight.dtype)
+                layer.weight.data = restored.to(layer.weight.device)
+
+    return handle

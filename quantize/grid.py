@@ -53,13 +53,17 @@ def fit_minmax(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -
     return Grid(scales=scales, zeros=zeros)
 
 
+def round_to_grid(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of `values` on grids whose scales and zeros broadcast against them."""
+    codes = torch.round(values.float() / scales.float()) + zeros
+    return codes.clamp(0, max_code(bits)).to(torch.int32)
+
+
 def quantize_to_codes(weight: torch.Tensor, grid: Grid, scheme: Scheme) -> torch.Tensor:
     """Integer codes [out, in] of `weight` on `grid`."""
-    groups = grouped(weight.float(), scheme.group_size)
-    scales = grid.scales.float().unsqueeze(-1)
-    zeros = grid.zeros.unsqueeze(-1)
-    codes = torch.round(groups / scales) + zeros
-    return codes.clamp(0, max_code(scheme.bits)).to(torch.int32).reshape(weight.shape)
+    groups = grouped(weight, scheme.group_size)
+    codes = round_to_grid(groups, grid.scales.unsqueeze(-1), grid.zeros.unsqueeze(-1), scheme.bits)
+    return codes.reshape(weight.shape)
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:

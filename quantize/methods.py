@@ -1,8 +1,8 @@
 """The registry of quantization methods, and the result type they share.
 
-A method is a pure function from (weight, scheme, statistics) to a `MethodResult`: no module
-walking, hooks or I/O. The driver (`qtool.quantize.apply`) decides which layers get which scheme
-and what statistics each method is handed.
+A method turns one layer's weight (plus, for calibrated methods, a statistic of its inputs) into a
+`MethodResult`: no module walking, hooks or I/O. The driver (`qtool.quantize.apply`) decides which
+layers get which scheme and collects the statistics a method names.
 """
 
 from __future__ import annotations
@@ -11,38 +11,52 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
+from qtool.calibrate.stats import HessianStat
+from qtool.quantize.gptq import gptq
 from qtool.quantize.grid import dequantize_codes, fit_minmax, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
-from qtool.quantize.scheme import Scheme
+from qtool.quantize.scheme import Recipe, Scheme
 from qtool.registry import Registry
 
 
 @dataclass
 class MethodResult:
     """The quantized weight and its relative error: ||W - Q||^2 / ||W||^2 on the weights for
-    data-free methods, on the layer outputs for calibrated ones (`error_kind` says which)."""
+    data-free methods, on the layer outputs (through the input Hessian) for calibrated ones;
+    `error_kind` says which. `notes` records numerical fallbacks (raised damping...)."""
 
     weight: QuantizedWeight
     error: float
     error_kind: str
+    notes: dict | None = None
+
+
+Run = Callable[..., MethodResult]  # run(weight, scheme, *, stats, recipe, scale_dtype)
+Statistic = Callable[[nn.Linear, torch.device], Any]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its function, and whether it needs calibration statistics."""
+    """A registered method: its per-layer function and, for calibrated methods, the statistic of a
+    linear layer's inputs it needs (built per layer, fed batch by batch through `update`)."""
 
     name: str
-    run: Callable[[torch.Tensor, Scheme, Any], MethodResult]
-    needs_calibration: bool
+    run: Run
+    statistic: Statistic | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic is not None
 
 
 METHODS: Registry[Method] = Registry("method")
 
 
-def method(name: str, needs_calibration: bool):
-    def add(run):
-        METHODS.register(name)(Method(name, run, needs_calibration))
+def method(name: str, statistic: Statistic | None = None):
+    def add(run: Run) -> Run:
+        METHODS.register(name)(Method(name, run, statistic))
         return run
 
     return add
@@ -54,10 +68,20 @@ def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> floa
     return (reference - approximation.float()).pow(2).sum().item() / max(denominator, 1e-30)
 
 
-@method("rtn", needs_calibration=False)
-def round_to_nearest(weight: torch.Tensor, scheme: Scheme, stats: Any = None) -> MethodResult:
+@method("rtn")
+def round_to_nearest(weight: torch.Tensor, scheme: Scheme, *, stats: Any = None, recipe: Recipe | None = None,
+                     scale_dtype: torch.dtype | None = None) -> MethodResult:
     """Round each weight to the nearest point of its group's min-max grid."""
-    grid = fit_minmax(weight, scheme, scale_dtype=weight.dtype)
+    grid = fit_minmax(weight, scheme, scale_dtype=scale_dtype or weight.dtype)
     codes = quantize_to_codes(weight, grid, scheme)
     dequantized = dequantize_codes(codes, grid.scales, grid.zeros, scheme.group_size)
     return MethodResult(QuantizedWeight.from_codes(codes, grid, scheme), relative_error(weight, dequantized), "weight")
+
+
+@method("gptq", statistic=lambda linear, device: HessianStat(linear.in_features, device))
+def gptq_method(weight: torch.Tensor, scheme: Scheme, *, stats: HessianStat, recipe: Recipe,
+                scale_dtype: torch.dtype | None = None) -> MethodResult:
+    options = recipe.gptq
+    result = gptq(weight, stats.hessian, scheme, options.block_size, options.damp, options.act_order, scale_dtype)
+    notes = {"damp": result.damp} if result.damp != options.damp else None
+    return MethodResult(result.weight, result.error, "output", notes)

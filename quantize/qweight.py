@@ -41,6 +41,12 @@ class QuantizedWeight:
             g_idx=g_idx,
         )
 
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        def move(tensor):
+            return None if tensor is None else tensor.to(device)
+
+        return QuantizedWeight(move(self.packed), move(self.scales), move(self.zeros), self.scheme, self.shape, move(self.g_idx))
+
     @property
     def out_features(self) -> int:
         return self.shape[0]

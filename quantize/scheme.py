@@ -71,6 +71,26 @@ class CalibrationSpec:
 
 
 @dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's solver settings: columns per lazy update block, damping as a fraction of the mean
+    Hessian diagonal, activation order (none | static | group), and whether each group of linears
+    sharing an input is calibrated after the groups before it in the block are quantized."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: str = "none"
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise QtoolError(f"GPTQ block size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0 < self.damp < 1:
+            raise QtoolError(f"GPTQ damping must be a number between 0 and 1, got {self.damp!r}")
+        if self.act_order not in ("none", "static", "group"):
+            raise QtoolError(f"unknown act-order {self.act_order!r}; choose one of: none, static, group")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that decides a quantized checkpoint: method, default scheme, per-layer overrides,
     calibration data and output format. The first matching override wins. Method and format names
@@ -81,6 +101,7 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     format: str = "compressed-tensors"
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
 
     def scheme_for(self, layer_name: str) -> Scheme | None:
         for override in self.overrides:
@@ -105,4 +126,10 @@ class Recipe:
                 "seed": self.calibration.seed,
             },
             "format": self.format,
+            "gptq": {
+                "block_size": self.gptq.block_size,
+                "damp": self.gptq.damp,
+                "act_order": self.gptq.act_order,
+                "true_sequential": self.gptq.true_sequential,
+            },
         }

@@ -78,13 +78,15 @@ def write_checkpoint(
     record: dict,
     tokenizer=None,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Write `model` with `weights` replacing its quantized linears' weights, atomically."""
+    """Write `model` with `weights` replacing its quantized linears' weights, atomically. Dense
+    floating-point tensors are stored in `dtype` (default: as they are in the model)."""
     fmt = FORMATS.get(format_name)
 
     def fill(folder: Path) -> None:
         tensors = {
-            name: tensor
+            name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
             for name, tensor in unique_tensors(model.state_dict()).items()
             if not (name.endswith(".weight") and name.removesuffix(".weight") in weights)
         }
@@ -92,6 +94,8 @@ def write_checkpoint(
             tensors.update(fmt.layer_tensors(name, weight))
         save_tensors(folder, tensors)
         config = model.config.to_dict()
+        if dtype is not None:
+            config["dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = fmt.quantization_config(weights, dense_linears)
         write_json(folder / "config.json", config)
         if getattr(model, "generation_config", None) is not None:

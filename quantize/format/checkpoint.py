@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from qtool.errors import QtoolError
+from qtool.errors import FAILURE, QtoolError
 
 SHARD_BYTES = 4 * 1024**3
 INDEX_FILE = "model.safetensors.index.json"
@@ -33,7 +33,10 @@ def write_folder_atomically(destination: Path, fill: Callable[[Path], None], ove
     destination.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
-        fill(scratch)
+        try:
+            fill(scratch)
+        except OSError as error:
+            raise QtoolError(f"could not write {destination}: {error}", exit_code=FAILURE) from None
         if destination.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
             destination.rename(retired / destination.name)

@@ -91,7 +91,7 @@ def test_folder_without_config(capsys, tmp_path):
 
 
 def test_unknown_method(capsys, tiny_llama_dir, tmp_path):
-    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--method", "magic"], "choose one of: rtn")
+    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--method", "magic"], "choose one of: gptq, rtn")
 
 
 @pytest.mark.parametrize("bits", ["1", "9"])

@@ -41,7 +41,7 @@ def test_skipping_everything_is_an_error(tiny_llama):
 
 
 def test_unknown_method_lists_the_registered_ones(tiny_llama):
-    with pytest.raises(QtoolError, match="unknown method 'magic'; choose one of: rtn"):
+    with pytest.raises(QtoolError, match="unknown method 'magic'; choose one of: gptq, rtn"):
         quantize_model(tiny_llama, Recipe(method="magic"))
     assert "rtn" in METHODS
 

@@ -118,3 +118,13 @@ def test_pickle_only_folders_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(QtoolError, match="never unpickles"):
         weight_files(tmp_path)
+
+
+def test_an_io_failure_is_a_failure_exit_not_a_traceback(tmp_path):
+    def no_space(folder):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(QtoolError, match="could not write .*No space left on device") as error:
+        write_folder_atomically(tmp_path / "out", no_space)
+    assert error.value.exit_code == 1
+    assert list(tmp_path.iterdir()) == []

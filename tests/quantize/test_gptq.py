@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from qtool.quantize.gptq import gptq, output_error
+from qtool.quantize.methods import round_to_nearest
+from qtool.quantize.scheme import Scheme
+
+
+def correlated_inputs(rows=2048, features=128):
+    mixing = torch.randn(features, features) * 0.2 + torch.eye(features)
+    return torch.randn(rows, features) @ mixing + torch.randn(features)
+
+
+def hessian(inputs):
+    return 2 * inputs.T @ inputs / inputs.shape[0]
+
+
+@pytest.mark.parametrize("act_order", ["none", "static", "group"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_beats_rtn_on_the_layer_output(act_order, symmetric):
+    inputs, weight = correlated_inputs(), torch.randn(64, 128)
+    scheme = Scheme(4, 32, symmetric)
+    result = gptq(weight, hessian(inputs), scheme, block_size=64, act_order=act_order)
+    rtn = round_to_nearest(weight, scheme).weight.dequantize()
+    reference = inputs @ weight.T
+    measured = ((reference - inputs @ result.weight.dequantize().T).pow(2).sum() / reference.pow(2).sum()).item()
+    assert result.error == pytest.approx(measured, rel=1e-3)
+    assert measured < 0.75 * output_error(weight, rtn, hessian(inputs))
+
+
+def test_block_size_does_not_change_the_answer_much():
+    inputs, weight = correlated_inputs(), torch.randn(32, 128)
+    errors = [gptq(weight, hessian(inputs), Scheme(4, 32, False), block_size=size).error for size in (16, 128)]
+    assert errors[0] == pytest.approx(errors[1], rel=0.05)
+
+
+def test_group_act_order_writes_g_idx_with_full_groups():
+    inputs, weight = correlated_inputs(), torch.randn(16, 128)
+    inputs[:, 5] *= 30  # make the order differ from the column order
+    result = gptq(weight, hessian(inputs), Scheme(4, 32, True), act_order="group")
+    g_idx = result.weight.g_idx
+    assert g_idx is not None and g_idx.shape == (128,)
+    assert torch.bincount(g_idx.long()).tolist() == [32, 32, 32, 32]
+    assert not torch.equal(g_idx, torch.arange(128) // 32)
+    assert gptq(weight, hessian(inputs), Scheme(4, 32, True), act_order="static").weight.g_idx is None
+
+
+def test_codes_and_scales_are_consistent_with_the_grid():
+    inputs, weight = correlated_inputs(features=64), torch.randn(8, 64, dtype=torch.float16)
+    result = gptq(weight, hessian(inputs), Scheme(3, 16, False))
+    assert result.weight.scales.dtype == torch.float16
+    codes = result.weight.codes()
+    assert codes.min() >= 0 and codes.max() <= 7
+    assert (result.weight.zeros >= 0).all() and (result.weight.zeros <= 7).all()
+
+
+def test_dead_columns_are_zero_and_singular_hessians_get_more_damping():
+    weight = torch.randn(4, 32)
+    inputs = correlated_inputs(features=32)
+    inputs[:, 3] = 0
+    result = gptq(weight, hessian(inputs), Scheme(4, -1, True))
+    assert torch.all(result.weight.dequantize()[:, 3] == 0)
+    indefinite = torch.eye(32)
+    indefinite[0, 1] = indefinite[1, 0] = 2.0
+    raised = gptq(weight, indefinite, Scheme(4, -1, True), damp=0.01)
+    assert raised.damp > 1
