@@ -98,6 +98,11 @@ def run_quantize(**options) -> None:
     report(folder, output, record, options["json_output"])
 
 
+def worst_layers(layers: dict, count: int = 8) -> list[dict]:
+    ranked = sorted(layers.items(), key=lambda item: item[1]["error"], reverse=True)[:count]
+    return [{"layer": name, "scheme": entry["scheme"], "error": entry["error"]} for name, entry in ranked]
+
+
 def report(source: Path, output: Path, record: dict, json_output: bool) -> None:
     before, after = summarize(source), summarize(output)
     summary = {
@@ -109,11 +114,19 @@ def report(source: Path, output: Path, record: dict, json_output: bool) -> None:
         "quantized_layers": len(after.layers),
         "dense_linears": after.dense_linears,
         "seconds": record["wall_seconds"],
+        "worst_layers": worst_layers(record["layers"]),
     }
     if json_output:
         console.print_json(summary)
         return
     from rich.table import Table
+
+    errors = Table(title="largest relative errors (weights for rtn, layer outputs on the calibration data otherwise)")
+    for column, justify in (("layer", "left"), ("scheme", "left"), ("relative error", "right")):
+        errors.add_column(column, justify=justify)
+    for row in summary["worst_layers"]:
+        errors.add_row(row["layer"], row["scheme"], f"{row['error']:.3e}")
+    console.stdout.print(errors)
 
     table = Table(title=f"qtool quantize → {output}")
     for column in ("size before", "size after", "ratio", "bits/weight (quantized layers)", "layers", "time"):

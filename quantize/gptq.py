@@ -85,6 +85,7 @@ def gptq(
         column_group = torch.arange(in_features) // group_size
 
     codes = torch.empty(out_features, in_features, dtype=torch.int32, device=W.device)
+    groups_of_columns = column_group.tolist()
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
         block = W[:, start:end].clone()
@@ -92,18 +93,18 @@ def gptq(
         block_inverse = Hinv[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            group = column_group[column].item()
+            group = groups_of_columns[column]
             if act_order != "static" and column % group_size == 0:
                 upcoming = torch.cat([block[:, i:], W[:, end:]], dim=1)[:, :group_size]
                 grid: Grid = fit_minmax(upcoming, per_group, scale_dtype)
                 scales[:, group], zeros[:, group] = grid.scales[:, 0], grid.zeros[:, 0]
-            w = block[:, i]
-            q = round_to_grid(w, scales[:, group], zeros[:, group], scheme.bits)
+            scale, zero = scales[:, group].float(), zeros[:, group]
+            q = round_to_grid(block[:, i], scale, zero, scheme.bits)
             codes[:, column] = q
-            error = (w - (q - zeros[:, group]).float() * scales[:, group].float()) / block_inverse[i, i]
-            block[:, i:] -= error.unsqueeze(1) * block_inverse[i, i:].unsqueeze(0)
+            error = (block[:, i] - (q - zero) * scale) / block_inverse[i, i]
+            block[:, i:].addr_(error, block_inverse[i, i:], alpha=-1)
             errors[:, i] = error
-        W[:, end:] -= errors @ Hinv[start:end, end:]
+        W[:, end:].addmm_(errors, Hinv[start:end, end:], alpha=-1)
 
     inverse_order = torch.argsort(order)
     codes = codes[:, inverse_order]
