@@ -93,6 +93,9 @@ def quantize_model(
     device: torch.device | str = "cpu",
     scale_dtype: torch.dtype | None = None,
     on_layer: Callable[[str, int, int], None] | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+    batch_size: int = 8,
+    offload_activations: bool = True,
 ) -> QuantizedModel:
     """Quantize every planned linear layer of `model` with the recipe's method.
 
@@ -111,14 +114,22 @@ def quantize_model(
     result = QuantizedModel(weights={}, skipped=[name for name, scheme in plan.items() if scheme is None])
     total = len(plan) - len(result.skipped)
 
-    def quantize_layer(name: str, layer: nn.Linear, stats=None) -> None:
-        if on_layer is not None:
-            on_layer(name, len(result.weights), total)
-        outcome: MethodResult = method.run(
-            layer.weight.data, plan[name], stats=stats, recipe=recipe, scale_dtype=scale_dtype
-        )
+    def record(name: str, outcome: MethodResult) -> None:
         result.weights[name] = outcome.weight.to("cpu")
         result.errors[name] = {"error": outcome.error, "kind": outcome.error_kind, **(outcome.notes or {})}
+
+    def quantize_layer(name: str, layer: nn.Linear) -> None:
+        if on_layer is not None:
+            on_layer(name, len(result.weights), total)
+        record(name, method.run(layer.weight.data, plan[name], recipe=recipe, scale_dtype=scale_dtype))
+
+    def quantize_together(names: list[str], layers: list[nn.Linear], stats) -> None:
+        if on_layer is not None:
+            on_layer(", ".join(names), len(result.weights), total)
+        outcomes = method.run([layer.weight.data for layer in layers], plan[names[0]], stats=stats, recipe=recipe,
+                              scale_dtype=scale_dtype)
+        for name, outcome in zip(names, outcomes):
+            record(name, outcome)
 
     with torch.no_grad():
         if not method.needs_calibration:
@@ -129,7 +140,8 @@ def quantize_model(
             if calibration is None:
                 raise QtoolError(f"method {recipe.method!r} needs calibration data")
             calibrate_sequentially(
-                model, calibration, _block_handler(method, plan, recipe, quantize_layer, result), device
+                model, calibration, _block_handler(method, plan, recipe, quantize_together, result), device,
+                batch_size=batch_size, offload_activations=offload_activations, on_block=on_block,
             )
             outside = [name for name in plan if plan[name] is not None and name not in result.weights]
             if outside:
@@ -138,23 +150,31 @@ def quantize_model(
     return result
 
 
-def _block_handler(method, plan, recipe: Recipe, quantize_layer, result: QuantizedModel):
-    """Calibrate one block: each group of linears sharing an input (all at once without
-    true-sequential) collects its statistics, is quantized, and keeps its dequantized weight."""
+def _block_handler(method, plan, recipe: Recipe, quantize_together, result: QuantizedModel):
+    """Calibrate one block. Linears reading the same input share one statistic of it and are
+    quantized together (by scheme). True-sequential: each such group is calibrated after the groups
+    before it are quantized; otherwise all groups are calibrated in one pass. Quantized linears keep
+    their dequantized weights, so what the block computes next sees them."""
 
     def handle(run: BlockRun) -> None:
-        groups = run.input_groups()
-        if not recipe.gptq.true_sequential:
-            groups = [[name for group in groups for name in group]]
-        for group in groups:
-            targets = [local for local in group if plan.get(run.full_name(local)) is not None]
-            if not targets:
-                continue
-            stats = run.collect(targets, lambda linear: method.statistic(linear, run.device))
-            for local in targets:
-                layer = run.linears[local]
-                quantize_layer(run.full_name(local), layer, stats[local])
-                restored = result.weights[run.full_name(local)].dequantize(layer.weight.dtype)
-                layer.weight.data = restored.to(layer.weight.device)
+        groups = [[local for local in group if plan.get(run.full_name(local))] for group in run.input_groups()]
+        groups = [group for group in groups if group]
+        stages = [[group] for group in groups] if recipe.gptq.true_sequential else [groups]
+        for stage in stages:
+            stats = run.collect([group[0] for group in stage], lambda linear: method.statistic(linear, run.device))
+            for group in stage:
+                for same_scheme in _by_scheme(group, lambda local: plan[run.full_name(local)]):
+                    layers = [run.linears[local] for local in same_scheme]
+                    quantize_together([run.full_name(local) for local in same_scheme], layers, stats[group[0]])
+                    for local, layer in zip(same_scheme, layers):
+                        restored = result.weights[run.full_name(local)].dequantize(layer.weight.dtype)
+                        layer.weight.data = restored.to(layer.weight.device)
 
     return handle
+
+
+def _by_scheme(names: list[str], scheme_of) -> list[list[str]]:
+    groups: dict[Scheme, list[str]] = {}
+    for name in names:
+        groups.setdefault(scheme_of(name), []).append(name)
+    return list(groups.values())

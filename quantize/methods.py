@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qtool.calibrate.stats import HessianStat
-from qtool.quantize.gptq import gptq
+from qtool.quantize.gptq import gptq, output_error
 from qtool.quantize.grid import dequantize_codes, fit_minmax, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Recipe, Scheme
@@ -39,8 +39,13 @@ Statistic = Callable[[nn.Linear, torch.device], Any]
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its per-layer function and, for calibrated methods, the statistic of a
-    linear layer's inputs it needs (built per layer, fed batch by batch through `update`)."""
+    """A registered method and, for calibrated methods, the statistic of a linear layer's inputs it
+    needs (built per input, fed batch by batch through `update`).
+
+    Data-free methods run on one weight: run(weight, scheme, *, stats, recipe, scale_dtype).
+    Calibrated methods run on every layer that reads one input, with that input's statistic:
+    run(weights, scheme, *, stats, recipe, scale_dtype) -> one result per weight.
+    """
 
     name: str
     run: Run
@@ -79,9 +84,16 @@ def round_to_nearest(weight: torch.Tensor, scheme: Scheme, *, stats: Any = None,
 
 
 @method("gptq", statistic=lambda linear, device: HessianStat(linear.in_features, device))
-def gptq_method(weight: torch.Tensor, scheme: Scheme, *, stats: HessianStat, recipe: Recipe,
-                scale_dtype: torch.dtype | None = None) -> MethodResult:
+def gptq_method(weights: list[torch.Tensor], scheme: Scheme, *, stats: HessianStat, recipe: Recipe,
+                scale_dtype: torch.dtype | None = None) -> list[MethodResult]:
+    """Layers reading one input share its Hessian, so their rows are solved as one matrix (rows are
+    independent in GPTQ): one factorisation and one column sweep instead of one per layer."""
     options = recipe.gptq
-    result = gptq(weight, stats.hessian, scheme, options.block_size, options.damp, options.act_order, scale_dtype)
+    stacked = torch.cat(weights)
+    result = gptq(stacked, stats.hessian, scheme, options.block_size, options.damp, options.act_order, scale_dtype)
     notes = {"damp": result.damp} if result.damp != options.damp else None
-    return MethodResult(result.weight, result.error, "output", notes)
+    parts = result.weight.split_rows([weight.shape[0] for weight in weights])
+    return [
+        MethodResult(part, output_error(weight.float(), part.dequantize(), stats.hessian), "output", notes)
+        for weight, part in zip(weights, parts)
+    ]

@@ -47,6 +47,21 @@ class QuantizedWeight:
 
         return QuantizedWeight(move(self.packed), move(self.scales), move(self.zeros), self.scheme, self.shape, move(self.g_idx))
 
+    def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
+        """Split along the output dimension: layers quantized together (one shared input) come
+        apart into their own weights."""
+        def part(tensor, start, size):
+            return None if tensor is None else tensor[start : start + size].contiguous()
+
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(QuantizedWeight(
+                part(self.packed, start, size), part(self.scales, start, size), part(self.zeros, start, size),
+                self.scheme, (size, self.in_features), self.g_idx,
+            ))
+            start += size
+        return parts
+
     @property
     def out_features(self) -> int:
         return self.shape[0]

@@ -63,3 +63,39 @@ def test_more_bits_give_less_error(tiny_llama):
         for bits in (2, 3, 4, 8)
     }
     assert errors[2] > errors[3] > errors[4] > errors[8]
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_gptq_quantizes_every_block_linear_and_beats_rtn_on_the_outputs(tiny_llama, true_sequential):
+    import copy
+
+    from qtool.quantize.scheme import GPTQOptions
+
+    samples = torch.randint(0, 300, (8, 32))
+    scheme = Scheme(3, 32, False)
+    rtn = quantize_model(tiny_llama, Recipe(scheme=scheme))
+    calibrated = copy.deepcopy(tiny_llama)
+    gptq = quantize_model(calibrated, Recipe(method="gptq", scheme=scheme, gptq=GPTQOptions(true_sequential=true_sequential)),
+                          calibration=samples, batch_size=3)
+    assert gptq.weights.keys() == rtn.weights.keys() and gptq.skipped == ["lm_head"]
+    assert all(entry["kind"] == "output" for entry in gptq.errors.values())
+
+    def logits_with(weights):
+        model = copy.deepcopy(tiny_llama)
+        for name, weight in weights.items():
+            model.get_submodule(name).weight.data = weight.dequantize()
+        with torch.no_grad():
+            return model(samples).logits
+
+    with torch.no_grad():
+        reference = tiny_llama(samples).logits
+    gptq_error = (logits_with(gptq.weights) - reference).pow(2).mean()
+    rtn_error = (logits_with(rtn.weights) - reference).pow(2).mean()
+    assert gptq_error < 0.8 * rtn_error
+    # the calibrated model now holds its dequantized weights
+    assert torch.equal(calibrated.model.layers[1].mlp.down_proj.weight, gptq.weights["model.layers.1.mlp.down_proj"].dequantize())
+
+
+def test_gptq_without_calibration_data_is_an_error(tiny_llama):
+    with pytest.raises(QtoolError, match="needs calibration data"):
+        quantize_model(tiny_llama, Recipe(method="gptq"))

@@ -64,3 +64,21 @@ def test_dead_columns_are_zero_and_singular_hessians_get_more_damping():
     indefinite[0, 1] = indefinite[1, 0] = 2.0
     raised = gptq(weight, indefinite, Scheme(4, -1, True), damp=0.01)
     assert raised.damp > 1
+
+
+def test_layers_sharing_an_input_solve_together_exactly_as_alone():
+    from qtool.calibrate.stats import HessianStat
+    from qtool.quantize.methods import METHODS
+    from qtool.quantize.scheme import Recipe
+
+    inputs = correlated_inputs(features=64)
+    stat = HessianStat(64)
+    stat.update(inputs)
+    weights = [torch.randn(16, 64), torch.randn(8, 64)]
+    recipe = Recipe(method="gptq")
+    together = METHODS.get("gptq").run(weights, Scheme(4, 32, False), stats=stat, recipe=recipe)
+    for weight, result in zip(weights, together):
+        alone = gptq(weight, stat.hessian, Scheme(4, 32, False))
+        assert torch.equal(result.weight.packed, alone.weight.packed)
+        assert torch.equal(result.weight.scales, alone.weight.scales)
+        assert result.error == pytest.approx(alone.error, rel=1e-4)
