@@ -124,12 +124,14 @@ def quantize_model(
         record(name, method.run(layer.weight.data, plan[name], recipe=recipe, scale_dtype=scale_dtype))
 
     def quantize_together(names: list[str], layers: list[nn.Linear], stats) -> None:
+        """Quantize layers reading one input; each keeps its dequantized weight (made on its device)."""
         if on_layer is not None:
             on_layer(", ".join(names), len(result.weights), total)
         outcomes = method.run([layer.weight.data for layer in layers], plan[names[0]], stats=stats, recipe=recipe,
                               scale_dtype=scale_dtype)
-        for name, outcome in zip(names, outcomes):
+        for name, layer, outcome in zip(names, layers, outcomes):
             record(name, outcome)
+            layer.weight.data = outcome.weight.dequantize(layer.weight.dtype)
 
     with torch.no_grad():
         if not method.needs_calibration:
@@ -140,7 +142,7 @@ def quantize_model(
             if calibration is None:
                 raise QtoolError(f"method {recipe.method!r} needs calibration data")
             calibrate_sequentially(
-                model, calibration, _block_handler(method, plan, recipe, quantize_together, result), device,
+                model, calibration, _block_handler(method, plan, recipe, quantize_together), device,
                 batch_size=batch_size, offload_activations=offload_activations, on_block=on_block,
             )
             outside = [name for name in plan if plan[name] is not None and name not in result.weights]
@@ -150,7 +152,7 @@ def quantize_model(
     return result
 
 
-def _block_handler(method, plan, recipe: Recipe, quantize_together, result: QuantizedModel):
+def _block_handler(method, plan, recipe: Recipe, quantize_together):
     """Calibrate one block. Linears reading the same input share one statistic of it and are
     quantized together (by scheme). True-sequential: each such group is calibrated after the groups
     before it are quantized; otherwise all groups are calibrated in one pass. Quantized linears keep
@@ -166,9 +168,6 @@ def _block_handler(method, plan, recipe: Recipe, quantize_together, result: Quan
                 for same_scheme in _by_scheme(group, lambda local: plan[run.full_name(local)]):
                     layers = [run.linears[local] for local in same_scheme]
                     quantize_together([run.full_name(local) for local in same_scheme], layers, stats[group[0]])
-                    for local, layer in zip(same_scheme, layers):
-                        restored = result.weights[run.full_name(local)].dequantize(layer.weight.dtype)
-                        layer.weight.data = restored.to(layer.weight.device)
 
     return handle
 

@@ -7,6 +7,7 @@ A pure function of (weight, Hessian, scheme): the pipeline supplies H = 2/n * su
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -54,12 +55,20 @@ def gptq(
     scale_dtype: torch.dtype | None = None,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] given the input Hessian [in, in]; scales are stored in
-    `scale_dtype` (default: the weight's dtype)."""
+    `scale_dtype` (default: the weight's dtype).
+
+    Grids are fitted as their group is reached, on the weights as updated so far (act-order
+    `static`: on the original weights, up front). The block size is adjusted so that groups start
+    at block boundaries or at fixed offsets inside blocks, which keeps every full block's sweep the
+    same sequence of operations (replayed as a CUDA graph on GPUs).
+    """
     if act_order not in ACT_ORDERS:
         raise QtoolError(f"unknown act-order {act_order!r}; choose one of: {', '.join(ACT_ORDERS)}")
     scale_dtype = scale_dtype or weight.dtype
     out_features, in_features = weight.shape
+    device = weight.device
     group_size = in_features if scheme.group_size == -1 else scheme.group_size
+    block_size = _aligned_block_size(block_size, group_size)
     per_group = Scheme(scheme.bits, -1, scheme.symmetric)
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -68,51 +77,131 @@ def gptq(
     W[:, dead] = 0
     original = W.clone()
 
-    order = torch.argsort(H.diagonal(), descending=True) if act_order != "none" else torch.arange(in_features)
+    columns = torch.arange(in_features, device=device)
+    order = torch.argsort(H.diagonal(), descending=True) if act_order != "none" else columns
     W, H = W[:, order], H[order][:, order]
     Hinv, used_damp = _inverse_hessian_factor(H, damp)
 
     n_groups = in_features // group_size
-    scales = torch.empty(out_features, n_groups, dtype=scale_dtype, device=W.device)
-    zeros = torch.empty(out_features, n_groups, dtype=torch.int32, device=W.device)
-    # which group each (permuted) column belongs to, and whether its grid is fitted on reaching it
+    scales = torch.empty(out_features, n_groups, dtype=scale_dtype, device=device)
+    zeros = torch.empty(out_features, n_groups, dtype=torch.int32, device=device)
     if act_order == "static":  # groups keep the original column order; fit them all up front
         column_group = order // group_size
         for g in range(n_groups):
             grid = fit_minmax(original[:, g * group_size : (g + 1) * group_size], per_group, scale_dtype)
             scales[:, g], zeros[:, g] = grid.scales[:, 0], grid.zeros[:, 0]
     else:
-        column_group = torch.arange(in_features) // group_size
+        column_group = columns // group_size
+    fit_inside = group_size if act_order != "static" and group_size < block_size else None
+    sweep = _sweep_runner(device, out_features, block_size, fit_inside, per_group, scale_dtype)
 
-    codes = torch.empty(out_features, in_features, dtype=torch.int32, device=W.device)
-    groups_of_columns = column_group.tolist()
+    codes = torch.empty(out_features, in_features, dtype=torch.int32, device=device)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        block = W[:, start:end].clone()
-        errors = torch.empty_like(block)
-        block_inverse = Hinv[start:end, start:end]
-        for i in range(end - start):
-            column = start + i
-            group = groups_of_columns[column]
-            if act_order != "static" and column % group_size == 0:
-                upcoming = torch.cat([block[:, i:], W[:, end:]], dim=1)[:, :group_size]
-                grid: Grid = fit_minmax(upcoming, per_group, scale_dtype)
-                scales[:, group], zeros[:, group] = grid.scales[:, 0], grid.zeros[:, 0]
-            scale, zero = scales[:, group].float(), zeros[:, group]
-            q = round_to_grid(block[:, i], scale, zero, scheme.bits)
-            codes[:, column] = q
-            error = (block[:, i] - (q - zero) * scale) / block_inverse[i, i]
-            block[:, i:].addr_(error, block_inverse[i, i:], alpha=-1)
-            errors[:, i] = error
+        if act_order != "static" and fit_inside is None and start % group_size == 0:
+            grid = fit_minmax(W[:, start : start + group_size], per_group, scale_dtype)
+            scales[:, start // group_size], zeros[:, start // group_size] = grid.scales[:, 0], grid.zeros[:, 0]
+        block_groups = column_group[start:end]
+        column_scales, column_zeros = scales[:, block_groups].float(), zeros[:, block_groups]
+        block_codes, errors, column_scales, column_zeros = sweep(
+            W[:, start:end], Hinv[start:end, start:end], column_scales, column_zeros
+        )
+        codes[:, start:end] = block_codes
+        if fit_inside is not None:
+            fitted = slice(start // group_size, end // group_size)
+            scales[:, fitted] = column_scales[:, ::group_size].to(scale_dtype)
+            zeros[:, fitted] = column_zeros[:, ::group_size]
         W[:, end:].addmm_(errors, Hinv[start:end, end:], alpha=-1)
 
     inverse_order = torch.argsort(order)
     codes = codes[:, inverse_order]
     g_idx = column_group[inverse_order].to(torch.int32) if act_order == "group" else None
-    if act_order == "static":
-        g_idx = None  # groups are contiguous in the original order
     quantized = QuantizedWeight.from_codes(codes, Grid(scales, zeros), scheme, g_idx=g_idx)
     return GPTQResult(quantized, output_error(original, quantized.dequantize(), hessian.float()), used_damp)
+
+
+def _aligned_block_size(block_size: int, group_size: int) -> int:
+    """A block size whose blocks hold whole groups, or that divides the group size."""
+    if group_size <= block_size:
+        return block_size - block_size % group_size
+    while group_size % block_size:
+        block_size -= 1
+    return block_size
+
+
+def sweep_block(
+    block: torch.Tensor,
+    inverse: torch.Tensor,
+    column_scales: torch.Tensor,
+    column_zeros: torch.Tensor,
+    fit_every: int | None,
+    grid_scheme: Scheme,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a block of columns [out, width] in place of `block`, one column at a time, pushing
+    each column's error onto the columns after it through the block's inverse-Hessian factor.
+
+    With `fit_every`, the grid of each run of `fit_every` columns is fitted (into `column_scales`,
+    `column_zeros`) when the sweep reaches it. Returns the codes and the scaled errors [out, width].
+    A fixed sequence of tensor operations, with no host synchronisation, so it can be captured.
+    """
+    width = block.shape[1]
+    codes = torch.empty(block.shape, dtype=torch.int32, device=block.device)
+    errors = torch.empty_like(block)
+    for i in range(width):
+        if fit_every is not None and i % fit_every == 0:
+            grid = fit_minmax(block[:, i : i + fit_every], grid_scheme, scale_dtype)
+            column_scales[:, i : i + fit_every] = grid.scales.float()
+            column_zeros[:, i : i + fit_every] = grid.zeros
+        scale, zero = column_scales[:, i], column_zeros[:, i]
+        q = round_to_grid(block[:, i], scale, zero, grid_scheme.bits)
+        codes[:, i] = q
+        error = (block[:, i] - (q - zero) * scale) / inverse[i, i]
+        block[:, i:].addr_(error, inverse[i, i:], alpha=-1)
+        errors[:, i] = error
+    return codes, errors
+
+
+def _sweep_runner(device, out_features, block_size, fit_every, grid_scheme, scale_dtype):
+    """sweep(block, inverse, column_scales, column_zeros) -> (codes, errors, column_scales,
+    column_zeros), for blocks that are views into W. On CUDA a full-width block's sweep is
+    captured once as a graph and replayed (the sweep is launch-bound: ~20 small kernels per
+    column); elsewhere, and for a shorter last block, it runs as it is."""
+
+    def eager(block, inverse, column_scales, column_zeros):
+        block = block.clone()
+        codes, errors = sweep_block(block, inverse, column_scales, column_zeros, fit_every, grid_scheme, scale_dtype)
+        return codes, errors, column_scales, column_zeros
+
+    if torch.device(device).type != "cuda" or os.environ.get("QTOOL_CUDA_GRAPHS", "1") == "0":
+        return eager
+    static_block = torch.zeros(out_features, block_size, device=device)
+    static_inverse = torch.eye(block_size, device=device)
+    static_scales = torch.ones(out_features, block_size, device=device)
+    static_zeros = torch.zeros(out_features, block_size, dtype=torch.int32, device=device)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm up off the main stream, as capture requires
+        sweep_block(static_block.clone(), static_inverse, static_scales.clone(), static_zeros.clone(),
+                    fit_every, grid_scheme, scale_dtype)
+    torch.cuda.current_stream(device).wait_stream(side)
+    with torch.cuda.graph(graph):
+        static_codes, static_errors = sweep_block(
+            static_block, static_inverse, static_scales, static_zeros, fit_every, grid_scheme, scale_dtype
+        )
+
+    def replay(block, inverse, column_scales, column_zeros):
+        if block.shape[1] != block_size:
+            return eager(block, inverse, column_scales, column_zeros)
+        static_block.copy_(block)
+        static_inverse.copy_(inverse)
+        static_scales.copy_(column_scales)
+        static_zeros.copy_(column_zeros)
+        graph.replay()
+        return static_codes, static_errors, static_scales, static_zeros
+
+    return replay
 
 
 def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
