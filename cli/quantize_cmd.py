@@ -18,6 +18,7 @@ from qtool.errors import QtoolError
 from qtool.quantize.apply import quantize_model
 from qtool.quantize.format import FORMATS, write_checkpoint
 from qtool.quantize.methods import METHODS
+from qtool.quantize.resume import BlockStore, run_fingerprint
 from qtool.quantize.scheme import CalibrationSpec, GPTQOptions, Override, Recipe, Scheme
 from qtool.runtime.loader import load_model, load_tokenizer, stored_dtype
 from qtool.runtime.resolve import resolve_model
@@ -71,10 +72,14 @@ def run_quantize(**options) -> None:
             text = load_text(spec.source, options["data_dir"])
             calibration = calibration_windows(tokenize(tokenizer, text), spec.nsamples, spec.seqlen, spec.seed)
             fingerprint = data_fingerprint(calibration)
+    store = None
+    if method.needs_calibration:  # every calibrated run keeps per-block state, so --resume can pick it up
+        work = output.parent / f".{output.name}.qtool-work"
+        store = BlockStore(work, run_fingerprint(folder, recipe.to_dict(), calibration), options["resume"])
     with console.progress(show) as bar:
         task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
         quantized = quantize_model(
-            model, recipe, calibration, device, scale_dtype=stored,
+            model, recipe, calibration, device, scale_dtype=stored, store=store,
             on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
         )
     record = {
@@ -95,6 +100,8 @@ def run_quantize(**options) -> None:
         record["wall_seconds"] = round(time.perf_counter() - started, 3)
         write_checkpoint(output, model, quantized.weights, quantized.skipped, recipe.format, record, tokenizer,
                          options["overwrite"], dtype=stored)
+    if store is not None:
+        store.clear()
     report(folder, output, record, options["json_output"])
 
 

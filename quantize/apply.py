@@ -18,6 +18,7 @@ from qtool.calibrate.pipeline import BlockRun, calibrate_sequentially
 from qtool.errors import QtoolError
 from qtool.quantize.methods import METHODS, MethodResult
 from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.resume import BlockStore
 from qtool.quantize.scheme import Recipe, Scheme
 
 
@@ -96,6 +97,7 @@ def quantize_model(
     on_block: Callable[[int, int], None] | None = None,
     batch_size: int = 8,
     offload_activations: bool = True,
+    store: BlockStore | None = None,
 ) -> QuantizedModel:
     """Quantize every planned linear layer of `model` with the recipe's method.
 
@@ -141,8 +143,11 @@ def quantize_model(
         else:
             if calibration is None:
                 raise QtoolError(f"method {recipe.method!r} needs calibration data")
+            handler = _block_handler(method, plan, recipe, quantize_together)
+            if store is not None:
+                handler = _resumable(handler, store, result)
             calibrate_sequentially(
-                model, calibration, _block_handler(method, plan, recipe, quantize_together), device,
+                model, calibration, handler, device,
                 batch_size=batch_size, offload_activations=offload_activations, on_block=on_block,
             )
             outside = [name for name in plan if plan[name] is not None and name not in result.weights]
@@ -168,6 +173,25 @@ def _block_handler(method, plan, recipe: Recipe, quantize_together):
                 for same_scheme in _by_scheme(group, lambda local: plan[run.full_name(local)]):
                     layers = [run.linears[local] for local in same_scheme]
                     quantize_together([run.full_name(local) for local in same_scheme], layers, stats[group[0]])
+
+    return handle
+
+
+def _resumable(handler, store: BlockStore, result: QuantizedModel):
+    """`handler` for blocks not finished before; finished ones get their saved weights back."""
+
+    def handle(run: BlockRun) -> None:
+        saved = store.load(run.index)
+        if saved is None:
+            before = set(result.weights)
+            handler(run)
+            store.save(run.index, {n: w for n, w in result.weights.items() if n not in before}, result.errors)
+            return
+        for name, weight in saved.items():
+            result.weights[name] = weight
+            result.errors[name] = store.errors[name]
+            layer = run.linears[name.removeprefix(run.prefix + ".")]
+            layer.weight.data = weight.to(layer.weight.device).dequantize(layer.weight.dtype)
 
     return handle
 

@@ -158,3 +158,35 @@ def test_console_script_exit_codes(tmp_path):
     assert missing.stderr.strip().startswith("qtool: error:") and "Traceback" not in missing.stderr
     usage = subprocess.run([sys.executable, "-m", "qtool.cli.app", "quantize"], capture_output=True, text=True)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_gptq_run_resumes_from_saved_blocks_to_the_same_bytes(tiny_llama_dir, tiny_text_file, tmp_path):
+    """A run killed after its first block (simulated by keeping the state of a run that stopped
+    there) resumes to the same checkpoint bytes as an uninterrupted run."""
+    import shutil
+
+    flags = ["--method", "gptq", "--group-size", "32", "--calib", str(tiny_text_file), "--nsamples", "8",
+             "--seqlen", "64", "--quiet"]
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "whole"), *flags]) == 0
+    assert not (tmp_path / ".whole.qtool-work").exists()  # cleared once the checkpoint is written
+
+    from qtool.quantize import resume
+
+    saved = []
+    original_save = resume.BlockStore.save
+
+    def save_then_die(self, index, weights, errors):
+        original_save(self, index, weights, errors)
+        saved.append(index)
+        raise KeyboardInterrupt
+
+    resume.BlockStore.save = save_then_die
+    try:  # the CLI turns the interruption into a non-zero exit, like Ctrl-C
+        assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "resumed"), *flags]) != 0
+    finally:
+        resume.BlockStore.save = original_save
+    assert saved == [0] and not (tmp_path / "resumed").exists()
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "resumed"), "--resume", *flags]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    shutil.rmtree(tmp_path / "whole")

@@ -99,3 +99,47 @@ def test_gptq_quantizes_every_block_linear_and_beats_rtn_on_the_outputs(tiny_lla
 def test_gptq_without_calibration_data_is_an_error(tiny_llama):
     with pytest.raises(QtoolError, match="needs calibration data"):
         quantize_model(tiny_llama, Recipe(method="gptq"))
+
+
+def test_an_interrupted_gptq_run_resumes_to_the_same_weights(tmp_path):
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qtool.quantize.resume import BlockStore
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    model = LlamaForCausalLM(config).eval()
+    samples = torch.randint(0, 300, (4, 32))
+    recipe = Recipe(method="gptq", scheme=Scheme(4, 32, False))
+    whole = quantize_model(copy.deepcopy(model), recipe, calibration=samples)
+
+    def stop_at_block_two(index, count):
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(copy.deepcopy(model), recipe, calibration=samples, on_block=stop_at_block_two,
+                       store=BlockStore(tmp_path / "work", "run-1", resume=False))
+    store = BlockStore(tmp_path / "work", "run-1", resume=True)
+    assert store.finished == [0, 1]
+    calibrated = []
+    resumed = quantize_model(copy.deepcopy(model), recipe, calibration=samples, store=store,
+                             on_layer=lambda name, done, total: calibrated.append(name))
+    assert all(".layers.2." in name or ".layers.3." in name for name in calibrated)
+    assert list(resumed.weights) == list(whole.weights)
+    for name, weight in whole.weights.items():
+        assert torch.equal(resumed.weights[name].packed, weight.packed), name
+        assert torch.equal(resumed.weights[name].scales, weight.scales), name
+        assert resumed.errors[name] == whole.errors[name]
+
+
+def test_state_of_another_run_is_never_reused(tmp_path):
+    from qtool.quantize.resume import BlockStore
+
+    store = BlockStore(tmp_path / "work", "run-1", resume=False)
+    store.save(0, {}, {})
+    assert BlockStore(tmp_path / "work", "run-1", resume=True).finished == [0]
+    assert BlockStore(tmp_path / "work", "run-2", resume=True).finished == []
+    assert not (tmp_path / "work").exists()

@@ -1,0 +1,96 @@
+"""Per-block state of a calibrated run, so an interrupted run resumes from its last finished block.
+
+The state lives in a work folder beside the output: one safetensors file per finished block with
+its layers' `QuantizedWeight`s, and `state.json` with the run's fingerprint and per-layer errors.
+A run whose fingerprint (model files, recipe, calibration tokens) differs never reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.scheme import Scheme
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.json"
+
+
+def run_fingerprint(model_folder: Path, recipe: dict, calibration: torch.Tensor) -> str:
+    """A hash of what decides the result: the model's config and weight files (names, sizes and
+    their first megabyte), the recipe, and the calibration tokens."""
+    digest = hashlib.sha256()
+    digest.update((model_folder / "config.json").read_bytes())
+    for file in sorted(model_folder.glob("*.safetensors")):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        with file.open("rb") as stream:
+            digest.update(stream.read(1 << 20))
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    digest.update(calibration.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class BlockStore:
+    """Finished blocks of one run, saved as they finish."""
+
+    def __init__(self, folder: Path, fingerprint: str, resume: bool):
+        self.folder = folder
+        self.fingerprint = fingerprint
+        state = self._read_state()
+        if state is not None and (not resume or state.get("fingerprint") != fingerprint):
+            if resume:
+                log.warning("the saved state in %s belongs to another run; starting from the first block", folder)
+            shutil.rmtree(folder)
+            state = None
+        self.errors: dict[str, dict] = state["errors"] if state else {}
+        self.finished: list[int] = state["finished"] if state else []
+
+    def _read_state(self) -> dict | None:
+        try:
+            return json.loads((self.folder / STATE_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def load(self, index: int) -> dict[str, QuantizedWeight] | None:
+        """The quantized layers of block `index` if it finished in an earlier run."""
+        if index not in self.finished:
+            return None
+        tensors = load_file(self.folder / f"block-{index:05d}.safetensors")
+        layouts = json.loads((self.folder / f"block-{index:05d}.json").read_text())
+        return {name: _from_tensors(name, tensors, layout) for name, layout in layouts.items()}
+
+    def save(self, index: int, weights: dict[str, QuantizedWeight], errors: dict[str, dict]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors, layouts = {}, {}
+        for name, weight in weights.items():
+            layouts[name] = {"bits": weight.scheme.bits, "group_size": weight.scheme.group_size,
+                             "symmetric": weight.scheme.symmetric, "shape": list(weight.shape)}
+            for field in ("packed", "scales", "zeros", "g_idx"):
+                if getattr(weight, field) is not None:
+                    tensors[f"{name}.{field}"] = getattr(weight, field).contiguous().cpu()
+        save_file(tensors, self.folder / f"block-{index:05d}.safetensors")
+        (self.folder / f"block-{index:05d}.json").write_text(json.dumps(layouts))
+        self.errors.update({name: errors[name] for name in weights})
+        self.finished.append(index)
+        state = {"fingerprint": self.fingerprint, "finished": self.finished, "errors": self.errors}
+        scratch = self.folder / (STATE_FILE + ".tmp")
+        scratch.write_text(json.dumps(state))
+        scratch.replace(self.folder / STATE_FILE)  # the block counts only once its files are complete
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _from_tensors(name: str, tensors: dict[str, torch.Tensor], layout: dict) -> QuantizedWeight:
+    scheme = Scheme(layout["bits"], layout["group_size"], layout["symmetric"])
+    return QuantizedWeight(
+        tensors[f"{name}.packed"], tensors[f"{name}.scales"], tensors.get(f"{name}.zeros"), scheme,
+        tuple(layout["shape"]), tensors.get(f"{name}.g_idx"),
+    )
