@@ -38,6 +38,7 @@ def quantize(
     damp: float = typer.Option(0.01, help="GPTQ: damping, a fraction of the mean Hessian diagonal."),
     act_order: str = typer.Option("none", help="GPTQ: none, static (no g_idx) or group (g_idx written)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: calibrate each group of linears after the ones before it are quantized."),
+    offload_activations: bool = typer.Option(False, help="Keep calibration activations on the CPU between blocks (long calibration sets)."),
     resume: bool = typer.Option(False, help="Continue an interrupted calibrated run from its last finished block."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint folder."),

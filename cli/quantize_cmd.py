@@ -80,6 +80,7 @@ def run_quantize(**options) -> None:
         task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
         quantized = quantize_model(
             model, recipe, calibration, device, scale_dtype=stored, store=store,
+            offload_activations=options["offload_activations"],
             on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
         )
     record = {
@@ -94,6 +95,7 @@ def run_quantize(**options) -> None:
         },
         "skipped": quantized.skipped,
         "quantize_seconds": round(quantized.seconds, 3),
+        **peak_memory(device),
         "versions": versions(),
     }
     with console.working("writing", str(output), show):
@@ -103,6 +105,16 @@ def run_quantize(**options) -> None:
     if store is not None:
         store.clear()
     report(folder, output, record, options["json_output"])
+
+
+def peak_memory(device: str) -> dict:
+    """Peak memory of this process so far: resident host memory, and device memory on CUDA."""
+    import resource
+
+    peaks = {"peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        peaks["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peaks
 
 
 def worst_layers(layers: dict, count: int = 8) -> list[dict]:
@@ -121,6 +133,7 @@ def report(source: Path, output: Path, record: dict, json_output: bool) -> None:
         "quantized_layers": len(after.layers),
         "dense_linears": after.dense_linears,
         "seconds": record["wall_seconds"],
+        **{key: value for key, value in record.items() if key.startswith("peak_")},
         "worst_layers": worst_layers(record["layers"]),
     }
     if json_output:
