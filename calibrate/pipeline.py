@@ -176,7 +176,7 @@ def calibrate_sequentially(
     handler: BlockHandler,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
-    offload_activations: bool = True,
+    offload_activations: bool = False,
     on_block: Callable[[int, int], None] | None = None,
 ) -> None:
     """Calibrate `model` block by block with `handler`, which may change each block's weights."""

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qtool.calibrate.pipeline import BlockRun, calibrate_sequentially
+from qtool.calibrate.pipeline import BlockRun, calibrate_sequentially, decoder_blocks
 from qtool.errors import QtoolError
 from qtool.quantize.methods import METHODS, MethodResult
 from qtool.quantize.qweight import QuantizedWeight
@@ -96,7 +96,7 @@ def quantize_model(
     on_layer: Callable[[str, int, int], None] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     batch_size: int = 8,
-    offload_activations: bool = True,
+    offload_activations: bool = False,
     store: BlockStore | None = None,
 ) -> QuantizedModel:
     """Quantize every planned linear layer of `model` with the recipe's method.
@@ -105,7 +105,10 @@ def quantize_model(
     `calibration` token windows [n, seqlen] on `device`, and leave each quantized linear holding
     its dequantized weight, so later blocks are calibrated on what the quantized model computes.
     Scales are stored in `scale_dtype` (default: each weight's dtype). `on_layer(name, done,
-    total)` is called before each layer, for progress displays.
+    total)` is called before each layer and `on_block(index, count)` before each decoder block,
+    for progress displays; `batch_size` windows go through a block at once, and their activations
+    wait on the CPU between blocks if `offload_activations`. With a `store`, every finished block
+    is saved, and blocks an earlier run finished are restored instead of calibrated.
     """
     method = METHODS.get(recipe.method)
     plan = plan_layers(model, recipe)
@@ -143,6 +146,13 @@ def quantize_model(
         else:
             if calibration is None:
                 raise QtoolError(f"method {recipe.method!r} needs calibration data")
+            prefix, _ = decoder_blocks(model)
+            outside = [name for name, scheme in plan.items() if scheme and not name.startswith(prefix + ".")]
+            if outside:
+                raise QtoolError(
+                    f"{', '.join(outside[:3])} lie outside the decoder blocks, where {recipe.method} cannot "
+                    f"calibrate; leave them dense with --skip"
+                )
             handler = _block_handler(method, plan, recipe, quantize_together)
             if store is not None:
                 handler = _resumable(handler, store, result)
@@ -150,9 +160,6 @@ def quantize_model(
                 model, calibration, handler, device,
                 batch_size=batch_size, offload_activations=offload_activations, on_block=on_block,
             )
-            outside = [name for name in plan if plan[name] is not None and name not in result.weights]
-            if outside:
-                raise QtoolError(f"{', '.join(outside[:3])} lie outside the decoder blocks; skip them with --skip")
     result.seconds = time.perf_counter() - started
     return result
 

@@ -143,3 +143,13 @@ def test_state_of_another_run_is_never_reused(tmp_path):
     assert BlockStore(tmp_path / "work", "run-1", resume=True).finished == [0]
     assert BlockStore(tmp_path / "work", "run-2", resume=True).finished == []
     assert not (tmp_path / "work").exists()
+
+
+def test_calibrated_methods_refuse_layers_outside_the_blocks_before_any_work():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    recipe = Recipe(method="gptq", overrides=(Override("lm_head", Scheme()),))
+    with pytest.raises(QtoolError, match="lm_head lie outside the decoder blocks"):
+        quantize_model(LlamaForCausalLM(config), recipe, calibration=torch.randint(0, 300, (2, 8)))
