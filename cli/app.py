@@ -36,7 +36,7 @@ def quantize(
     device: Optional[str] = typer.Option(None, help="Where calibration runs: cpu or cuda (default: cuda when present)."),
     block_size: int = typer.Option(128, help="GPTQ: columns per lazy update block."),
     damp: float = typer.Option(0.01, help="GPTQ: damping, a fraction of the mean Hessian diagonal."),
-    act_order: str = typer.Option("none", help="GPTQ: none, static (no g_idx) or group (g_idx written)."),
+    act_order: str = typer.Option("static", help="GPTQ column order: static (largest Hessian diagonal first, groups contiguous), group (g_idx written) or none."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: calibrate each group of linears after the ones before it are quantized."),
     offload_activations: bool = typer.Option(False, help="Keep calibration activations on the CPU between blocks (long calibration sets)."),
     resume: bool = typer.Option(False, help="Continue an interrupted calibrated run from its last finished block."),

@@ -73,12 +73,13 @@ class CalibrationSpec:
 @dataclass(frozen=True)
 class GPTQOptions:
     """GPTQ's solver settings: columns per lazy update block, damping as a fraction of the mean
-    Hessian diagonal, activation order (none | static | group), and whether each group of linears
+    Hessian diagonal, activation order (none | static | group; static, the default, solves columns
+    in decreasing Hessian-diagonal order but keeps groups contiguous), and whether each group of linears
     sharing an input is calibrated after the groups before it in the block are quantized."""
 
     block_size: int = 128
     damp: float = 0.01
-    act_order: str = "none"
+    act_order: str = "static"
     true_sequential: bool = True
 
     def __post_init__(self):

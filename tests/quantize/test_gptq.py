@@ -78,7 +78,7 @@ def test_layers_sharing_an_input_solve_together_exactly_as_alone():
     recipe = Recipe(method="gptq")
     together = METHODS.get("gptq").run(weights, Scheme(4, 32, False), stats=stat, recipe=recipe)
     for weight, result in zip(weights, together):
-        alone = gptq(weight, stat.hessian, Scheme(4, 32, False))
+        alone = gptq(weight, stat.hessian, Scheme(4, 32, False), act_order=recipe.gptq.act_order)
         assert torch.equal(result.weight.packed, alone.weight.packed)
         assert torch.equal(result.weight.scales, alone.weight.scales)
         assert result.error == pytest.approx(alone.error, rel=1e-4)
