@@ -121,7 +121,3 @@ def read_checkpoint(folder: Path) -> QuantizedCheckpoint:
     fmt = format_for(config)
     weights, dense = fmt.read_layers(load_tensors(folder), config["quantization_config"])
     return QuantizedCheckpoint(config=config, weights=weights, dense=dense)
-
-
-def is_quantized(folder: Path) -> bool:
-    return "quantization_config" in read_json(folder / "config.json")
