@@ -43,14 +43,19 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)
 
 
-def _to(value, device):
+def _map_tensors(value, fn):
+    """`value` with `fn` applied to every tensor inside its tuples, lists and dicts."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
+
+
+def _to(value, device):
+    return _map_tensors(value, lambda tensor: tensor.to(device))
 
 
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor, batch_size: int,
@@ -156,14 +161,7 @@ class BlockRun:
 
 def _first_row(kwargs: dict) -> dict:
     """Keyword arguments cut to the first sample of the batch (enough to trace the call order)."""
-    def cut(value):
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
-            return value[:1]
-        if isinstance(value, (tuple, list)):
-            return type(value)(cut(v) for v in value)
-        return value
-
-    return {k: cut(v) for k, v in kwargs.items()}
+    return _map_tensors(kwargs, lambda tensor: tensor[:1] if tensor.dim() > 0 and tensor.shape[0] > 1 else tensor)
 
 
 class BlockHandler(Protocol):
