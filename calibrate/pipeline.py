@@ -15,7 +15,11 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from qtool.calibrate.trace import BlockTrace, MemoPlan, map_tensors, nbytes, plan_memo, trace_block
 from qtool.errors import QtoolError
+
+
+MEMO_FACTOR = 4.0  # cached submodule outputs per block, in multiples of the block's input activations
 
 
 class _StopForward(Exception):
@@ -43,19 +47,8 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)
 
 
-def _map_tensors(value, fn):
-    """`value` with `fn` applied to every tensor inside its tuples, lists and dicts."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    return value
-
-
 def _to(value, device):
-    return _map_tensors(value, lambda tensor: tensor.to(device))
+    return map_tensors(value, lambda tensor: tensor.to(device))
 
 
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor, batch_size: int,
@@ -83,18 +76,34 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tenso
     return captured
 
 
-def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
-    output = block(hidden.to(device), **_to(kwargs, device))
+def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, device: torch.device,
+               matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The block's output hidden states; with `matmul_dtype`, matmuls run under autocast to it."""
+    with torch.autocast(device.type, dtype=matmul_dtype or torch.float32, enabled=matmul_dtype is not None):
+        output = block(hidden.to(device), **_to(kwargs, device))
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class BlockRun:
-    """One block on the device with its inputs: what a handler uses to calibrate it."""
+    """One block on the device with its inputs: what a handler uses to calibrate it.
 
-    def __init__(self, index: int, prefix: str, block: nn.Module, inputs: BlockInputs, device: torch.device):
+    Passes over the calibration samples repeat the block's forward many times (true-sequential
+    runs one per group of linears, then one for the outputs). A pass told which linears change
+    before the next one (`collect(..., then_changes=...)`) keeps, within `memo_bytes`, what the
+    next pass would compute unchanged (see `qtool.calibrate.trace.plan_memo`); the next pass
+    replays it instead of computing it.
+    """
+
+    def __init__(self, index: int, prefix: str, block: nn.Module, inputs: BlockInputs, device: torch.device,
+                 storage: torch.device | None = None, matmul_dtype: torch.dtype | None = None, memo_bytes: int = 0):
         self.index, self.prefix, self.block, self.inputs, self.device = index, prefix, block, inputs, device
+        self.storage = storage or device
+        self.matmul_dtype = matmul_dtype
+        self.memo_bytes = memo_bytes
         self.linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-        self._order: list[list[str]] | None = None
+        self._trace: BlockTrace | None = None
+        self._plan = MemoPlan()  # what the last pass kept, valid for the next one
+        self._kept: dict[str, list] = {}  # submodule (whole) or linear (tail) -> one entry per batch
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{local}"
@@ -102,33 +111,23 @@ class BlockRun:
     def input_groups(self) -> list[list[str]]:
         """The block's linears grouped by the tensor they read, in the order the forward reaches
         them: for a Llama block [[q, k, v], [o], [gate, up], [down]]."""
-        if self._order is None:
-            seen: list[tuple[str, torch.Tensor]] = []
-            handles = [
-                module.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, args[0])))
-                for name, module in self.linears.items()
-            ]
-            try:
-                with torch.no_grad():
-                    call_block(self.block, self.inputs.hidden[0][:1], _first_row(self.inputs.kwargs[0]), self.device)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            groups: list[list[str]] = []
-            tensors: list[torch.Tensor] = []
-            for name, tensor in seen:
-                match = next((i for i, t in enumerate(tensors) if t is tensor), None)
-                if match is None:
-                    tensors.append(tensor)
-                    groups.append([name])
-                elif name not in groups[match]:
-                    groups[match].append(name)
-            self._order = groups
-        return self._order
+        return self.trace().groups
 
-    def collect(self, names: list[str], make_stat: Callable[[nn.Linear], object]) -> dict[str, object]:
+    def trace(self) -> BlockTrace:
+        """The block's forward traced once, on the first sample."""
+        if self._trace is None:
+            first = self.inputs.hidden[0][:1], _first_row(self.inputs.kwargs[0])
+            with torch.no_grad():
+                self._trace = trace_block(self.block, lambda: self._call(*first))
+        return self._trace
+
+    def collect(self, names: list[str], make_stat: Callable[[nn.Linear], object],
+                then_changes: list[str] = ()) -> dict[str, object]:
         """Run every batch through the block with hooks feeding each named linear's inputs to its
-        statistic (`stat.update(x)`); each forward stops as soon as the last of them has run."""
+        statistic (`stat.update(x)`); each forward stops as soon as the last of them has run.
+
+        `then_changes`: the linears the caller changes (and the only parameters it changes)
+        before the next pass, which lets this pass keep what the next one would recompute."""
         stats = {name: make_stat(self.linears[name]) for name in names}
         order = [name for group in self.input_groups() for name in group]
         last = max(names, key=order.index)
@@ -138,30 +137,73 @@ class BlockRun:
             if name == last:
                 raise _StopForward
 
+        samples = sum(hidden.shape[0] for hidden in self.inputs.hidden)
+        plan = plan_memo(self.trace(), list(self.linears), list(then_changes), samples, self.memo_bytes)
         handles = [self.linears[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
         try:
-            with torch.no_grad():
-                for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs):
-                    try:
-                        call_block(self.block, hidden, kwargs, self.device)
-                    except _StopForward:
-                        pass
+            self._pass(plan)
         finally:
             for handle in handles:
                 handle.remove()
         return stats
 
     def outputs(self, storage: torch.device) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [
-                call_block(self.block, hidden, kwargs, self.device).to(storage)
-                for hidden, kwargs in zip(self.inputs.hidden, self.inputs.kwargs)
-            ]
+        """The block's output for every batch (replaying what the last pass kept); ends the memo."""
+        outputs: list[torch.Tensor] = []
+        self._pass(MemoPlan(), lambda output: outputs.append(output.to(storage)))
+        return outputs
+
+    def _call(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        return call_block(self.block, hidden, kwargs, self.device, self.matmul_dtype)
+
+    def _pass(self, keep: MemoPlan, on_output: Callable[[torch.Tensor], None] | None = None) -> None:
+        """One forward over every batch, replaying what the last pass kept and keeping `keep`."""
+        modules = dict(self.block.named_modules())
+        replayed, batch = self._plan, 0
+        kept = {name: self._kept[name] for name in keep.whole if name in replayed.whole}
+        recorders = [(name, modules[name].register_forward_hook) for name in keep.whole if name not in kept]
+        recorders += [(linear, self.linears[linear].register_forward_pre_hook) for _, linear in keep.tails]
+        handles = []
+        for name, register in recorders:
+            kept[name] = []
+            handles.append(register(lambda m, args, *out, name=name: kept[name].append(
+                map_tensors(out[0] if out else args[0], self._stored)), prepend=True))  # before a stop
+
+        def whole(name):
+            return lambda *args, **kwargs: _to(self._kept[name][batch], self.device)
+
+        def tail(name, linear):
+            template = self.trace().templates[name]
+            return lambda *args, **kwargs: map_tensors(
+                template, lambda _: self.linears[linear](_to(self._kept[linear][batch], self.device)))
+
+        for name in replayed.whole:
+            modules[name].forward = whole(name)
+        for name, linear in replayed.tails:
+            modules[name].forward = tail(name, linear)
+        try:
+            with torch.no_grad():
+                for batch, (hidden, kwargs) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
+                    try:
+                        output = self._call(hidden, kwargs)
+                    except _StopForward:
+                        continue
+                    if on_output is not None:
+                        on_output(output)
+        finally:
+            for name in [*replayed.whole, *(name for name, _ in replayed.tails)]:
+                del modules[name].forward
+            for handle in handles:
+                handle.remove()
+        self._plan, self._kept = keep, kept
+
+    def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(self.storage)
 
 
 def _first_row(kwargs: dict) -> dict:
     """Keyword arguments cut to the first sample of the batch (enough to trace the call order)."""
-    return _map_tensors(kwargs, lambda tensor: tensor[:1] if tensor.dim() > 0 and tensor.shape[0] > 1 else tensor)
+    return map_tensors(kwargs, lambda tensor: tensor[:1] if tensor.dim() > 0 and tensor.shape[0] > 1 else tensor)
 
 
 class BlockHandler(Protocol):
@@ -176,8 +218,13 @@ def calibrate_sequentially(
     batch_size: int = 8,
     offload_activations: bool = False,
     on_block: Callable[[int, int], None] | None = None,
+    matmul_dtype: torch.dtype | None = None,
+    memo_factor: float = MEMO_FACTOR,
 ) -> None:
-    """Calibrate `model` block by block with `handler`, which may change each block's weights."""
+    """Calibrate `model` block by block with `handler`, which may change each block's weights.
+
+    Blocks run under autocast to `matmul_dtype` when it is given. Each block's passes may keep
+    submodule outputs worth up to `memo_factor` times the size of the block's inputs."""
     device = torch.device(device)
     storage = torch.device("cpu") if offload_activations else device
     prefix, blocks = decoder_blocks(model)
@@ -190,7 +237,8 @@ def calibrate_sequentially(
         if on_block is not None:
             on_block(index, len(blocks))
         block.to(device)
-        run = BlockRun(index, f"{prefix}.{index}", block, inputs, device)
+        memo_bytes = int(memo_factor * sum(nbytes(hidden) for hidden in inputs.hidden))
+        run = BlockRun(index, f"{prefix}.{index}", block, inputs, device, storage, matmul_dtype, memo_bytes)
         handler(run)
         inputs = BlockInputs(hidden=run.outputs(storage), kwargs=inputs.kwargs)
         block.to("cpu")

@@ -5,19 +5,32 @@ from __future__ import annotations
 import torch
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+SPLIT_FROM = 256  # columns per half from which the quadrant split beats one product
 
 
-def gram(rows: torch.Tensor) -> torch.Tensor:
-    """rows^T rows in float32. Half-precision rows on a GPU multiply on the tensor cores with a
-    float32 result: products of half values are exact in float32 and the sums accumulate in
-    float32, so this equals the float32 product up to summation order, at tensor-core speed."""
+def accumulate_gram(target: torch.Tensor, rows: torch.Tensor, beta: float, alpha: float) -> None:
+    """target <- beta * target + alpha * rows^T rows, in float32.
+
+    Half-precision rows on a GPU multiply on the tensor cores with a float32 result: products of
+    half values are exact in float32 and the sums accumulate in float32, so this equals the
+    float32 product up to summation order, at tensor-core speed. Elsewhere the rows are widened
+    to float32 and, the product being symmetric, only three of its four quadrants are computed."""
     if rows.is_cuda and rows.dtype in HALF_DTYPES:
         try:
-            return torch.mm(rows.T, rows, out_dtype=torch.float32)
+            target.mul_(beta).add_(torch.mm(rows.T, rows, out_dtype=torch.float32), alpha=alpha)
+            return
         except (TypeError, RuntimeError):  # torch without mm(out_dtype=): the float32 product below
             pass
     rows = rows.float()
-    return rows.T @ rows
+    half = rows.shape[1] // 2
+    if half < SPLIT_FROM:
+        target.addmm_(rows.T, rows, beta=beta, alpha=alpha)
+        return
+    left, right = rows[:, :half].contiguous(), rows[:, half:].contiguous()
+    target[:half, :half].addmm_(left.T, left, beta=beta, alpha=alpha)
+    target[half:, half:].addmm_(right.T, right, beta=beta, alpha=alpha)
+    target[:half, half:].addmm_(left.T, right, beta=beta, alpha=alpha)
+    target[half:, :half] = target[:half, half:].T
 
 
 class HessianStat:
@@ -30,5 +43,5 @@ class HessianStat:
     def update(self, inputs: torch.Tensor) -> None:
         rows = inputs.reshape(-1, inputs.shape[-1])
         total = self.count + rows.shape[0]
-        self.hessian.mul_(self.count / total).add_(gram(rows), alpha=2.0 / total)
+        accumulate_gram(self.hessian, rows, beta=self.count / total, alpha=2.0 / total)
         self.count = total

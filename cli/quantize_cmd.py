@@ -13,7 +13,7 @@ from qtool import __version__
 from qtool.calibrate.data import calibration_windows, load_text, tokenize
 from qtool.calibrate.data import fingerprint as data_fingerprint
 from qtool.cli import console
-from qtool.cli.devices import choose_device
+from qtool.cli.devices import calibration_dtypes, choose_device
 from qtool.errors import QtoolError
 from qtool.quantize.apply import quantize_model
 from qtool.quantize.format import FORMATS, write_checkpoint
@@ -36,6 +36,7 @@ def build_recipe(options: dict) -> Recipe:
         calibration=CalibrationSpec(options["calib"], options["nsamples"], options["seqlen"], options["seed"]),
         format=options["format"],
         gptq=GPTQOptions(options["block_size"], options["damp"], options["act_order"], options["true_sequential"]),
+        mse=options["mse"],
     )
 
 
@@ -61,10 +62,12 @@ def run_quantize(**options) -> None:
     torch.manual_seed(recipe.calibration.seed)
     folder = resolve_model(options["model"])
     stored = stored_dtype(folder)
-    # calibration on the CPU computes in float32 (CPU half-precision matmuls are slow and lossy)
-    compute_dtype = torch.float32 if method.needs_calibration and device == "cpu" else stored
+    weights_dtype, matmul_dtype = calibration_dtypes(options["calib_dtype"], device, stored)
+    if not method.needs_calibration:
+        weights_dtype, matmul_dtype = stored, None
+    calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if method.needs_calibration else None
     with console.working("loading", str(folder), show):
-        model = load_model(folder, dtype=compute_dtype, trust_remote_code=trust)
+        model = load_model(folder, dtype=weights_dtype, trust_remote_code=trust)
         tokenizer = load_tokenizer(folder, trust)
         calibration = fingerprint = None
         if method.needs_calibration:
@@ -75,12 +78,13 @@ def run_quantize(**options) -> None:
     store = None
     if method.needs_calibration:  # every calibrated run keeps per-block state, so --resume can pick it up
         work = output.parent / f".{output.name}.qtool-work"
-        store = BlockStore(work, run_fingerprint(folder, recipe.to_dict(), calibration), options["resume"])
+        decisive = {**recipe.to_dict(), "calibration_matmul_dtype": calib_matmul}
+        store = BlockStore(work, run_fingerprint(folder, decisive, calibration), options["resume"])
     with console.progress(show) as bar:
         task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
         quantized = quantize_model(
             model, recipe, calibration, device, scale_dtype=stored, store=store,
-            offload_activations=options["offload_activations"],
+            offload_activations=options["offload_activations"], matmul_dtype=matmul_dtype,
             on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
         )
     record = {
@@ -89,6 +93,7 @@ def run_quantize(**options) -> None:
         "seed": recipe.calibration.seed,
         "calibration_fingerprint": fingerprint,
         "device": device,
+        "calibration_matmul_dtype": calib_matmul,
         "layers": {
             name: {"scheme": weight.scheme.describe(), **quantized.errors[name]}
             for name, weight in quantized.weights.items()

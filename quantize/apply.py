@@ -98,6 +98,7 @@ def quantize_model(
     batch_size: int = 8,
     offload_activations: bool = False,
     store: BlockStore | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> QuantizedModel:
     """Quantize every planned linear layer of `model` with the recipe's method.
 
@@ -108,7 +109,8 @@ def quantize_model(
     total)` is called before each layer and `on_block(index, count)` before each decoder block,
     for progress displays; `batch_size` windows go through a block at once, and their activations
     wait on the CPU between blocks if `offload_activations`. With a `store`, every finished block
-    is saved, and blocks an earlier run finished are restored instead of calibrated.
+    is saved, and blocks an earlier run finished are restored instead of calibrated. Calibration
+    forwards run under autocast to `matmul_dtype` when it is given (weights keep their dtype).
     """
     method = METHODS.get(recipe.method)
     plan = plan_layers(model, recipe)
@@ -159,6 +161,7 @@ def quantize_model(
             calibrate_sequentially(
                 model, calibration, handler, device,
                 batch_size=batch_size, offload_activations=offload_activations, on_block=on_block,
+                matmul_dtype=matmul_dtype,
             )
     result.seconds = time.perf_counter() - started
     return result
@@ -175,7 +178,9 @@ def _block_handler(method, plan, recipe: Recipe, quantize_together):
         groups = [group for group in groups if group]
         stages = [[group] for group in groups] if recipe.gptq.true_sequential else [groups]
         for stage in stages:
-            stats = run.collect([group[0] for group in stage], lambda linear: method.statistic(linear, run.device))
+            changed = [local for group in stage for local in group]
+            stats = run.collect([group[0] for group in stage], lambda linear: method.statistic(linear, run.device),
+                                then_changes=changed)
             for group in stage:
                 for same_scheme in _by_scheme(group, lambda local: plan[run.full_name(local)]):
                     layers = [run.linears[local] for local in same_scheme]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from qtool.errors import FAILURE, QtoolError
-from qtool.quantize.grid import Grid, fit_minmax, round_to_grid
+from qtool.quantize.grid import Grid, fit_grid, round_to_grid
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -53,9 +53,10 @@ def gptq(
     damp: float = 0.01,
     act_order: str = "none",
     scale_dtype: torch.dtype | None = None,
+    mse: bool = False,
 ) -> GPTQResult:
     """Quantize `weight` [out, in] given the input Hessian [in, in]; scales are stored in
-    `scale_dtype` (default: the weight's dtype).
+    `scale_dtype` (default: the weight's dtype), and searched for the least rounding error with `mse`.
 
     Grids are fitted as their group is reached, on the weights as updated so far (act-order
     `static`: on the original weights, up front). The block size is adjusted so that groups start
@@ -88,18 +89,18 @@ def gptq(
     if act_order == "static":  # groups keep the original column order; fit them all up front
         column_group = order // group_size
         for g in range(n_groups):
-            grid = fit_minmax(original[:, g * group_size : (g + 1) * group_size], per_group, scale_dtype)
+            grid = fit_grid(original[:, g * group_size : (g + 1) * group_size], per_group, scale_dtype, mse)
             scales[:, g], zeros[:, g] = grid.scales[:, 0], grid.zeros[:, 0]
     else:
         column_group = columns // group_size
     fit_inside = group_size if act_order != "static" and group_size < block_size else None
-    sweep = _sweep_runner(device, out_features, block_size, fit_inside, per_group, scale_dtype)
+    sweep = _sweep_runner(device, out_features, block_size, fit_inside, per_group, scale_dtype, mse)
 
     codes = torch.empty(out_features, in_features, dtype=torch.int32, device=device)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
         if act_order != "static" and fit_inside is None and start % group_size == 0:
-            grid = fit_minmax(W[:, start : start + group_size], per_group, scale_dtype)
+            grid = fit_grid(W[:, start : start + group_size], per_group, scale_dtype, mse)
             scales[:, start // group_size], zeros[:, start // group_size] = grid.scales[:, 0], grid.zeros[:, 0]
         block_groups = column_group[start:end]
         column_scales, column_zeros = scales[:, block_groups].float(), zeros[:, block_groups]
@@ -137,6 +138,7 @@ def sweep_block(
     fit_every: int | None,
     grid_scheme: Scheme,
     scale_dtype: torch.dtype,
+    mse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a block of columns [out, width] in place of `block`, one column at a time, pushing
     each column's error onto the columns after it through the block's inverse-Hessian factor.
@@ -150,7 +152,7 @@ def sweep_block(
     errors = torch.empty_like(block)
     for i in range(width):
         if fit_every is not None and i % fit_every == 0:
-            grid = fit_minmax(block[:, i : i + fit_every], grid_scheme, scale_dtype)
+            grid = fit_grid(block[:, i : i + fit_every], grid_scheme, scale_dtype, mse)
             column_scales[:, i : i + fit_every] = grid.scales.float()
             column_zeros[:, i : i + fit_every] = grid.zeros
         scale, zero = column_scales[:, i], column_zeros[:, i]
@@ -162,7 +164,7 @@ def sweep_block(
     return codes, errors
 
 
-def _sweep_runner(device, out_features, block_size, fit_every, grid_scheme, scale_dtype):
+def _sweep_runner(device, out_features, block_size, fit_every, grid_scheme, scale_dtype, mse):
     """sweep(block, inverse, column_scales, column_zeros) -> (codes, errors, column_scales,
     column_zeros), for blocks that are views into W. On CUDA a full-width block's sweep is
     captured once as a graph and replayed (the sweep is launch-bound: ~20 small kernels per
@@ -170,7 +172,7 @@ def _sweep_runner(device, out_features, block_size, fit_every, grid_scheme, scal
 
     def eager(block, inverse, column_scales, column_zeros):
         block = block.clone()
-        codes, errors = sweep_block(block, inverse, column_scales, column_zeros, fit_every, grid_scheme, scale_dtype)
+        codes, errors = sweep_block(block, inverse, column_scales, column_zeros, fit_every, grid_scheme, scale_dtype, mse)
         return codes, errors, column_scales, column_zeros
 
     if torch.device(device).type != "cuda" or os.environ.get("QTOOL_CUDA_GRAPHS", "1") == "0":
@@ -184,11 +186,11 @@ def _sweep_runner(device, out_features, block_size, fit_every, grid_scheme, scal
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm up off the main stream, as capture requires
         sweep_block(static_block.clone(), static_inverse, static_scales.clone(), static_zeros.clone(),
-                    fit_every, grid_scheme, scale_dtype)
+                    fit_every, grid_scheme, scale_dtype, mse)
     torch.cuda.current_stream(device).wait_stream(side)
     with torch.cuda.graph(graph):
         static_codes, static_errors = sweep_block(
-            static_block, static_inverse, static_scales, static_zeros, fit_every, grid_scheme, scale_dtype
+            static_block, static_inverse, static_scales, static_zeros, fit_every, grid_scheme, scale_dtype, mse
         )
 
     def replay(block, inverse, column_scales, column_zeros):

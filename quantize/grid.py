@@ -34,16 +34,44 @@ def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return weight.reshape(out_features, in_features // size, size)
 
 
+MSE_STEPS, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4  # the search of GPTQ's reference code
+
+
+def fit_grid(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, mse: bool = False) -> Grid:
+    """The min-max grid of each group, or with `mse` the searched one (`fit_mse`)."""
+    return fit_mse(weight, scheme, scale_dtype) if mse else fit_minmax(weight, scheme, scale_dtype)
+
+
 def fit_minmax(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> Grid:
     """The min-max grid of each group. Scales are rounded to `scale_dtype` before zeros are chosen,
     so codes and stored scales agree exactly."""
+    return _range_grid(grouped(weight.float(), scheme.group_size), scheme, scale_dtype, shrink=1.0)
+
+
+def fit_mse(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -> Grid:
+    """For each group, the grid of its min-max range shrunk by 0%, 1%, ... up to 80% that rounds
+    the group with the least sum of |error|^2.4: clipping a few outliers buys finer steps for
+    the rest. A fixed sequence of tensor operations (no host synchronisation)."""
     groups = grouped(weight.float(), scheme.group_size)
+    best = _range_grid(groups, scheme, scale_dtype, shrink=1.0)
+    best_error = _rounding_error(groups, best, scheme.bits)
+    for step in range(1, int(MSE_MAX_SHRINK * MSE_STEPS)):
+        grid = _range_grid(groups, scheme, scale_dtype, shrink=1 - step / MSE_STEPS)
+        error = _rounding_error(groups, grid, scheme.bits)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = Grid(torch.where(better, grid.scales, best.scales), torch.where(better, grid.zeros, best.zeros))
+    return best
+
+
+def _range_grid(groups: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype, shrink: float) -> Grid:
+    """The grid spanning each group's range [out, n_groups, size] scaled by `shrink`."""
     top = max_code(scheme.bits)
     if scheme.symmetric:
-        scales = groups.abs().amax(dim=-1) / (top / 2)
+        scales = groups.abs().amax(dim=-1) * (shrink / (top / 2))
     else:
-        low = groups.amin(dim=-1).clamp(max=0)
-        high = groups.amax(dim=-1).clamp(min=0)
+        low = groups.amin(dim=-1).clamp(max=0) * shrink
+        high = groups.amax(dim=-1).clamp(min=0) * shrink
         scales = (high - low) / top
     scales = torch.where(scales > 0, scales, torch.ones_like(scales)).to(scale_dtype)
     if scheme.symmetric:
@@ -51,6 +79,12 @@ def fit_minmax(weight: torch.Tensor, scheme: Scheme, scale_dtype: torch.dtype) -
     else:
         zeros = torch.round(-low / scales.float()).clamp(0, top).to(torch.int32)
     return Grid(scales=scales, zeros=zeros)
+
+
+def _rounding_error(groups: torch.Tensor, grid: Grid, bits: int) -> torch.Tensor:
+    scales, zeros = grid.scales.float().unsqueeze(-1), grid.zeros.unsqueeze(-1)
+    restored = (round_to_grid(groups, scales, zeros, bits) - zeros).float() * scales
+    return (restored - groups).abs().pow(MSE_NORM).sum(dim=-1)
 
 
 def round_to_grid(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:

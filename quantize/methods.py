@@ -15,7 +15,7 @@ from torch import nn
 
 from qtool.calibrate.stats import HessianStat
 from qtool.quantize.gptq import gptq, output_error
-from qtool.quantize.grid import dequantize_codes, fit_minmax, quantize_to_codes
+from qtool.quantize.grid import dequantize_codes, fit_grid, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Recipe, Scheme
 from qtool.registry import Registry
@@ -76,8 +76,8 @@ def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> floa
 @method("rtn")
 def round_to_nearest(weight: torch.Tensor, scheme: Scheme, *, stats: Any = None, recipe: Recipe | None = None,
                      scale_dtype: torch.dtype | None = None) -> MethodResult:
-    """Round each weight to the nearest point of its group's min-max grid."""
-    grid = fit_minmax(weight, scheme, scale_dtype=scale_dtype or weight.dtype)
+    """Round each weight to the nearest point of its group's grid (min-max, or searched with mse)."""
+    grid = fit_grid(weight, scheme, scale_dtype or weight.dtype, mse=recipe is not None and recipe.mse)
     codes = quantize_to_codes(weight, grid, scheme)
     dequantized = dequantize_codes(codes, grid.scales, grid.zeros, scheme.group_size)
     return MethodResult(QuantizedWeight.from_codes(codes, grid, scheme), relative_error(weight, dequantized), "weight")
@@ -90,7 +90,8 @@ def gptq_method(weights: list[torch.Tensor], scheme: Scheme, *, stats: HessianSt
     independent in GPTQ): one factorisation and one column sweep instead of one per layer."""
     options = recipe.gptq
     stacked = torch.cat(weights)
-    result = gptq(stacked, stats.hessian, scheme, options.block_size, options.damp, options.act_order, scale_dtype)
+    result = gptq(stacked, stats.hessian, scheme, options.block_size, options.damp, options.act_order, scale_dtype,
+                  mse=recipe.mse)
     notes = {"damp": result.damp} if result.damp != options.damp else None
     parts = result.weight.split_rows([weight.shape[0] for weight in weights])
     return [

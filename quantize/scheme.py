@@ -95,7 +95,8 @@ class GPTQOptions:
 class Recipe:
     """Everything that decides a quantized checkpoint: method, default scheme, per-layer overrides,
     calibration data and output format. The first matching override wins. Method and format names
-    are checked against their registries where they are used."""
+    are checked against their registries where they are used. `mse`: grids are searched for the
+    least rounding error instead of spanning each group's min-max range."""
 
     method: str = "rtn"
     scheme: Scheme = field(default_factory=Scheme)
@@ -103,6 +104,7 @@ class Recipe:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     format: str = "compressed-tensors"
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    mse: bool = False
 
     def scheme_for(self, layer_name: str) -> Scheme | None:
         for override in self.overrides:
@@ -127,6 +129,7 @@ class Recipe:
                 "seed": self.calibration.seed,
             },
             "format": self.format,
+            "mse": self.mse,
             "gptq": {
                 "block_size": self.gptq.block_size,
                 "damp": self.gptq.damp,

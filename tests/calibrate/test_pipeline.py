@@ -7,12 +7,13 @@ from qtool.calibrate.pipeline import BlockRun, calibrate_sequentially, capture_i
 from qtool.calibrate.stats import HessianStat
 
 
-def test_running_hessian_equals_the_batch_formula():
-    rows = [torch.randn(3, 5, 16), torch.randn(7, 16), torch.randn(1, 2, 16)]
-    stat = HessianStat(16)
+@pytest.mark.parametrize("features", [16, 600])  # one product; the quadrant split
+def test_running_hessian_equals_the_batch_formula(features):
+    rows = [torch.randn(3, 5, features), torch.randn(7, features), torch.randn(1, 2, features).bfloat16()]
+    stat = HessianStat(features)
     for batch in rows:
         stat.update(batch)
-    everything = torch.cat([r.reshape(-1, 16) for r in rows])
+    everything = torch.cat([r.reshape(-1, features).float() for r in rows])
     assert stat.count == everything.shape[0]
     assert torch.allclose(stat.hessian, 2 * everything.T @ everything / everything.shape[0], atol=1e-5)
 
@@ -80,3 +81,34 @@ def test_a_handler_that_changes_weights_changes_what_later_blocks_see(tiny_llama
     calibrate_sequentially(tiny_llama, samples, zero_first_block)
     assert torch.equal(untouched[0], changed[0])
     assert not torch.allclose(untouched[1], changed[1])
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16])
+def test_replaying_kept_outputs_computes_what_recomputing_computes(tiny_llama, matmul_dtype):
+    """True-sequential passes that replay what earlier passes kept see bit-identical inputs and
+    produce bit-identical block outputs, while running the attention projections far less."""
+    samples = torch.randint(0, 300, (4, 16))
+
+    def calibrate(memo_factor):
+        model = copy.deepcopy(tiny_llama)
+        hessians, query_calls = [], []
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.register_forward_pre_hook(lambda m, a: query_calls.append(1))
+
+        def handler(run: BlockRun):
+            for group in run.input_groups():
+                stats = run.collect([group[0]], lambda linear: HessianStat(linear.in_features), then_changes=group)
+                hessians.append(stats[group[0]].hessian)
+                for name in group:
+                    run.linears[name].weight.data = run.linears[name].weight.data.round(decimals=1)
+
+        calibrate_sequentially(model, samples, handler, batch_size=2, matmul_dtype=matmul_dtype,
+                               memo_factor=memo_factor)
+        with torch.no_grad():
+            logits = model(samples).logits
+        return hessians, logits, len(query_calls)
+
+    recomputed, replayed = calibrate(0.0), calibrate(8.0)
+    assert all(torch.equal(a, b) for a, b in zip(recomputed[0], replayed[0]))
+    assert torch.equal(recomputed[1], replayed[1])
+    assert replayed[2] <= recomputed[2] / 2

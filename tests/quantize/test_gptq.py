@@ -15,12 +15,13 @@ def hessian(inputs):
     return 2 * inputs.T @ inputs / inputs.shape[0]
 
 
+@pytest.mark.parametrize("mse", [False, True])
 @pytest.mark.parametrize("act_order", ["none", "static", "group"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_gptq_beats_rtn_on_the_layer_output(act_order, symmetric):
+def test_gptq_beats_rtn_on_the_layer_output(act_order, symmetric, mse):
     inputs, weight = correlated_inputs(), torch.randn(64, 128)
     scheme = Scheme(4, 32, symmetric)
-    result = gptq(weight, hessian(inputs), scheme, block_size=64, act_order=act_order)
+    result = gptq(weight, hessian(inputs), scheme, block_size=64, act_order=act_order, mse=mse)
     rtn = round_to_nearest(weight, scheme).weight.dequantize()
     reference = inputs @ weight.T
     measured = ((reference - inputs @ result.weight.dequantize().T).pow(2).sum() / reference.pow(2).sum()).item()

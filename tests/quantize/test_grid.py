@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qtool.quantize.grid import dequantize_codes, fit_minmax, quantize_to_codes
+from qtool.quantize.grid import dequantize_codes, fit_minmax, fit_mse, quantize_to_codes
 from qtool.quantize.scheme import Scheme
 
 SCHEMES = [Scheme(bits, group, sym) for bits in (2, 3, 4, 8) for group in (16, -1) for sym in (True, False)]
@@ -71,3 +71,18 @@ def test_codes_agree_with_the_stored_low_precision_scales():
     grid = fit_minmax(weight, scheme, torch.float16)
     assert grid.scales.dtype == torch.float16
     assert_nearest(weight, grid, scheme, quantize_to_codes(weight, grid, scheme))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_searched_grids_round_with_less_error_than_min_max(symmetric):
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(3.0).sample((64, 256))  # heavy tails: outliers worth clipping
+    scheme = Scheme(4, 64, symmetric)
+
+    def group_error(grid):
+        restored = dequantize_codes(quantize_to_codes(weight, grid, scheme), grid.scales, grid.zeros, 64)
+        return (restored - weight).abs().pow(2.4).reshape(64, 4, 64).sum(-1)
+
+    minmax, searched = group_error(fit_minmax(weight, scheme, torch.float32)), group_error(fit_mse(weight, scheme, torch.float32))
+    assert (searched <= minmax * (1 + 1e-6)).all()
+    assert searched.sum() < 0.95 * minmax.sum()
