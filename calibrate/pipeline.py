@@ -17,6 +17,7 @@ from torch import nn
 
 from qtool.calibrate.trace import BlockTrace, MemoPlan, map_tensors, nbytes, plan_memo, trace_block
 from qtool.errors import QtoolError
+from qtool.runtime.lazy import LazyWeights
 
 
 MEMO_FACTOR = 4.0  # cached submodule outputs per block, in multiples of the block's input activations
@@ -220,37 +221,65 @@ def calibrate_sequentially(
     on_block: Callable[[int, int], None] | None = None,
     matmul_dtype: torch.dtype | None = None,
     memo_factor: float = MEMO_FACTOR,
+    weights: LazyWeights | None = None,
+    on_block_done: Callable[[BlockRun], None] | None = None,
 ) -> None:
     """Calibrate `model` block by block with `handler`, which may change each block's weights.
 
     Blocks run under autocast to `matmul_dtype` when it is given. Each block's passes may keep
-    submodule outputs worth up to `memo_factor` times the size of the block's inputs."""
+    submodule outputs worth up to `memo_factor` times the size of the block's inputs. With lazy
+    `weights`, what runs before the first block is loaded as it runs and released after, and each
+    block is loaded when its turn comes; `on_block_done(run)` follows each block's last pass."""
     device = torch.device(device)
     storage = torch.device("cpu") if offload_activations else device
     prefix, blocks = decoder_blocks(model)
-    _move_except(model, blocks, device)
+    outside = _outside(model, blocks)
+    for module in outside:
+        _move_loaded(module, device)
+    loaders = [hook for module in outside for hook in weights.load_on_demand(module, device)] if weights else []
     try:
         inputs = capture_inputs(model, blocks, samples, batch_size, device, storage)
     finally:
-        _move_except(model, blocks, torch.device("cpu"))
+        for hook in loaders:
+            hook.remove()
+        for module in outside:
+            if weights is not None:
+                weights.release(module)
+            _move_loaded(module, torch.device("cpu"))
     for index, block in enumerate(blocks):
         if on_block is not None:
             on_block(index, len(blocks))
+        if weights is not None:
+            weights.load(block)
         block.to(device)
         memo_bytes = int(memo_factor * sum(nbytes(hidden) for hidden in inputs.hidden))
         run = BlockRun(index, f"{prefix}.{index}", block, inputs, device, storage, matmul_dtype, memo_bytes)
         handler(run)
         inputs = BlockInputs(hidden=run.outputs(storage), kwargs=inputs.kwargs)
         block.to("cpu")
+        if on_block_done is not None:
+            on_block_done(run)
 
 
-def _move_except(module: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every submodule of `module` that does not hold the blocks to `device` (embeddings, final
-    norm, rotary tables, head); modules holding the blocks are walked into, the blocks stay put."""
+def _outside(module: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+    """The submodules of `module` that do not hold the blocks (embeddings, final norm, rotary
+    tables, head): modules holding the blocks are walked into, the blocks left out."""
+    found = []
     for child in module.children():
         if child is blocks:
             continue
         if any(inner is blocks for inner in child.modules()):
-            _move_except(child, blocks, device)
+            found += _outside(child, blocks)
         else:
-            child.to(device)
+            found.append(child)
+    return found
+
+
+def _move_loaded(module: nn.Module, device: torch.device) -> None:
+    """`module.to(device)` for the tensors it holds; empty (meta) parameters stay as they are."""
+    for owner in module.modules():
+        for name, buffer in owner.named_buffers(recurse=False):
+            owner._buffers[name] = buffer.to(device)
+        for param in owner.parameters(recurse=False):
+            if not param.is_meta:
+                param.data = param.data.to(device)

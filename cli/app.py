@@ -40,6 +40,7 @@ def quantize(
     act_order: str = typer.Option("static", help="GPTQ column order: static (largest Hessian diagonal first, groups contiguous), group (g_idx written) or none."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: calibrate each group of linears after the ones before it are quantized."),
     offload_activations: bool = typer.Option(False, help="Keep calibration activations on the CPU between blocks (long calibration sets)."),
+    max_device_memory: Optional[str] = typer.Option(None, help="Cap on CUDA memory for the run (e.g. 20GiB): calibration keeps one block and its activations there."),
     calib_dtype: str = typer.Option("auto", help="Precision of calibration matmuls: auto (bfloat16 on a CPU with native bf16, weights and statistics in float32; the checkpoint's dtype on a GPU), float32, bfloat16 or float16."),
     resume: bool = typer.Option(False, help="Continue an interrupted calibrated run from its last finished block."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from qtool.errors import QtoolError
@@ -10,12 +12,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def choose_device(device: str | None) -> str:
+    """cpu, or cuda:N with the index spelled out (some CUDA APIs refuse a bare "cuda")."""
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise QtoolError(f"unknown device {device!r}; use cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QtoolError(f"device {device!r} asked for, but no CUDA device is available; use --device cpu")
+    if device == "cuda":
+        return f"cuda:{torch.cuda.current_device()}"
     return device
 
 
@@ -51,3 +56,29 @@ def calibration_dtypes(choice: str, device: str, stored: torch.dtype) -> tuple[t
     if choice == "auto" or DTYPES[choice] == stored:
         return stored, None
     return stored, DTYPES[choice]
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+              "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as 20GiB, 1.5GB or 800MiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise QtoolError(f"cannot read the size {text!r}; write it like 20GiB, 1.5GB or 800MiB")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def limit_device_memory(device: str, limit: str | None) -> int | None:
+    """Cap what this process may allocate on a CUDA device; the cap in bytes, or None."""
+    if limit is None:
+        return None
+    if not device.startswith("cuda"):
+        raise QtoolError("--max-device-memory limits a CUDA device; drop it or pass --device cuda")
+    cap = parse_size(limit)
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if cap > total:
+        raise QtoolError(f"--max-device-memory {limit} is more than {device} has ({total / 2**30:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(cap / total, torch.device(device))
+    return cap

@@ -13,14 +13,14 @@ from qtool import __version__
 from qtool.calibrate.data import calibration_windows, load_text, tokenize
 from qtool.calibrate.data import fingerprint as data_fingerprint
 from qtool.cli import console
-from qtool.cli.devices import calibration_dtypes, choose_device
-from qtool.errors import QtoolError
+from qtool.cli.devices import calibration_dtypes, choose_device, limit_device_memory
+from qtool.errors import FAILURE, QtoolError
 from qtool.quantize.apply import quantize_model
 from qtool.quantize.format import FORMATS, write_checkpoint
 from qtool.quantize.methods import METHODS
 from qtool.quantize.resume import BlockStore, run_fingerprint
 from qtool.quantize.scheme import CalibrationSpec, GPTQOptions, Override, Recipe, Scheme
-from qtool.runtime.loader import load_model, load_tokenizer, stored_dtype
+from qtool.runtime.loader import load_lazily, load_tokenizer, stored_dtype
 from qtool.runtime.resolve import resolve_model
 from qtool.runtime.summary import summarize
 
@@ -56,6 +56,7 @@ def run_quantize(**options) -> None:
         raise QtoolError(f"output folder {output} already exists; choose another -o or pass --overwrite")
     method = METHODS.get(recipe.method)
     device = choose_device(options["device"])
+    device_cap = limit_device_memory(device, options["max_device_memory"])
     show = not (options["quiet"] or options["json_output"])
     trust = options["trust_remote_code"]
     console.quiet_libraries()
@@ -67,7 +68,7 @@ def run_quantize(**options) -> None:
         weights_dtype, matmul_dtype = stored, None
     calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if method.needs_calibration else None
     with console.working("loading", str(folder), show):
-        model = load_model(folder, dtype=weights_dtype, trust_remote_code=trust)
+        model, lazy = load_lazily(folder, weights_dtype, trust)
         tokenizer = load_tokenizer(folder, trust)
         calibration = fingerprint = None
         if method.needs_calibration:
@@ -82,17 +83,27 @@ def run_quantize(**options) -> None:
         store = BlockStore(work, run_fingerprint(folder, decisive, calibration), options["resume"])
     with console.progress(show) as bar:
         task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
-        quantized = quantize_model(
-            model, recipe, calibration, device, scale_dtype=stored, store=store,
-            offload_activations=options["offload_activations"], matmul_dtype=matmul_dtype,
-            on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
-        )
+        try:
+            quantized = quantize_model(
+                model, recipe, calibration, device, scale_dtype=stored, store=store,
+                offload_activations=options["offload_activations"], matmul_dtype=matmul_dtype, weights=lazy,
+                on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
+                on_block=lambda index, count: bar.update(
+                    task, description=f"quantizing ({recipe.method}) block {index + 1}/{count}"),
+            )
+        except torch.OutOfMemoryError:
+            cap = f"the {options['max_device_memory']} of --max-device-memory" if device_cap else "what the device has"
+            raise QtoolError(
+                f"one block and its activations need more than {cap} on {device}; lower --nsamples or "
+                f"--seqlen, add --offload-activations, or allow more memory", FAILURE,
+            ) from None
     record = {
         "recipe": recipe.to_dict(),
         "model": {"source": options["model"], "folder": str(folder)},
         "seed": recipe.calibration.seed,
         "calibration_fingerprint": fingerprint,
         "device": device,
+        "max_device_memory_bytes": device_cap,
         "calibration_matmul_dtype": calib_matmul,
         "layers": {
             name: {"scheme": weight.scheme.describe(), **quantized.errors[name]}
@@ -106,7 +117,7 @@ def run_quantize(**options) -> None:
     with console.working("writing", str(output), show):
         record["wall_seconds"] = round(time.perf_counter() - started, 3)
         write_checkpoint(output, model, quantized.weights, quantized.skipped, recipe.format, record, tokenizer,
-                         options["overwrite"], dtype=stored)
+                         options["overwrite"], dtype=stored, lazy=lazy)
     if store is not None:
         store.clear()
     report(folder, output, record, options["json_output"])

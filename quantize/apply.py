@@ -20,6 +20,7 @@ from qtool.quantize.methods import METHODS, MethodResult
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.resume import BlockStore
 from qtool.quantize.scheme import Recipe, Scheme
+from qtool.runtime.lazy import LazyWeights
 
 
 @dataclass
@@ -99,6 +100,7 @@ def quantize_model(
     offload_activations: bool = False,
     store: BlockStore | None = None,
     matmul_dtype: torch.dtype | None = None,
+    weights: LazyWeights | None = None,
 ) -> QuantizedModel:
     """Quantize every planned linear layer of `model` with the recipe's method.
 
@@ -111,6 +113,8 @@ def quantize_model(
     wait on the CPU between blocks if `offload_activations`. With a `store`, every finished block
     is saved, and blocks an earlier run finished are restored instead of calibrated. Calibration
     forwards run under autocast to `matmul_dtype` when it is given (weights keep their dtype).
+    With lazy `weights`, each layer or block is read from disk when its turn comes, and the
+    weights of quantized layers are released once they are quantized.
     """
     method = METHODS.get(recipe.method)
     plan = plan_layers(model, recipe)
@@ -144,7 +148,11 @@ def quantize_model(
         if not method.needs_calibration:
             for name, layer in linear_layers(model).items():
                 if plan[name] is not None:
+                    if weights is not None:
+                        weights.load(layer)
                     quantize_layer(name, layer)
+                    if weights is not None:
+                        weights.release(layer)
         else:
             if calibration is None:
                 raise QtoolError(f"method {recipe.method!r} needs calibration data")
@@ -161,7 +169,8 @@ def quantize_model(
             calibrate_sequentially(
                 model, calibration, handler, device,
                 batch_size=batch_size, offload_activations=offload_activations, on_block=on_block,
-                matmul_dtype=matmul_dtype,
+                matmul_dtype=matmul_dtype, weights=weights,
+                on_block_done=_release_quantized(weights, result) if weights is not None else None,
             )
     result.seconds = time.perf_counter() - started
     return result
@@ -187,6 +196,17 @@ def _block_handler(method, plan, recipe: Recipe, quantize_together):
                     quantize_together([run.full_name(local) for local in same_scheme], layers, stats[group[0]])
 
     return handle
+
+
+def _release_quantized(weights: LazyWeights, result: QuantizedModel):
+    """After a block: its quantized linears live on in `result`; their dense weights can go."""
+
+    def release(run: BlockRun) -> None:
+        for local, linear in run.linears.items():
+            if run.full_name(local) in result.weights:
+                weights.release(linear)
+
+    return release
 
 
 def _resumable(handler, store: BlockStore, result: QuantizedModel):

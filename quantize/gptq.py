@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -29,15 +30,20 @@ class GPTQResult:
     damp: float  # the damping that made H positive definite (raised from the asked one if needed)
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; damping grows tenfold until H factors."""
-    mean_diagonal = hessian.diagonal().mean().item()
-    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+def _inverse_hessian_factor(build_hessian: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 for H = build_hessian();
+    damping grows tenfold until both factorisations succeed. At most two [in, in] matrices live
+    at a time: large layers' Hessians are the biggest tensors of a calibration."""
     for attempt in range(DAMP_RETRIES):
-        factor, info = torch.linalg.cholesky_ex(hessian + damp * mean_diagonal * identity)
+        hessian = build_hessian()
+        hessian.diagonal().add_(damp * hessian.diagonal().mean())
+        factor, info = torch.linalg.cholesky_ex(hessian)
+        del hessian
         if info.item() == 0:
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0:
                 return upper, damp
         log.warning("Hessian not positive definite at damping %.3g; retrying with %.3g", damp, damp * 10)
@@ -71,17 +77,21 @@ def gptq(
     group_size = in_features if scheme.group_size == -1 else scheme.group_size
     block_size = _aligned_block_size(block_size, group_size)
     per_group = Scheme(scheme.bits, -1, scheme.symmetric)
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    original = W.clone()
+    W = weight.detach().float()  # a copy unless the weight is float32 already: then the indexing below copies
+    diagonal = hessian.diagonal()
+    dead = diagonal == 0
 
     columns = torch.arange(in_features, device=device)
-    order = torch.argsort(H.diagonal(), descending=True) if act_order != "none" else columns
-    W, H = W[:, order], H[order][:, order]
-    Hinv, used_damp = _inverse_hessian_factor(H, damp)
+    order = torch.argsort(diagonal, descending=True) if act_order != "none" else columns
+    W = W[:, order]
+    W[:, dead[order]] = 0
+
+    def permuted_hessian() -> torch.Tensor:
+        H = hessian.detach().float().index_select(0, order).index_select(1, order)
+        H.diagonal()[dead[order]] = 1
+        return H
+
+    Hinv, used_damp = _inverse_hessian_factor(permuted_hessian, damp)
 
     n_groups = in_features // group_size
     scales = torch.empty(out_features, n_groups, dtype=scale_dtype, device=device)
@@ -89,14 +99,15 @@ def gptq(
     if act_order == "static":  # groups keep the original column order; fit them all up front
         column_group = order // group_size
         for g in range(n_groups):
-            grid = fit_grid(original[:, g * group_size : (g + 1) * group_size], per_group, scale_dtype, mse)
+            group = weight[:, g * group_size : (g + 1) * group_size].float().masked_fill(dead[g * group_size : (g + 1) * group_size], 0)
+            grid = fit_grid(group, per_group, scale_dtype, mse)
             scales[:, g], zeros[:, g] = grid.scales[:, 0], grid.zeros[:, 0]
     else:
         column_group = columns // group_size
     fit_inside = group_size if act_order != "static" and group_size < block_size else None
     sweep = _sweep_runner(device, out_features, block_size, fit_inside, per_group, scale_dtype, mse)
 
-    codes = torch.empty(out_features, in_features, dtype=torch.int32, device=device)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
         if act_order != "static" and fit_inside is None and start % group_size == 0:
@@ -118,7 +129,8 @@ def gptq(
     codes = codes[:, inverse_order]
     g_idx = column_group[inverse_order].to(torch.int32) if act_order == "group" else None
     quantized = QuantizedWeight.from_codes(codes, Grid(scales, zeros), scheme, g_idx=g_idx)
-    return GPTQResult(quantized, output_error(original, quantized.dequantize(), hessian.float()), used_damp)
+    original = weight.detach().float().masked_fill(dead, 0)
+    return GPTQResult(quantized, output_error(original, quantized, hessian.float()), used_damp)
 
 
 def _aligned_block_size(block_size: int, group_size: int) -> int:
@@ -206,8 +218,14 @@ def _sweep_runner(device, out_features, block_size, fit_every, grid_scheme, scal
     return replay
 
 
-def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||WX - QX||^2 / ||WX||^2 for the inputs X whose Hessian is H (proportional to X^T X)."""
-    delta = weight - approximation
-    numerator = (delta @ hessian * delta).sum().item()
-    return numerator / max((weight @ hessian * weight).sum().item(), 1e-30)
+def output_error(weight: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor, rows: int = 2048) -> float:
+    """||WX - QX||^2 / ||WX||^2 for the inputs X whose Hessian is H (proportional to X^T X),
+    a few thousand rows at a time."""
+    numerator = denominator = 0.0
+    sizes = [min(rows, weight.shape[0] - start) for start in range(0, weight.shape[0], rows)]
+    for part, reference in zip(quantized.split_rows(sizes), weight.split(rows)):
+        reference = reference.float()
+        delta = reference - part.dequantize()
+        numerator += (delta @ hessian * delta).sum().item()
+        denominator += (reference @ hessian * reference).sum().item()
+    return numerator / max(denominator, 1e-30)

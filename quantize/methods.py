@@ -93,8 +93,10 @@ def gptq_method(weights: list[torch.Tensor], scheme: Scheme, *, stats: HessianSt
     result = gptq(stacked, stats.hessian, scheme, options.block_size, options.damp, options.act_order, scale_dtype,
                   mse=recipe.mse)
     notes = {"damp": result.damp} if result.damp != options.damp else None
+    if len(weights) == 1:
+        return [MethodResult(result.weight, result.error, "output", notes)]
     parts = result.weight.split_rows([weight.shape[0] for weight in weights])
     return [
-        MethodResult(part, output_error(weight.float(), part.dequantize(), stats.hessian), "output", notes)
+        MethodResult(part, output_error(weight, part, stats.hessian), "output", notes)
         for weight, part in zip(weights, parts)
     ]

@@ -17,12 +17,18 @@ import torch
 CODES_PER_CHUNK = 32  # 32 codes of b bits fill exactly b words, whatever b is
 
 
+PACK_ROWS = 2048
+
+
 def packed_width(n: int, bits: int) -> int:
     return -(-n * bits // 32)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2**bits) along the last dimension into int32 words."""
+    """Pack integer codes in [0, 2**bits) along the last dimension into int32 words (a few
+    thousand rows at a time: the work buffers hold 64-bit integers)."""
+    if codes.dim() > 1 and codes.shape[0] > PACK_ROWS:
+        return torch.cat([pack(rows, bits) for rows in codes.split(PACK_ROWS)])
     n = codes.shape[-1]
     lead = codes.shape[:-1]
     n_chunks = -(-n // CODES_PER_CHUNK)

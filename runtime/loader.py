@@ -8,6 +8,7 @@ unpickled.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,9 +17,11 @@ from torch import nn
 from qtool.errors import QtoolError
 from qtool.quantize.format import QuantizedCheckpoint, read_checkpoint
 from qtool.quantize.format.checkpoint import read_json, tensor_infos
+from qtool.runtime.lazy import LazyWeights, build_skeleton
+from qtool.runtime.quant_linear import QuantLinear
 
 STORED_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-from qtool.runtime.quant_linear import QuantLinear
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
@@ -52,6 +55,22 @@ def load_model(
     return model.to(device).eval()
 
 
+def load_lazily(
+    folder: Path, dtype: torch.dtype, trust_remote_code: bool = False
+) -> tuple[nn.Module, LazyWeights | None]:
+    """A dense model whose weights stay on disk until `LazyWeights.load` asks for them; a folder
+    that stores them under other names than the model's (transformers renames legacy keys while
+    loading) is loaded whole instead, with None for the lazy weights."""
+    if "quantization_config" in read_json(folder / "config.json"):
+        raise QtoolError(f"{folder} is already quantized; quantize its original model instead")
+    model = build_skeleton(folder, dtype, trust_remote_code)
+    weights = LazyWeights(model, folder, dtype)
+    if weights.missing:
+        log.info("%s stores %s under other names; loading the whole model", folder, weights.missing[0])
+        return load_model(folder, dtype, trust_remote_code=trust_remote_code), None
+    return model, weights
+
+
 def _load_dense(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -66,17 +85,7 @@ def _load_dense(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn
 def _load_quantized(
     folder: Path, checkpoint: QuantizedCheckpoint, dtype: torch.dtype, trust_remote_code: bool
 ) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:
-        raise QtoolError(f"cannot read the model config in {folder}: {error}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = build_skeleton(folder, dtype, trust_remote_code)
     for name, weight in checkpoint.weights.items():
         _replace_linear(model, name, weight, checkpoint.dense.pop(f"{name}.bias", None))
     dense = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in checkpoint.dense.items()}

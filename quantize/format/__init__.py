@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from qtool.quantize.format.checkpoint import (
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 from qtool.registry import Registry
+
+if TYPE_CHECKING:  # the lazy loader reads files through this package
+    from qtool.runtime.lazy import LazyWeights
 
 RECORD_FILE = "qtool.json"
 
@@ -79,15 +82,17 @@ def write_checkpoint(
     tokenizer=None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
+    lazy: LazyWeights | None = None,
 ) -> None:
     """Write `model` with `weights` replacing its quantized linears' weights, atomically. Dense
-    floating-point tensors are stored in `dtype` (default: as they are in the model)."""
+    floating-point tensors are stored in `dtype` (default: as they are in the model); those a
+    lazily loaded model holds empty are read from disk one at a time as they are written."""
     fmt = FORMATS.get(format_name)
 
     def fill(folder: Path) -> None:
         tensors = {
-            name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            for name, tensor in unique_tensors(model.state_dict()).items()
+            name: _dense_entry(name, tensor, dtype, lazy)
+            for name, tensor in _distinct_tensors(model, lazy).items()
             if not (name.endswith(".weight") and name.removesuffix(".weight") in weights)
         }
         for name, weight in weights.items():
@@ -105,6 +110,20 @@ def write_checkpoint(
         write_json(folder / RECORD_FILE, record)
 
     write_folder_atomically(destination, fill, overwrite=overwrite)
+
+
+def _distinct_tensors(model: nn.Module, lazy: LazyWeights | None) -> dict[str, torch.Tensor]:
+    """The state dict without tied copies (a tied lm_head keeps only the embedding)."""
+    state = model.state_dict()
+    if lazy is None:
+        return unique_tensors(state)
+    return {name: tensor for name, tensor in state.items() if name not in lazy.aliases}
+
+
+def _dense_entry(name: str, tensor: torch.Tensor, dtype: torch.dtype | None, lazy: LazyWeights | None):
+    if tensor.is_meta:
+        return lazy.pending(name, tensor, dtype)
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def format_for(config: dict) -> Format:

@@ -8,6 +8,7 @@ name order with fixed metadata, so the same model and weights give the same byte
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,11 +17,14 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from qtool.errors import FAILURE, QtoolError
 
 SHARD_BYTES = 4 * 1024**3
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -59,29 +63,89 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return unique
 
 
-def save_tensors(folder: Path, tensors: dict[str, torch.Tensor], shard_bytes: int = SHARD_BYTES) -> list[str]:
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor to be written, known by dtype and shape; `read()` produces it only when its bytes
+    are written, so a checkpoint is written holding one such tensor in memory at a time."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def pending(tensor: torch.Tensor | PendingTensor) -> PendingTensor:
+    if isinstance(tensor, PendingTensor):
+        return tensor
+    return PendingTensor(tensor.dtype, tuple(tensor.shape), lambda: tensor)
+
+
+def save_tensors(folder: Path, tensors: dict[str, torch.Tensor | PendingTensor],
+                 shard_bytes: int = SHARD_BYTES) -> list[str]:
     """Save tensors in name order as one file, or as shards with an index past `shard_bytes`."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    entries = {name: pending(tensors[name]) for name in sorted(tensors)}
+    shards: list[list[str]] = [[]]
     size = 0
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
+    for name, entry in entries.items():
+        if shards[-1] and size + entry.nbytes > shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
-        size += nbytes
+        shards[-1].append(name)
+        size += entry.nbytes
     if len(shards) == 1:
-        save_file(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
+        _write_safetensors(folder / SINGLE_FILE, {name: entries[name] for name in shards[0]})
         return [SINGLE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file, shard in zip(names, shards):
-        save_file(shard, folder / file, metadata={"format": "pt"})
+        _write_safetensors(folder / file, {name: entries[name] for name in shard})
         weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(entry.nbytes for entry in entries.values())
     write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names
+
+
+def _write_safetensors(path: Path, entries: dict[str, PendingTensor]) -> None:
+    """One safetensors file: the header from dtypes and shapes, then each tensor's bytes in turn."""
+    header, offset = {}, 0
+    for name, entry in entries.items():
+        header[name] = {"dtype": SAFETENSORS_DTYPES[entry.dtype], "shape": list(entry.shape),
+                        "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as stream:
+        stream.write(len(encoded).to_bytes(8, "little"))
+        stream.write(encoded)
+        for name, entry in entries.items():
+            tensor = entry.read().detach()
+            if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
+                raise QtoolError(f"{name} was announced as {entry.dtype} {entry.shape} but is "
+                                 f"{tensor.dtype} {tuple(tensor.shape)}", FAILURE)
+            stream.write(tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor  # before the next one is read: one tensor in memory at a time
+
+
+class TensorSource:
+    """The tensors of a folder's safetensors files, each read from disk only when asked for."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files = {name: file for file in weight_files(folder) for name in _header(file) if name != "__metadata__"}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            with safe_open(self.files[name], framework="pt") as reader:
+                return reader.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise QtoolError(f"{self.files[name]} is not a readable safetensors file ({error})") from None
 
 
 def write_json(path: Path, data: dict) -> None:

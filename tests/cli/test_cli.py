@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from qtool.cli.app import main
+from qtool.cli.devices import parse_size
+from qtool.errors import QtoolError
 
 
 def run(capsys, *args):
@@ -107,6 +109,27 @@ def test_group_size_that_does_not_divide(capsys, tiny_llama_dir, tmp_path):
 
 def test_unknown_format(capsys, tiny_llama_dir, tmp_path):
     expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--format", "onnx"], "compressed-tensors")
+
+
+def test_device_memory_cap_needs_a_cuda_device(capsys, tiny_llama_dir, tmp_path):
+    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--device", "cpu",
+                                "--max-device-memory", "2GiB"], "limits a CUDA device")
+
+
+@pytest.mark.parametrize("text, size", [("20GiB", 20 * 2**30), ("1.5GB", 1_500_000_000), ("800 MiB", 800 * 2**20), ("4096", 4096)])
+def test_sizes_are_read_with_their_units(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "2GX", "-1GiB", "0"])
+def test_unreadable_sizes_are_refused(text):
+    with pytest.raises(QtoolError, match="write it like 20GiB"):
+        parse_size(text)
+
+
+def test_unknown_calibration_dtype(capsys, tiny_llama_dir, tmp_path):
+    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--method", "gptq",
+                                "--calib-dtype", "int8"], "unknown calibration dtype")
 
 
 def test_existing_output(capsys, tiny_llama_dir, tiny_checkpoint):

@@ -6,7 +6,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.quantize.apply import quantize_model
 from qtool.quantize.format import read_checkpoint, write_checkpoint
-from qtool.quantize.format.checkpoint import save_tensors, weight_files, write_folder_atomically
+from qtool.quantize.format.checkpoint import PendingTensor, TensorSource, save_tensors, weight_files, write_folder_atomically
 from qtool.quantize.format.compressed_tensors import layer_schemes
 from qtool.quantize.grid import fit_minmax, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
@@ -112,6 +112,28 @@ def test_large_models_are_sharded_with_an_index(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors)
     assert [p.name for p in weight_files(tmp_path)] == files
+
+
+def test_written_files_read_back_exactly_and_pending_tensors_are_read_when_written(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {
+        "a.f32": torch.randn(3, 5), "b.bf16": torch.randn(7).bfloat16(), "c.f16": torch.randn(2, 2, 2).half(),
+        "d.i32": torch.randint(-9, 9, (4,), dtype=torch.int32), "e.i64": torch.tensor([3, 1], dtype=torch.int64),
+        "f.scalar": torch.tensor(2.5), "g.u8": torch.arange(5, dtype=torch.uint8),
+    }
+    reads = []
+    late = torch.randn(6, 3)
+    tensors["h.pending"] = PendingTensor(torch.float32, (6, 3), lambda: reads.append(1) or late)
+    save_tensors(tmp_path, tensors)
+    assert reads == [1]
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert list(loaded) == sorted(tensors)
+    for name, tensor in loaded.items():
+        expected = late if name == "h.pending" else tensors[name]
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected)
+    source = TensorSource(tmp_path)
+    assert "b.bf16" in source and torch.equal(source.read("b.bf16"), tensors["b.bf16"])
 
 
 def test_pickle_only_folders_are_refused(tmp_path):

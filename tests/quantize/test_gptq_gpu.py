@@ -20,13 +20,14 @@ def problem(out_features=96, in_features=512):
     return torch.randn(out_features, in_features, dtype=torch.float16), 2 * inputs.T @ inputs / inputs.shape[0]
 
 
+@pytest.mark.parametrize("mse", [False, True])
 @pytest.mark.parametrize("scheme, act_order", CASES, ids=lambda c: str(c))
-def test_graph_replay_matches_the_eager_sweep(monkeypatch, scheme, act_order):
+def test_graph_replay_matches_the_eager_sweep(monkeypatch, scheme, act_order, mse):
     weight, hessian = problem()
     weight, hessian = weight.cuda(), hessian.cuda()
-    graphed = gptq(weight, hessian, scheme, act_order=act_order)
+    graphed = gptq(weight, hessian, scheme, act_order=act_order, mse=mse)
     monkeypatch.setenv("QTOOL_CUDA_GRAPHS", "0")
-    eager = gptq(weight, hessian, scheme, act_order=act_order)
+    eager = gptq(weight, hessian, scheme, act_order=act_order, mse=mse)
     assert torch.equal(graphed.weight.packed, eager.weight.packed)
     assert torch.equal(graphed.weight.scales, eager.weight.scales)
 

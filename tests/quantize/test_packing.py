@@ -3,6 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qtool.quantize import packing
 from qtool.quantize.packing import pack, packed_width, unpack
 
 
@@ -42,3 +43,10 @@ def test_eight_bit_codes_fill_bytes_little_endian():
 def test_packing_works_along_the_last_dimension_of_any_rank(bits):
     codes = torch.randint(0, 2**bits, (2, 3, 37), dtype=torch.int32)
     assert torch.equal(unpack(pack(codes, bits), bits, 37), codes)
+
+
+def test_packing_many_rows_in_slices_gives_the_same_words():
+    codes = torch.randint(0, 8, (packing.PACK_ROWS * 2 + 5, 70), dtype=torch.int32)
+    whole = torch.cat([packing.pack(rows, 3) for rows in codes.split(1000)])
+    assert torch.equal(packing.pack(codes, 3), whole)
+    assert torch.equal(packing.unpack(whole, 3, 70), codes)
