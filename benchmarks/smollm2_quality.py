@@ -30,9 +30,11 @@ SETS = {
         "RTN W4 g64 sym": ["--bits", "4", "--group-size", "64", "--sym"],
     },
     "gptq": {
-        "GPTQ W4 g64 asym": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--asym", *CALIBRATION],
+        "GPTQ W4 g64 asym, mse grid": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--asym", "--mse",
+                                       *CALIBRATION],
         "GPTQ W4 g64 sym": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", *CALIBRATION],
-        "GPTQ W3 g64 asym": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--asym", *CALIBRATION],
+        "GPTQ W3 g64 asym, mse grid": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--asym", "--mse",
+                                       *CALIBRATION],
     },
 }
 
