@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from qtool.cache import cache_dir
 from qtool.errors import QtoolError
 from qtool.network import network_allowed
 from qtool.registry import Registry
@@ -131,8 +133,31 @@ def load_text(source: str, folder: str | Path | None = None) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The token ids [T] of the whole text, tokenized once, without special tokens."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    """The token ids [T] of the whole text, tokenized once, without special tokens. A fast
+    tokenizer's ids are kept in the cache, keyed by the text and the tokenizer's definition:
+    a large text takes seconds to tokenize on one thread, every run."""
+    cached = _token_cache(tokenizer, text)
+    if cached is not None and cached.is_file():
+        return load_file(cached)["ids"].long()
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            scratch = cached.with_suffix(f".{os.getpid()}.tmp")
+            save_file({"ids": ids.to(torch.int32)}, scratch)
+            scratch.replace(cached)
+        except OSError:  # a read-only cache only costs the time
+            pass
+    return ids
+
+
+def _token_cache(tokenizer, text: str) -> Path | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256(backend.to_str().encode())
+    digest.update(b"\0" + text.encode())
+    return cache_dir() / "tokens" / f"{digest.hexdigest()[:32]}.safetensors"
 
 
 def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

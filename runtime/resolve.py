@@ -8,7 +8,6 @@ hub id, downloaded only when it is not on disk and the network is allowed.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from qtool.cache import cache_dir
 from qtool.errors import QtoolError
 from qtool.network import network_allowed
 
@@ -35,10 +35,6 @@ ALIASES = {
     ),
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QTOOL_CACHE_DIR") or Path.home() / ".cache" / "qtool").expanduser()
 
 
 def resolve_model(spec: str) -> Path:

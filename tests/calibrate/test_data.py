@@ -94,3 +94,19 @@ def test_tokenize_adds_no_special_tokens(tiny_llama_dir):
     assert ids.dtype == torch.long
     assert tokenizer.bos_token_id not in ids.tolist()
     assert tokenizer.decode(ids) == "The cat sat."
+
+
+def test_tokenized_texts_are_cached_by_text_and_tokenizer(tiny_llama_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("QTOOL_CACHE_DIR", str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    fresh = tokenize(tokenizer, "The cat sat on the mat.")
+    files = list((tmp_path / "tokens").iterdir())
+    assert len(files) == 1 and torch.equal(tokenize(tokenizer, "The cat sat on the mat."), fresh)
+    save_file({"ids": torch.tensor([7, 8, 9], dtype=torch.int32)}, files[0])  # what the cache holds is what is read
+    assert tokenize(tokenizer, "The cat sat on the mat.").tolist() == [7, 8, 9]
+    assert torch.equal(tokenize(tokenizer, "The dog sat."), tokenize(tokenizer, "The dog sat."))
+    assert len(list((tmp_path / "tokens").iterdir())) == 2
