@@ -50,14 +50,15 @@ class LazyWeights:
                 if not param.is_meta:
                     setattr(owner, local, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stored tensor `name`, floating point converted (once) to `dtype` or the model's."""
         tensor = self.source.read(self.aliases.get(name, name))
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(dtype or self.dtype) if tensor.is_floating_point() else tensor
 
     def pending(self, name: str, like: torch.Tensor, dtype: torch.dtype | None) -> PendingTensor:
         """`name` as a tensor the writer reads from disk when it gets to it, in `dtype`."""
         dtype = dtype if dtype is not None and like.is_floating_point() else like.dtype
-        return PendingTensor(dtype, tuple(like.shape), lambda: self.read(name).to(dtype))
+        return PendingTensor(dtype, tuple(like.shape), lambda: self.read(name, dtype))
 
     def load_on_demand(self, module: nn.Module, device: torch.device) -> list:
         """Hooks that load each empty leaf of `module` onto `device` when it first runs; remove
