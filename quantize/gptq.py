@@ -26,8 +26,17 @@ DAMP_RETRIES = 6
 @dataclass(frozen=True)
 class GPTQResult:
     weight: QuantizedWeight
-    error: float  # ||WX - QX||^2 / ||WX||^2 on the calibration inputs, through H
+    row_terms: torch.Tensor  # [2, out] float64: ||(W - Q)_r X||^2 and ||W_r X||^2 per row r, through H
     damp: float  # the damping that made H positive definite (raised from the asked one if needed)
+
+    @property
+    def error(self) -> float:
+        """||WX - QX||^2 / ||WX||^2 on the calibration inputs."""
+        return error_ratio(self.row_terms)
+
+    def part_errors(self, sizes: list[int]) -> list[float]:
+        """The error of each run of rows (layers solved together), from the same terms."""
+        return [error_ratio(terms) for terms in self.row_terms.split(sizes, dim=1)]
 
 
 def _inverse_hessian_factor(build_hessian: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float]:
@@ -99,8 +108,8 @@ def gptq(
     if act_order == "static":  # groups keep the original column order; fit them all up front
         column_group = order // group_size
         for g in range(n_groups):
-            group = weight[:, g * group_size : (g + 1) * group_size].float().masked_fill(dead[g * group_size : (g + 1) * group_size], 0)
-            grid = fit_grid(group, per_group, scale_dtype, mse)
+            group = slice(g * group_size, (g + 1) * group_size)
+            grid = fit_grid(weight[:, group].float().masked_fill(dead[group], 0), per_group, scale_dtype, mse)
             scales[:, g], zeros[:, g] = grid.scales[:, 0], grid.zeros[:, 0]
     else:
         column_group = columns // group_size
@@ -130,7 +139,7 @@ def gptq(
     g_idx = column_group[inverse_order].to(torch.int32) if act_order == "group" else None
     quantized = QuantizedWeight.from_codes(codes, Grid(scales, zeros), scheme, g_idx=g_idx)
     original = weight.detach().float().masked_fill(dead, 0)
-    return GPTQResult(quantized, output_error(original, quantized, hessian.float()), used_damp)
+    return GPTQResult(quantized, output_error_terms(original, quantized, hessian.float()), used_damp)
 
 
 def _aligned_block_size(block_size: int, group_size: int) -> int:
@@ -218,14 +227,24 @@ def _sweep_runner(device, out_features, block_size, fit_every, grid_scheme, scal
     return replay
 
 
-def output_error(weight: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor, rows: int = 2048) -> float:
-    """||WX - QX||^2 / ||WX||^2 for the inputs X whose Hessian is H (proportional to X^T X),
-    a few thousand rows at a time."""
-    numerator = denominator = 0.0
+def output_error_terms(weight: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor,
+                       rows: int = 2048) -> torch.Tensor:
+    """[2, out] float64: per row r, ||(W - Q)_r X||^2 and ||W_r X||^2 for the inputs X whose
+    Hessian is H (proportional to X^T X), computed a few thousand rows at a time."""
+    terms = []
     sizes = [min(rows, weight.shape[0] - start) for start in range(0, weight.shape[0], rows)]
     for part, reference in zip(quantized.split_rows(sizes), weight.split(rows)):
         reference = reference.float()
         delta = reference - part.dequantize()
-        numerator += (delta @ hessian * delta).sum().item()
-        denominator += (reference @ hessian * reference).sum().item()
+        terms.append(torch.stack([(delta @ hessian * delta).sum(dim=1), (reference @ hessian * reference).sum(dim=1)]))
+    return torch.cat(terms, dim=1).double()
+
+
+def error_ratio(terms: torch.Tensor) -> float:
+    numerator, denominator = terms.sum(dim=1).tolist()
     return numerator / max(denominator, 1e-30)
+
+
+def output_error(weight: torch.Tensor, quantized: QuantizedWeight, hessian: torch.Tensor) -> float:
+    """||WX - QX||^2 / ||WX||^2 for the inputs X whose Hessian is H."""
+    return error_ratio(output_error_terms(weight, quantized, hessian))

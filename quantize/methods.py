@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qtool.calibrate.stats import HessianStat
-from qtool.quantize.gptq import gptq, output_error
+from qtool.quantize.gptq import gptq
 from qtool.quantize.grid import dequantize_codes, fit_grid, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Recipe, Scheme
@@ -93,10 +93,8 @@ def gptq_method(weights: list[torch.Tensor], scheme: Scheme, *, stats: HessianSt
     result = gptq(stacked, stats.hessian, scheme, options.block_size, options.damp, options.act_order, scale_dtype,
                   mse=recipe.mse)
     notes = {"damp": result.damp} if result.damp != options.damp else None
-    if len(weights) == 1:
-        return [MethodResult(result.weight, result.error, "output", notes)]
-    parts = result.weight.split_rows([weight.shape[0] for weight in weights])
+    sizes = [weight.shape[0] for weight in weights]
     return [
-        MethodResult(part, output_error(weight, part, stats.hessian), "output", notes)
-        for weight, part in zip(weights, parts)
+        MethodResult(part, error, "output", notes)
+        for part, error in zip(result.weight.split_rows(sizes), result.part_errors(sizes))
     ]
