@@ -4,7 +4,7 @@ For each scheme of a set: `qtool quantize`, then `qtool eval` on the WikiText-2 
 2048, fp32 on the CPU), with `--compare smollm2-135m` when asked (KL and top-1 agreement; it
 re-evaluates the base model for every scheme). Writes benchmarks/results/smollm2_<set>.{json,md}.
 
-usage: python benchmarks/smollm2_quality.py rtn|gptq [--windows 40] [--compare]
+usage: python benchmarks/smollm2_quality.py rtn|gptq|awq [--windows 40] [--compare]
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ SETS = {
         "GPTQ W4 g64 sym": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--sym", *CALIBRATION],
         "GPTQ W3 g64 asym, mse grid": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--asym", "--mse",
                                        *CALIBRATION],
+    },
+    "awq": {
+        "AWQ W4 g64 asym": ["--method", "awq", "--bits", "4", "--group-size", "64", "--asym", *CALIBRATION],
+        "AWQ+GPTQ W4 g64 asym": ["--method", "awq+gptq", "--bits", "4", "--group-size", "64", "--asym", *CALIBRATION],
+        "AWQ+GPTQ W4 g64 asym, mse grid": ["--method", "awq+gptq", "--bits", "4", "--group-size", "64", "--asym",
+                                           "--mse", *CALIBRATION],
     },
 }
 

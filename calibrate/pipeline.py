@@ -17,10 +17,11 @@ from torch import nn
 
 from qtool.calibrate.trace import BlockTrace, MemoPlan, map_tensors, nbytes, plan_memo, trace_block
 from qtool.errors import QtoolError
+from qtool.host_memory import release_freed_memory
 from qtool.runtime.lazy import LazyWeights
 
 
-MEMO_FACTOR = 4.0  # cached submodule outputs per block, in multiples of the block's input activations
+MEMO_FACTOR = 4.0  # a pass's statistics plus what it keeps, in multiples of the block's input activations
 
 
 class _StopForward(Exception):
@@ -90,7 +91,8 @@ class BlockRun:
 
     Passes over the calibration samples repeat the block's forward many times (true-sequential
     runs one per group of linears, then one for the outputs). A pass told which linears change
-    before the next one (`collect(..., then_changes=...)`) keeps, within `memo_bytes`, what the
+    before the next one (`collect(..., then_changes=...)`) keeps, within `memo_bytes` less the
+    size of the statistics it collects (the two coexist at the pass's peak), what the
     next pass would compute unchanged (see `qtool.calibrate.trace.plan_memo`); the next pass
     replays it instead of computing it.
     """
@@ -117,7 +119,7 @@ class BlockRun:
     def trace(self) -> BlockTrace:
         """The block's forward traced once, on the first sample."""
         if self._trace is None:
-            first = self.inputs.hidden[0][:1], _first_row(self.inputs.kwargs[0])
+            first = self.inputs.hidden[0][:1], first_sample(self.inputs.kwargs[0])
             with torch.no_grad():
                 self._trace = trace_block(self.block, lambda: self._call(*first))
         return self._trace
@@ -139,7 +141,8 @@ class BlockRun:
                 raise _StopForward
 
         samples = sum(hidden.shape[0] for hidden in self.inputs.hidden)
-        plan = plan_memo(self.trace(), list(self.linears), list(then_changes), samples, self.memo_bytes)
+        budget = self.memo_bytes - sum(nbytes(vars(stat)) for stat in stats.values())
+        plan = plan_memo(self.trace(), list(self.linears), list(then_changes), samples, budget)
         handles = [self.linears[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
         try:
             self._pass(plan)
@@ -197,12 +200,13 @@ class BlockRun:
             for handle in handles:
                 handle.remove()
         self._plan, self._kept = keep, kept
+        release_freed_memory()
 
     def _stored(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(self.storage)
 
 
-def _first_row(kwargs: dict) -> dict:
+def first_sample(kwargs: dict) -> dict:
     """Keyword arguments cut to the first sample of the batch (enough to trace the call order)."""
     return map_tensors(kwargs, lambda tensor: tensor[:1] if tensor.dim() > 0 and tensor.shape[0] > 1 else tensor)
 
@@ -228,12 +232,15 @@ def calibrate_sequentially(
 
     Blocks run under autocast to `matmul_dtype` when it is given. Each block's passes may keep
     submodule outputs worth up to `memo_factor` times the size of the block's inputs. With lazy
-    `weights`, what runs before the first block is loaded as it runs and released after, and each
-    block is loaded when its turn comes; `on_block_done(run)` follows each block's last pass."""
+    `weights`, what runs before the first block is loaded as it runs and released after (of the
+    input embeddings, only the rows of the calibration tokens), and each block is loaded when its
+    turn comes; `on_block_done(run)` follows each block's last pass."""
     device = torch.device(device)
     storage = torch.device("cpu") if offload_activations else device
     prefix, blocks = decoder_blocks(model)
     outside = _outside(model, blocks)
+    if weights is not None and model.get_input_embeddings() is not None:
+        weights.load_rows(model.get_input_embeddings(), samples)
     for module in outside:
         _move_loaded(module, device)
     loaders = [hook for module in outside for hook in weights.load_on_demand(module, device)] if weights else []

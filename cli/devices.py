@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -41,21 +42,27 @@ def cpu_has_fast_bfloat16() -> bool:
         return False
 
 
-def calibration_dtypes(choice: str, device: str, stored: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
-    """(dtype the weights are loaded in, dtype calibration matmuls autocast to or None) for
-    --calib-dtype. On the CPU weights stay float32, so methods see them exactly, and half
-    precision only enters through autocast; on a GPU the weights keep the checkpoint's dtype."""
-    if choice != "auto" and choice not in DTYPES:
-        raise QtoolError(f"unknown calibration dtype {choice!r}; choose auto or one of: {', '.join(DTYPES)}")
-    if choice == "float32":
-        return torch.float32, None
+class CalibrationDtypes(NamedTuple):
+    weights: torch.dtype  # what the model's tensors are loaded in
+    linears: torch.dtype  # what linear layers' weights are loaded in
+    matmul: torch.dtype | None  # what calibration matmuls autocast to (None: no autocast)
+
+
+def calibration_dtypes(choice: str, device: str, stored: torch.dtype) -> CalibrationDtypes:
+    """The dtypes of a calibrated run for --calib-dtype. On the CPU weights stay float32, so
+    methods see them exactly, and half precision only enters through autocast; linear weights,
+    which autocast casts anyway, then stay in the checkpoint's dtype (half the memory of float32,
+    the same products). On a GPU the weights keep the checkpoint's dtype."""
+    if choice not in ("auto", "float64") and choice not in DTYPES:
+        raise QtoolError(f"unknown calibration dtype {choice!r}; choose auto, float64 or one of: {', '.join(DTYPES)}")
+    if choice in ("float32", "float64"):
+        return CalibrationDtypes(DTYPES.get(choice, torch.float64), DTYPES.get(choice, torch.float64), None)
     if device == "cpu":
-        if choice == "auto":
-            return torch.float32, torch.bfloat16 if cpu_has_fast_bfloat16() else None
-        return torch.float32, DTYPES[choice]
+        matmul = DTYPES[choice] if choice != "auto" else torch.bfloat16 if cpu_has_fast_bfloat16() else None
+        return CalibrationDtypes(torch.float32, stored if matmul is not None else torch.float32, matmul)
     if choice == "auto" or DTYPES[choice] == stored:
-        return stored, None
-    return stored, DTYPES[choice]
+        return CalibrationDtypes(stored, stored, None)
+    return CalibrationDtypes(stored, stored, DTYPES[choice])
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,

@@ -19,7 +19,7 @@ from qtool.quantize.apply import quantize_model
 from qtool.quantize.format import FORMATS, write_checkpoint
 from qtool.quantize.methods import METHODS
 from qtool.quantize.resume import BlockStore, run_fingerprint
-from qtool.quantize.scheme import CalibrationSpec, GPTQOptions, Override, Recipe, Scheme
+from qtool.quantize.scheme import AWQOptions, CalibrationSpec, GPTQOptions, Override, Recipe, Scheme
 from qtool.runtime.loader import load_lazily, load_tokenizer, stored_dtype
 from qtool.runtime.resolve import resolve_model
 from qtool.runtime.summary import summarize
@@ -28,8 +28,8 @@ from qtool.runtime.summary import summarize
 def build_recipe(options: dict) -> Recipe:
     """The recipe the flags describe, with method and format checked against their registries."""
     METHODS.get(options["method"])
-    FORMATS.get(options["format"])
-    return Recipe(
+    fmt = FORMATS.get(options["format"])
+    recipe = Recipe(
         method=options["method"],
         scheme=Scheme(bits=options["bits"], group_size=options["group_size"], symmetric=options["symmetric"]),
         overrides=tuple(Override(pattern, None) for pattern in options["skip"]),
@@ -37,7 +37,11 @@ def build_recipe(options: dict) -> Recipe:
         format=options["format"],
         gptq=GPTQOptions(options["block_size"], options["damp"], options["act_order"], options["true_sequential"]),
         mse=options["mse"],
+        awq=AWQOptions(duo_scaling=options["duo_scaling"], clip=options["clip"]),
     )
+    if fmt.check is not None:
+        fmt.check(recipe)
+    return recipe
 
 
 def versions() -> dict:
@@ -63,12 +67,12 @@ def run_quantize(**options) -> None:
     torch.manual_seed(recipe.calibration.seed)
     folder = resolve_model(options["model"])
     stored = stored_dtype(folder)
-    weights_dtype, matmul_dtype = calibration_dtypes(options["calib_dtype"], device, stored)
+    weights_dtype, linear_dtype, matmul_dtype = calibration_dtypes(options["calib_dtype"], device, stored)
     if not method.needs_calibration:
-        weights_dtype, matmul_dtype = stored, None
+        weights_dtype, linear_dtype, matmul_dtype = stored, stored, None
     calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if method.needs_calibration else None
     with console.working("loading", str(folder), show):
-        model, lazy = load_lazily(folder, weights_dtype, trust)
+        model, lazy = load_lazily(folder, weights_dtype, trust, linear_dtype)
         tokenizer = load_tokenizer(folder, trust)
         calibration = fingerprint = None
         if method.needs_calibration:
@@ -117,7 +121,8 @@ def run_quantize(**options) -> None:
     with console.working("writing", str(output), show):
         record["wall_seconds"] = round(time.perf_counter() - started, 3)
         write_checkpoint(output, model, quantized.weights, quantized.skipped, recipe.format, record, tokenizer,
-                         options["overwrite"], dtype=stored, lazy=lazy)
+                         options["overwrite"], dtype=stored, lazy=lazy,
+                         read_weight=store.read if store is not None else None)
     if store is not None:
         store.clear()
     report(folder, output, record, options["json_output"])

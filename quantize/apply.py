@@ -6,6 +6,7 @@ This module walks the model and hands each weight to the method; the methods the
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from torch import nn
 
 from qtool.calibrate.pipeline import BlockRun, calibrate_sequentially, decoder_blocks
 from qtool.errors import QtoolError
+from qtool.host_memory import release_freed_memory
 from qtool.quantize.methods import METHODS, MethodResult
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.resume import BlockStore
@@ -25,7 +27,8 @@ from qtool.runtime.lazy import LazyWeights
 
 @dataclass
 class QuantizedModel:
-    """What quantizing a model produced: the quantized layers, their errors, the layers left dense."""
+    """What quantizing a model produced: the quantized layers, their errors, the layers left dense.
+    With a `BlockStore`, layers of finished blocks are placeholders (meta tensors) that the store reads back."""
 
     weights: dict[str, QuantizedWeight]
     errors: dict[str, dict] = field(default_factory=dict)
@@ -163,7 +166,7 @@ def quantize_model(
                     f"{', '.join(outside[:3])} lie outside the decoder blocks, where {recipe.method} cannot "
                     f"calibrate; leave them dense with --skip"
                 )
-            handler = _block_handler(method, plan, recipe, quantize_together)
+            handler = _block_handler(method, plan, recipe, quantize_together, scale_dtype)
             if store is not None:
                 handler = _resumable(handler, store, result)
             calibrate_sequentially(
@@ -176,24 +179,38 @@ def quantize_model(
     return result
 
 
-def _block_handler(method, plan, recipe: Recipe, quantize_together):
-    """Calibrate one block. Linears reading the same input share one statistic of it and are
-    quantized together (by scheme). True-sequential: each such group is calibrated after the groups
-    before it are quantized; otherwise all groups are calibrated in one pass. Quantized linears keep
-    their dequantized weights, so what the block computes next sees them."""
+def _block_handler(method, plan, recipe: Recipe, quantize_together, scale_dtype):
+    """Calibrate one block. A method with `prepare` first transforms the block as a whole. Linears
+    reading the same input share one statistic of it and are quantized together (by scheme).
+    True-sequential: each such group is calibrated after the groups before it are quantized;
+    otherwise all groups are calibrated in one pass. A method without a statistic of its own uses
+    the ones `prepare` returns. Quantized linears keep their dequantized weights, so what the block
+    computes next sees them."""
+
+    def quantize_group(run: BlockRun, group: list[str], stat) -> None:
+        schemes = _by_scheme(group, lambda local: plan[run.full_name(local)])
+        for position, same_scheme in enumerate(schemes):  # a method may use its statistic up
+            shared = stat if position == len(schemes) - 1 else copy.deepcopy(stat)
+            layers = [run.linears[local] for local in same_scheme]
+            quantize_together([run.full_name(local) for local in same_scheme], layers, shared)
+            del shared
+            release_freed_memory()
 
     def handle(run: BlockRun) -> None:
-        groups = [[local for local in group if plan.get(run.full_name(local))] for group in run.input_groups()]
-        groups = [group for group in groups if group]
-        stages = [[group] for group in groups] if recipe.gptq.true_sequential else [groups]
+        prepared = method.prepare(run, plan, recipe, scale_dtype) if method.prepare is not None else {}
+        groups = [(full[0], [local for local in full if plan.get(run.full_name(local))]) for full in run.input_groups()]
+        groups = [(first, group) for first, group in groups if group]
+        if method.statistic is None:
+            for first, group in groups:
+                quantize_group(run, group, prepared[first])
+            return
+        stages = [[group] for _, group in groups] if recipe.gptq.true_sequential else [[g for _, g in groups]]
         for stage in stages:
             changed = [local for group in stage for local in group]
             stats = run.collect([group[0] for group in stage], lambda linear: method.statistic(linear, run.device),
                                 then_changes=changed)
             for group in stage:
-                for same_scheme in _by_scheme(group, lambda local: plan[run.full_name(local)]):
-                    layers = [run.linears[local] for local in same_scheme]
-                    quantize_together([run.full_name(local) for local in same_scheme], layers, stats[group[0]])
+                quantize_group(run, group, stats[group[0]])
 
     return handle
 
@@ -210,20 +227,24 @@ def _release_quantized(weights: LazyWeights, result: QuantizedModel):
 
 
 def _resumable(handler, store: BlockStore, result: QuantizedModel):
-    """`handler` for blocks not finished before; finished ones get their saved weights back."""
+    """`handler` for blocks not finished before; finished ones get their saved weights back. Either
+    way the block's quantized layers stay in the store: `result` keeps placeholders (meta tensors)
+    that `store.read` turns back into weights when the checkpoint is written."""
 
     def handle(run: BlockRun) -> None:
         saved = store.load(run.index)
         if saved is None:
             before = set(result.weights)
             handler(run)
-            store.save(run.index, {n: w for n, w in result.weights.items() if n not in before}, result.errors)
-            return
+            saved = {n: w for n, w in result.weights.items() if n not in before}
+            store.save(run.index, saved, result.errors)
+        else:
+            for name, weight in saved.items():
+                layer = run.linears[name.removeprefix(run.prefix + ".")]
+                layer.weight.data = weight.to(layer.weight.device).dequantize(layer.weight.dtype)
         for name, weight in saved.items():
-            result.weights[name] = weight
+            result.weights[name] = weight.to("meta")
             result.errors[name] = store.errors[name]
-            layer = run.linears[name.removeprefix(run.prefix + ".")]
-            layer.weight.data = weight.to(layer.weight.device).dequantize(layer.weight.dtype)
 
     return handle
 

@@ -13,8 +13,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from qtool.calibrate.stats import HessianStat
-from qtool.quantize.gptq import gptq
+from qtool.calibrate.stats import ActivationStat, HessianStat, statistic_dtype
+from qtool.quantize.awq import prepare_block
+from qtool.quantize.gptq import gptq, output_error
 from qtool.quantize.grid import dequantize_codes, fit_grid, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Recipe, Scheme
@@ -35,6 +36,7 @@ class MethodResult:
 
 Run = Callable[..., MethodResult]  # run(weight, scheme, *, stats, recipe, scale_dtype)
 Statistic = Callable[[nn.Linear, torch.device], Any]
+Prepare = Callable[..., dict]  # prepare(run: BlockRun, plan, recipe, scale_dtype) -> statistics by input group
 
 
 @dataclass(frozen=True)
@@ -44,24 +46,30 @@ class Method:
 
     Data-free methods run on one weight: run(weight, scheme, *, stats, recipe, scale_dtype).
     Calibrated methods run on every layer that reads one input, with that input's statistic:
-    run(weights, scheme, *, stats, recipe, scale_dtype) -> one result per weight.
+    run(weights, scheme, *, stats, recipe, scale_dtype) -> one result per weight. They may use the
+    statistic up (reuse its memory); a caller that needs it twice passes copies.
+
+    `prepare(run, plan, recipe, scale_dtype)`, where given, first transforms each decoder block
+    as a whole (AWQ folds its scales) and returns the statistics of its input groups, keyed by
+    each group's first linear; a method without a `statistic` of its own is run with those.
     """
 
     name: str
     run: Run
     statistic: Statistic | None = None
+    prepare: Prepare | None = None
 
     @property
     def needs_calibration(self) -> bool:
-        return self.statistic is not None
+        return self.statistic is not None or self.prepare is not None
 
 
 METHODS: Registry[Method] = Registry("method")
 
 
-def method(name: str, statistic: Statistic | None = None):
+def method(name: str, statistic: Statistic | None = None, prepare: Prepare | None = None):
     def add(run: Run) -> Run:
-        METHODS.register(name)(Method(name, run, statistic))
+        METHODS.register(name)(Method(name, run, statistic, prepare))
         return run
 
     return add
@@ -83,18 +91,38 @@ def round_to_nearest(weight: torch.Tensor, scheme: Scheme, *, stats: Any = None,
     return MethodResult(QuantizedWeight.from_codes(codes, grid, scheme), relative_error(weight, dequantized), "weight")
 
 
-@method("gptq", statistic=lambda linear, device: HessianStat(linear.in_features, device))
+def hessian_statistic(linear: nn.Linear, device: torch.device) -> HessianStat:
+    return HessianStat(linear.in_features, device, statistic_dtype(linear))
+
+
+@method("awq", prepare=prepare_block)
+def awq_method(weights: list[torch.Tensor], scheme: Scheme, *, stats: ActivationStat, recipe: Recipe,
+               scale_dtype: torch.dtype | None = None) -> list[MethodResult]:
+    """Round each weight, scaled and clipped by AWQ's `prepare_block`, to its grid; the error is
+    measured on the layer outputs through the Hessian of the (scaled) inputs."""
+    results = []
+    for weight in weights:
+        grid = fit_grid(weight, scheme, scale_dtype or weight.dtype, mse=recipe.mse)
+        quantized = QuantizedWeight.from_codes(quantize_to_codes(weight, grid, scheme), grid, scheme)
+        results.append(MethodResult(quantized, output_error(weight, quantized, stats.hessian), "output"))
+    return results
+
+
+@method("gptq", statistic=hessian_statistic)
 def gptq_method(weights: list[torch.Tensor], scheme: Scheme, *, stats: HessianStat, recipe: Recipe,
                 scale_dtype: torch.dtype | None = None) -> list[MethodResult]:
     """Layers reading one input share its Hessian, so their rows are solved as one matrix (rows are
-    independent in GPTQ): one factorisation and one column sweep instead of one per layer."""
+    independent in GPTQ): one factorisation and one column sweep instead of one per layer. The
+    statistic is used up: its Hessian's memory holds the factorisation."""
     options = recipe.gptq
-    stacked = torch.cat(weights)
-    result = gptq(stacked, stats.hessian, scheme, options.block_size, options.damp, options.act_order, scale_dtype,
-                  mse=recipe.mse)
+    result = gptq(weights, stats.take(), scheme, options.block_size, options.damp, options.act_order, scale_dtype,
+                  mse=recipe.mse, overwrite_hessian=True)
     notes = {"damp": result.damp} if result.damp != options.damp else None
     sizes = [weight.shape[0] for weight in weights]
     return [
         MethodResult(part, error, "output", notes)
         for part, error in zip(result.weight.split_rows(sizes), result.part_errors(sizes))
     ]
+
+
+METHODS.register("awq+gptq")(Method("awq+gptq", gptq_method, hessian_statistic, prepare_block))

@@ -2,7 +2,9 @@
 
 The state lives in a work folder beside the output: one safetensors file per finished block with
 its layers' `QuantizedWeight`s, and `state.json` with the run's fingerprint and per-layer errors.
-A run whose fingerprint (model files, recipe, calibration tokens) differs never reuses it.
+A run whose fingerprint (model files, recipe, calibration tokens) differs never reuses it. The
+saved blocks double as the run's store of finished layers: memory holds only their placeholders
+(meta tensors), and the checkpoint writer reads each layer back when it gets to it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qtool.quantize.qweight import QuantizedWeight
@@ -51,6 +54,7 @@ class BlockStore:
             state = None
         self.errors: dict[str, dict] = state["errors"] if state else {}
         self.finished: list[int] = state["finished"] if state else []
+        self.block_of: dict[str, int] = {}  # layer -> the block whose file holds it
 
     def _read_state(self) -> dict | None:
         try:
@@ -58,18 +62,28 @@ class BlockStore:
         except (OSError, json.JSONDecodeError):
             return None
 
+    def read(self, name: str) -> QuantizedWeight:
+        """The saved weight of one layer, read from its block's file alone."""
+        index = self.block_of[name]
+        layout = json.loads((self.folder / f"block-{index:05d}.json").read_text())[name]
+        with safe_open(self.folder / f"block-{index:05d}.safetensors", framework="pt") as reader:
+            tensors = {key: reader.get_tensor(key) for key in reader.keys() if key.startswith(name + ".")}
+        return _from_tensors(name, tensors, layout)
+
     def load(self, index: int) -> dict[str, QuantizedWeight] | None:
         """The quantized layers of block `index` if it finished in an earlier run."""
         if index not in self.finished:
             return None
         tensors = load_file(self.folder / f"block-{index:05d}.safetensors")
         layouts = json.loads((self.folder / f"block-{index:05d}.json").read_text())
+        self.block_of.update(dict.fromkeys(layouts, index))
         return {name: _from_tensors(name, tensors, layout) for name, layout in layouts.items()}
 
     def save(self, index: int, weights: dict[str, QuantizedWeight], errors: dict[str, dict]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors, layouts = {}, {}
         for name, weight in weights.items():
+            self.block_of[name] = index
             layouts[name] = {"bits": weight.scheme.bits, "group_size": weight.scheme.group_size,
                              "symmetric": weight.scheme.symmetric, "shape": list(weight.shape)}
             for field in ("packed", "scales", "zeros", "g_idx"):

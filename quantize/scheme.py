@@ -92,6 +92,30 @@ class GPTQOptions:
 
 
 @dataclass(frozen=True)
+class AWQOptions:
+    """AWQ's searches: per-channel scales s = mean|x|^a (divided by the weights' mean relative
+    magnitude^(1-a) with `duo_scaling`) for a on a grid of `grid` points in [0, 1); then, unless
+    `clip` is off, each group's clipping range shrunk down to `max_shrink` of its max |w| over
+    `grid` steps, for the layers not matching `clip_skip` (AWQ leaves q and k unclipped)."""
+
+    duo_scaling: bool = True
+    grid: int = 20
+    clip: bool = True
+    max_shrink: float = 0.5
+    clip_skip: str = r"(^|\.)(q_proj|k_proj|query|key|qkv_proj|Wqkv|c_attn)$"
+
+    def __post_init__(self):
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 2:
+            raise QtoolError(f"AWQ grid must be an integer of at least 2, got {self.grid!r}")
+        if not isinstance(self.max_shrink, (int, float)) or not 0 < self.max_shrink < 1:
+            raise QtoolError(f"AWQ max shrink must be a number between 0 and 1, got {self.max_shrink!r}")
+        try:
+            re.compile(self.clip_skip)
+        except re.error as error:
+            raise QtoolError(f"AWQ clip-skip pattern {self.clip_skip!r} is not a regular expression: {error}") from None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that decides a quantized checkpoint: method, default scheme, per-layer overrides,
     calibration data and output format. The first matching override wins. Method and format names
@@ -105,6 +129,7 @@ class Recipe:
     format: str = "compressed-tensors"
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     mse: bool = False
+    awq: AWQOptions = field(default_factory=AWQOptions)
 
     def scheme_for(self, layer_name: str) -> Scheme | None:
         for override in self.overrides:
@@ -135,5 +160,12 @@ class Recipe:
                 "damp": self.gptq.damp,
                 "act_order": self.gptq.act_order,
                 "true_sequential": self.gptq.true_sequential,
+            },
+            "awq": {
+                "duo_scaling": self.awq.duo_scaling,
+                "grid": self.awq.grid,
+                "clip": self.awq.clip,
+                "max_shrink": self.awq.max_shrink,
+                "clip_skip": self.awq.clip_skip,
             },
         }

@@ -18,11 +18,14 @@ from qtool.quantize.format.checkpoint import PendingTensor, TensorSource
 
 
 class LazyWeights:
-    """The on-disk weights of a model skeleton, loaded and released module by module. `missing`
-    lists parameters the files do not hold under the model's names (legacy key layouts)."""
+    """The on-disk weights of a model skeleton, loaded and released module by module, in `dtype`
+    (linear layers' weights in `linear_dtype`). `missing` lists parameters the files do not hold
+    under the model's names (legacy key layouts)."""
 
-    def __init__(self, model: nn.Module, folder: Path, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, folder: Path, dtype: torch.dtype, linear_dtype: torch.dtype | None = None):
         self.model, self.dtype = model, dtype
+        self.linear_dtype = linear_dtype or dtype
+        self.linear_weights = {_join(name, "weight") for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         self.source = TensorSource(folder)
         self.names = {id(module): name for name, module in model.named_modules()}
         canonical: dict[int, str] = {}
@@ -34,14 +37,34 @@ class LazyWeights:
         self.missing = [name for name in canonical.values() if name not in self.source]
 
     def load(self, module: nn.Module) -> None:
-        """Give every empty parameter of `module` its stored value (in the model's dtype)."""
+        """Give every empty parameter of `module` its stored value (in the model's dtype, linear
+        layers' weights in theirs)."""
         prefix = self.names[id(module)]
         values = {
-            local: self.read(_join(prefix, local))
+            local: self.read(name, self.linear_dtype if name in self.linear_weights else None)
             for local, param in module.named_parameters(remove_duplicate=False) if param.is_meta
+            for name in [_join(prefix, local)]
         }
         if values:
             module.load_state_dict(values, strict=False, assign=True)
+
+    def load_rows(self, embedding: nn.Module, rows: torch.Tensor, chunk: int = 8192) -> None:
+        """Give an empty embedding table only the stored rows `rows` (token ids), read `chunk` rows
+        at a time. The table is allocated whole, but the pages of rows never written are never
+        touched, so they take no memory: capturing calibration inputs looks up these rows alone,
+        and an 8B model's table would take 2 GB in float32."""
+        name = _join(self.names[id(embedding)], "weight")
+        weight = embedding.weight
+        if not weight.is_meta:
+            return
+        table = torch.empty(weight.shape, dtype=self.dtype)
+        rows = rows.unique()
+        for start in range(0, weight.shape[0], chunk):
+            wanted = rows[(rows >= start) & (rows < start + chunk)]
+            if len(wanted):
+                stored = self.source.read_rows(self.aliases.get(name, name), start, start + chunk)
+                table[wanted] = stored[wanted - start].to(self.dtype)
+        embedding.weight = nn.Parameter(table, requires_grad=False)
 
     def release(self, module: nn.Module) -> None:
         """Empty `module`'s parameters again (they can be loaded back from disk)."""

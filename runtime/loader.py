@@ -56,15 +56,16 @@ def load_model(
 
 
 def load_lazily(
-    folder: Path, dtype: torch.dtype, trust_remote_code: bool = False
+    folder: Path, dtype: torch.dtype, trust_remote_code: bool = False, linear_dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, LazyWeights | None]:
-    """A dense model whose weights stay on disk until `LazyWeights.load` asks for them; a folder
-    that stores them under other names than the model's (transformers renames legacy keys while
-    loading) is loaded whole instead, with None for the lazy weights."""
+    """A dense model whose weights stay on disk until `LazyWeights.load` asks for them (linear
+    layers' weights in `linear_dtype`, default `dtype`); a folder that stores them under other
+    names than the model's (transformers renames legacy keys while loading) is loaded whole
+    instead, in `dtype`, with None for the lazy weights."""
     if "quantization_config" in read_json(folder / "config.json"):
         raise QtoolError(f"{folder} is already quantized; quantize its original model instead")
     model = build_skeleton(folder, dtype, trust_remote_code)
-    weights = LazyWeights(model, folder, dtype)
+    weights = LazyWeights(model, folder, dtype, linear_dtype)
     if weights.missing:
         log.info("%s stores %s under other names; loading the whole model", folder, weights.missing[0])
         return load_model(folder, dtype, trust_remote_code=trust_remote_code), None

@@ -50,26 +50,41 @@ def perplexity(folder, capsys) -> float:
     return json.loads(capsys.readouterr().out)["ppl"]
 
 
-def test_gpu_calibration_computes_what_cpu_calibration_computes(trained_llama, tmp_path, capsys):
-    """Float32 calibration both ways. Inputs that are the same give the same codes; after that,
-    float rounding flips a few roundings, GPTQ carries each flip into the columns after it, and
-    later layers see slightly different inputs: the checkpoints differ in codes but not in quality."""
+def quantize_both_ways(model, folder, calib_dtype):
     for device in ("cpu", "cuda"):
-        assert main(["quantize", str(trained_llama), "-o", str(tmp_path / device), "--device", device,
-                     "--calib-dtype", "float32", *CALIBRATION]) == 0
-    cpu, gpu = read_checkpoint(tmp_path / "cpu").weights, read_checkpoint(tmp_path / "cuda").weights
+        assert main(["quantize", str(model), "-o", str(folder / device), "--device", device,
+                     "--calib-dtype", calib_dtype, *CALIBRATION]) == 0
+    cpu, gpu = read_checkpoint(folder / "cpu").weights, read_checkpoint(folder / "cuda").weights
     assert cpu.keys() == gpu.keys() and len(cpu) == 4 * 7
 
     def agreement(names):
         same = sum((cpu[name].codes() == gpu[name].codes()).sum().item() for name in names)
         return same / sum(cpu[name].codes().numel() for name in names)
 
+    return agreement, agreement(cpu)
+
+
+def test_gpu_calibration_computes_what_cpu_calibration_computes(trained_llama, tmp_path, capsys):
+    """Float32 calibration both ways. Inputs that are the same give the same codes; after that,
+    float rounding flips a few roundings, GPTQ carries each flip into the columns after it, and
+    later layers see slightly different inputs: the checkpoints differ in codes but not in quality."""
+    agreement, overall = quantize_both_ways(trained_llama, tmp_path, "float32")
     first = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]  # read the block's input: the same both ways
     assert agreement(first) >= 0.999
-    assert agreement(cpu) >= 0.75
+    assert overall >= 0.75
     cpu_ppl, gpu_ppl, base_ppl = (perplexity(folder, capsys) for folder in (tmp_path / "cpu", tmp_path / "cuda", trained_llama))
-    print(f"codes identical: {agreement(cpu):.2%}; ppl base {base_ppl:.3f} cpu {cpu_ppl:.3f} gpu {gpu_ppl:.3f}")
+    print(f"float32: codes identical {overall:.2%}; ppl base {base_ppl:.3f} cpu {cpu_ppl:.3f} gpu {gpu_ppl:.3f}")
     assert base_ppl < 200  # trained: far below the vocabulary size
+    assert gpu_ppl == pytest.approx(cpu_ppl, rel=0.005)
+
+
+def test_float64_calibration_gives_the_same_codes_on_both_devices(trained_llama, tmp_path, capsys):
+    """In float64 the two devices' rounding differences stay far below any rounding decision of
+    the grid: the algorithm itself is the same both ways."""
+    _, overall = quantize_both_ways(trained_llama, tmp_path, "float64")
+    cpu_ppl, gpu_ppl = (perplexity(folder, capsys) for folder in (tmp_path / "cpu", tmp_path / "cuda"))
+    print(f"float64: codes identical {overall:.4%}; ppl cpu {cpu_ppl:.3f} gpu {gpu_ppl:.3f}")
+    assert overall >= 0.99
     assert gpu_ppl == pytest.approx(cpu_ppl, rel=0.005)
 
 

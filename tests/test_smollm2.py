@@ -103,3 +103,30 @@ def test_gptq_clearly_beats_rtn_on_the_real_model(capsys, tmp_path, w4_checkpoin
     rtn_ppl = evaluate(capsys, w4_checkpoint)["ppl"]
     gptq_ppl = evaluate(capsys, gptq)["ppl"]
     assert gptq_ppl < 0.95 * rtn_ppl
+
+
+def test_awq_scales_fold_into_smollm2_without_changing_its_logits(smollm2):
+    """AWQ's searched scales folded into SmolLM2 (before any rounding), float32 on the CPU."""
+    from qtool.calibrate.data import calibration_windows, load_text, tokenize
+    from qtool.calibrate.pipeline import calibrate_sequentially
+    from qtool.quantize.apply import plan_layers
+    from qtool.quantize.awq import prepare_block
+    from qtool.quantize.scheme import AWQOptions, Recipe, Scheme
+    from qtool.runtime.loader import load_model, load_tokenizer
+
+    model = load_model(smollm2, torch.float32)
+    samples = calibration_windows(tokenize(load_tokenizer(smollm2), load_text("wiki-leads")), 8, 256, seed=0)
+    with torch.no_grad():
+        before = model(samples[:2]).logits
+    recipe = Recipe(method="awq", scheme=Scheme(4, 64, False), awq=AWQOptions(clip=False))
+    plan = plan_layers(model, recipe)
+    calibrate_sequentially(model, samples, lambda run: prepare_block(run, plan, recipe, torch.float16))
+    with torch.no_grad():
+        after = model(samples[:2]).logits
+    assert (after - before).abs().max() < 1e-4
+
+
+def test_awq_clearly_beats_rtn_on_the_real_model(capsys, tmp_path, w4_checkpoint):
+    awq = quantize(tmp_path / "awq", "--method", "awq", "--bits", "4", "--group-size", "64", "--asym",
+                   "--calib", "wiki-leads", "--nsamples", "32", "--seqlen", "512")
+    assert evaluate(capsys, awq)["ppl"] < 0.95 * evaluate(capsys, w4_checkpoint)["ppl"]

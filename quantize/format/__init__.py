@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from qtool.errors import QtoolError
-from qtool.quantize.format import compressed_tensors
+from qtool.errors import FAILURE, QtoolError
+from qtool.quantize.format import awq, compressed_tensors
 from qtool.quantize.format.checkpoint import (
+    PendingTensor,
     load_tensors,
     read_json,
     save_tensors,
@@ -42,6 +43,7 @@ class Format:
     read_layers: Callable[[dict[str, torch.Tensor], dict], tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]]
     layer_schemes: Callable[[dict, list[str]], dict[str, Scheme]]
     layer_suffixes: tuple[str, ...]
+    check: Callable[[object], None] | None = None  # check(recipe): refuse what the format cannot hold, up front
 
     def layer_names(self, tensor_names) -> list[str]:
         """Quantized layers, named by the tensor every one of them stores first in `layer_suffixes`."""
@@ -50,17 +52,24 @@ class Format:
 
 
 FORMATS: Registry[Format] = Registry("checkpoint format")
-FORMATS.register("compressed-tensors")(
-    Format(
-        name="compressed-tensors",
-        quant_method=compressed_tensors.QUANT_METHOD,
-        layer_tensors=compressed_tensors.layer_tensors,
-        quantization_config=compressed_tensors.quantization_config,
-        read_layers=compressed_tensors.read_layers,
-        layer_schemes=compressed_tensors.layer_schemes,
-        layer_suffixes=compressed_tensors.LAYER_SUFFIXES,
+
+
+def _format_of(name: str, module) -> Format:
+    """The format a module implements: its QUANT_METHOD, LAYER_SUFFIXES and functions."""
+    return Format(
+        name=name,
+        quant_method=module.QUANT_METHOD,
+        layer_tensors=module.layer_tensors,
+        quantization_config=module.quantization_config,
+        read_layers=module.read_layers,
+        layer_schemes=module.layer_schemes,
+        layer_suffixes=module.LAYER_SUFFIXES,
+        check=getattr(module, "check", None),
     )
-)
+
+
+for _name, _module in (("compressed-tensors", compressed_tensors), ("awq", awq)):
+    FORMATS.register(_name)(_format_of(_name, _module))
 
 
 @dataclass
@@ -83,11 +92,14 @@ def write_checkpoint(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     lazy: LazyWeights | None = None,
+    read_weight: Callable[[str], QuantizedWeight] | None = None,
 ) -> None:
     """Write `model` with `weights` replacing its quantized linears' weights, atomically. Dense
     floating-point tensors are stored in `dtype` (default: as they are in the model); those a
-    lazily loaded model holds empty are read from disk one at a time as they are written."""
+    lazily loaded model holds empty are read from disk one at a time as they are written, and so
+    are quantized layers held as placeholders (meta tensors), through `read_weight(name)`."""
     fmt = FORMATS.get(format_name)
+    placeholders = _PlaceholderReader(fmt, read_weight)
 
     def fill(folder: Path) -> None:
         tensors = {
@@ -96,7 +108,7 @@ def write_checkpoint(
             if not (name.endswith(".weight") and name.removesuffix(".weight") in weights)
         }
         for name, weight in weights.items():
-            tensors.update(fmt.layer_tensors(name, weight))
+            tensors.update(placeholders.entries(name, weight))
         save_tensors(folder, tensors)
         config = model.config.to_dict()
         if dtype is not None:
@@ -110,6 +122,32 @@ def write_checkpoint(
         write_json(folder / RECORD_FILE, record)
 
     write_folder_atomically(destination, fill, overwrite=overwrite)
+
+
+class _PlaceholderReader:
+    """Pending tensors for quantized layers held as placeholders: the writer reads each layer back
+    when it reaches its first tensor (a layer's tensors are written one after the other), and keeps
+    only that layer in memory."""
+
+    def __init__(self, fmt: Format, read_weight: Callable[[str], QuantizedWeight] | None):
+        self.fmt, self.read_weight = fmt, read_weight
+        self.layer: str | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def entries(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor | PendingTensor]:
+        tensors = self.fmt.layer_tensors(name, weight)
+        if not weight.packed.is_meta:
+            return tensors
+        if self.read_weight is None:
+            raise QtoolError(f"{name} is a placeholder and nothing was given to read it back", FAILURE)
+        return {key: PendingTensor(tensor.dtype, tuple(tensor.shape), lambda key=key: self.read(name, key))
+                if tensor.is_meta else tensor for key, tensor in tensors.items()}
+
+    def read(self, name: str, key: str) -> torch.Tensor:
+        if self.layer != name:
+            self.layer, self.tensors = None, {}  # drop the last layer before reading the next
+            self.tensors, self.layer = self.fmt.layer_tensors(name, self.read_weight(name)), name
+        return self.tensors[key]
 
 
 def _distinct_tensors(model: nn.Module, lazy: LazyWeights | None) -> dict[str, torch.Tensor]:
@@ -132,7 +170,8 @@ def format_for(config: dict) -> Format:
     for name in FORMATS:
         if FORMATS.get(name).quant_method == method:
             return FORMATS.get(name)
-    raise QtoolError(f"quantization method {method!r} in config.json is not supported; qtool reads: compressed-tensors")
+    readable = ", ".join(FORMATS.get(name).quant_method for name in FORMATS)
+    raise QtoolError(f"quantization method {method!r} in config.json is not supported; qtool reads: {readable}")
 
 
 def read_checkpoint(folder: Path) -> QuantizedCheckpoint:

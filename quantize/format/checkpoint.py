@@ -141,9 +141,16 @@ class TensorSource:
         return name in self.files
 
     def read(self, name: str) -> torch.Tensor:
+        return self._read(name, lambda reader: reader.get_tensor(name))
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of tensor `name`, without reading the rest."""
+        return self._read(name, lambda reader: reader.get_slice(name)[start:stop])
+
+    def _read(self, name: str, take) -> torch.Tensor:
         try:
             with safe_open(self.files[name], framework="pt") as reader:
-                return reader.get_tensor(name)
+                return take(reader)
         except (SafetensorError, OSError) as error:
             raise QtoolError(f"{self.files[name]} is not a readable safetensors file ({error})") from None
 

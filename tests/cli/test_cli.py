@@ -93,7 +93,7 @@ def test_folder_without_config(capsys, tmp_path):
 
 
 def test_unknown_method(capsys, tiny_llama_dir, tmp_path):
-    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--method", "magic"], "choose one of: gptq, rtn")
+    expect_usage_error(capsys, ["quantize", tiny_llama_dir, "-o", tmp_path / "o", "--method", "magic"], "choose one of: awq, awq+gptq, gptq, rtn")
 
 
 @pytest.mark.parametrize("bits", ["1", "9"])
@@ -213,3 +213,22 @@ def test_gptq_run_resumes_from_saved_blocks_to_the_same_bytes(tiny_llama_dir, ti
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     shutil.rmtree(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("method, calib_dtype", [("awq", "auto"), ("awq+gptq", "float64")])
+def test_calibrated_methods_write_checkpoints_that_load(tiny_llama_dir, tiny_text_file, tmp_path, method, calib_dtype):
+    import torch
+
+    from qtool.runtime.loader import load_model
+
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--method", method, "--group-size", "32",
+                 "--calib", str(tiny_text_file), "--nsamples", "8", "--seqlen", "64", "--calib-dtype", calib_dtype,
+                 "--quiet"]) == 0
+    record = json.loads((out / "qtool.json").read_text())
+    assert record["recipe"]["method"] == method
+    assert calib_dtype != "float64" or record["calibration_matmul_dtype"] == "float64"
+    assert all(entry["kind"] == "output" and entry["error"] > 0 for entry in record["layers"].values())
+    model = load_model(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()

@@ -150,3 +150,47 @@ def test_an_io_failure_is_a_failure_exit_not_a_traceback(tmp_path):
         write_folder_atomically(tmp_path / "out", no_space)
     assert error.value.exit_code == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_awq_layout_packs_eight_output_channels_per_word_in_awq_order():
+    from qtool.quantize.format.awq import layer_tensors
+
+    scheme = Scheme(4, 32, False)
+    codes = torch.arange(16, dtype=torch.int32).unsqueeze(1).expand(16, 64).contiguous()  # channel c: all c
+    weight = QuantizedWeight.from_codes(codes, fit_minmax(torch.randn(16, 64), scheme, torch.float16), scheme)
+    qweight = layer_tensors("x", weight)["x.qweight"]
+    assert qweight.shape == (64, 2)
+    word = qweight[0, 0].item() & 0xFFFFFFFF
+    nibbles = [(word >> (4 * j)) & 0xF for j in range(8)]
+    assert nibbles == [0, 2, 4, 6, 1, 3, 5, 7]  # channel c holds code c in input row 0
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 32, False), Scheme(4, 64, True)], ids=lambda s: s.describe())
+def test_awq_format_loads_back_with_the_same_logits(tiny_llama, tmp_path, scheme):
+    from qtool.runtime.loader import load_model
+
+    recipe = Recipe(scheme=scheme)
+    result = quantize_model(tiny_llama, recipe)
+    for fmt in ("compressed-tensors", "awq"):
+        write_checkpoint(tmp_path / fmt, tiny_llama, result.weights, result.skipped, fmt, {"recipe": recipe.to_dict()})
+    config = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "awq" and config["version"] == "gemm" and config["group_size"] == scheme.group_size
+    back = read_checkpoint(tmp_path / "awq").weights
+    for name, weight in result.weights.items():
+        assert torch.equal(back[name].dequantize(), weight.dequantize()), name
+    tokens = torch.tensor([[1, 5, 9, 200, 17, 3]])
+    with torch.no_grad():
+        logits = [load_model(tmp_path / fmt)(tokens).logits for fmt in ("compressed-tensors", "awq")]
+    assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bits", "3"], "4-bit weights with a group size"),
+    (["--group-size", "-1"], "4-bit weights with a group size"),
+    (["--method", "gptq", "--act-order", "group"], "no g_idx"),
+])
+def test_recipes_the_awq_layout_cannot_hold_are_refused_up_front(capsys, tiny_llama_dir, tmp_path, flags, message):
+    from qtool.cli.app import main
+
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--format", "awq", *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()

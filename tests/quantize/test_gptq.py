@@ -61,6 +61,8 @@ def test_dead_columns_are_zero_and_singular_hessians_get_more_damping():
     inputs[:, 3] = 0
     result = gptq(weight, hessian(inputs), Scheme(4, -1, True))
     assert torch.all(result.weight.dequantize()[:, 3] == 0)
+    assert result.error == pytest.approx(output_error(weight.masked_fill(inputs[0] == 0, 0), result.weight,
+                                                      hessian(inputs)), rel=1e-3)
     indefinite = torch.eye(32)
     indefinite[0, 1] = indefinite[1, 0] = 2.0
     raised = gptq(weight, indefinite, Scheme(4, -1, True), damp=0.01)
@@ -77,9 +79,52 @@ def test_layers_sharing_an_input_solve_together_exactly_as_alone():
     stat.update(inputs)
     weights = [torch.randn(16, 64), torch.randn(8, 64)]
     recipe = Recipe(method="gptq")
+    hessian = stat.hessian.clone()
     together = METHODS.get("gptq").run(weights, Scheme(4, 32, False), stats=stat, recipe=recipe)
+    assert stat.hessian is None  # used up: its memory held the factorisation
     for weight, result in zip(weights, together):
-        alone = gptq(weight, stat.hessian, Scheme(4, 32, False), act_order=recipe.gptq.act_order)
+        alone = gptq(weight, hessian, Scheme(4, 32, False), act_order=recipe.gptq.act_order)
         assert torch.equal(result.weight.packed, alone.weight.packed)
         assert torch.equal(result.weight.scales, alone.weight.scales)
         assert result.error == pytest.approx(alone.error, rel=1e-4)
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_the_hessian_can_be_factored_in_its_own_memory_with_retries(monkeypatch, spill):
+    """Overwriting the Hessian gives the same answer; a failed factorisation retries from a saved
+    copy, kept in memory or (large matrices) in a temporary file."""
+    import qtool.quantize.gptq as gptq_module
+
+    if spill:
+        monkeypatch.setattr(gptq_module, "SPILL_BYTES", 0)
+    inputs, weight = correlated_inputs(features=64), torch.randn(16, 64)
+    kept = gptq(weight, hessian(inputs), Scheme(4, 32, False), act_order="static")
+    scratch = hessian(inputs)
+    overwritten = gptq(weight, scratch, Scheme(4, 32, False), act_order="static", overwrite_hessian=True)
+    assert torch.equal(kept.weight.packed, overwritten.weight.packed)
+    assert not torch.equal(scratch, hessian(inputs))
+    indefinite = hessian(inputs)
+    indefinite[0, 1] = indefinite[1, 0] = 4 * indefinite.diagonal().max()
+    expected = gptq(weight, indefinite, Scheme(4, 32, False))
+    raised = gptq(weight, indefinite.clone(), Scheme(4, 32, False), overwrite_hessian=True)
+    assert raised.damp > 0.01 and raised.damp == expected.damp
+    assert torch.equal(raised.weight.packed, expected.weight.packed)
+
+
+@pytest.mark.parametrize("size", [7, 300, 600])
+def test_triangular_inverse_in_place(size):
+    from qtool.quantize.gptq import _invert_lower_
+
+    lower = torch.randn(size, size, dtype=torch.float64).tril() + size * torch.eye(size, dtype=torch.float64)
+    inverse = lower.clone()
+    _invert_lower_(inverse)
+    assert torch.allclose(inverse, torch.linalg.inv(lower), atol=1e-12)
+
+
+def test_float64_hessians_solve_in_float64_to_the_same_codes():
+    inputs, weight = correlated_inputs(), torch.randn(32, 128)
+    single = gptq(weight, hessian(inputs), Scheme(4, 32, False), act_order="static")
+    double = gptq(weight.double(), hessian(inputs.double()), Scheme(4, 32, False), act_order="static")
+    assert double.weight.scales.dtype == torch.float64
+    assert (single.weight.codes() == double.weight.codes()).float().mean() > 0.95
+    assert double.error == pytest.approx(single.error, rel=0.05)

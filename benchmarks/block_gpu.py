@@ -1,10 +1,12 @@
-"""GPTQ of Llama-3-8B-shaped decoder blocks on a GPU: time per block and peak device memory.
+"""A calibrated method on Llama-3-8B-shaped decoder blocks on a GPU: time per block and peak
+device memory.
 
-Random fp16 weights (hidden 4096, intermediate 14336, 32 heads / 8 KV heads), calibration
-128 x 2048 random tokens, W4 group 128 symmetric, true-sequential, through qtool.quantize.apply
-(the calibration forward passes included). Writes JSON to the path given (default: stdout only).
+Random fp16 weights (hidden 4096, intermediate 14336, 32 heads / 8 KV heads), random calibration
+tokens (default 128 x 2048), W4 (default group 128 symmetric), through qtool.quantize.apply (the
+calibration forward passes included). Writes JSON to the path given (default: stdout only).
 
-usage: python benchmarks/gptq_block_gpu.py [--blocks 2] [--samples 128] [--seqlen 2048] [--json OUT]
+usage: python benchmarks/block_gpu.py [--method gptq|awq|awq+gptq] [--blocks 2] [--samples 128]
+       [--seqlen 2048] [--group-size 128] [--asym] [--json OUT]
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--method", default="gptq")
     parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--asym", action="store_true")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -41,7 +46,7 @@ def main() -> None:
     model.to("cpu")
     build_seconds = time.perf_counter() - started
     samples = torch.randint(0, config.vocab_size, (args.samples, args.seqlen))
-    recipe = Recipe(method="gptq", scheme=Scheme(4, 128, True))
+    recipe = Recipe(method=args.method, scheme=Scheme(4, args.group_size, not args.asym))
     block_starts: list[float] = []
 
     def on_block(index, count):
@@ -61,7 +66,8 @@ def main() -> None:
         "torch": torch.__version__,
         "blocks": args.blocks,
         "calibration_tokens": f"{args.samples} x {args.seqlen}",
-        "scheme": "W4 g128 sym, GPTQ block 128, damp 0.01, true-sequential",
+        "method": args.method,
+        "scheme": f"W4 g{args.group_size} {'asym' if args.asym else 'sym'} (GPTQ: block 128, damp 0.01, true-sequential)",
         "seconds_total": round(total, 2),
         "seconds_capturing_inputs": round(block_starts[0] - started, 2),
         "seconds_per_block": [round(t, 2) for t in block_times],

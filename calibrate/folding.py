@@ -1,0 +1,110 @@
+"""Where a per-channel scale can be folded exactly: for each group of linears reading one tensor,
+the module before them whose output that tensor scales with (a norm, or a linear such as up_proj
+before down_proj), found by trying, not from a table per architecture.
+
+Folding s divides the producer's output channels by s and multiplies the consumers' input columns
+by s; the block computes the same function. A candidate producer is accepted only if the block's
+output on one sample, in float32 (float64 for a float64 model), stays the same when a random scale is folded into it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qtool.calibrate.pipeline import BlockRun, call_block, first_sample
+from qtool.calibrate.trace import map_tensors
+
+log = logging.getLogger(__name__)
+PROBE_TOLERANCE = 1e-4  # relative change of the block output allowed when folding a random scale
+
+
+@dataclass(frozen=True)
+class ScalingGroup:
+    """Linears reading one tensor, and the module whose output channels that tensor follows."""
+
+    producer: str
+    linears: tuple[str, ...]
+
+
+def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
+    """Divide the producer's output channels by `scales` and multiply the linears' input columns by them."""
+    modules = dict(block.named_modules())
+    producer = modules[group.producer]
+    for param in _channel_params(producer):
+        shape = (-1,) + (1,) * (param.dim() - 1)
+        param.data = (param.data.float() / scales.view(shape).to(param.device)).to(param.dtype)
+    for name in group.linears:
+        weight = modules[name].weight
+        weight.data = (weight.data.float() * scales.to(weight.device)).to(weight.dtype)
+
+
+def scaling_groups(run: BlockRun) -> list[ScalingGroup]:
+    """The block's input groups that have a producer to fold scales into, in forward order; the
+    others are logged and left out."""
+    trace = run.trace()
+    probe = _Probe(run)
+    groups = []
+    for linears in trace.groups:
+        width = run.linears[linears[0]].in_features
+        candidates = [
+            name for name, module in run.block.named_modules()
+            if name and name not in linears and trace.left.get(name, 1 << 62) < trace.entered[linears[0]]
+            and _channel_count(module) == width
+        ]
+        producer = next((name for name in sorted(candidates, key=trace.left.get, reverse=True)
+                         if probe.folds_exactly(ScalingGroup(name, tuple(linears)))), None)
+        if producer is None:
+            log.info("%s.%s: no module before it takes a per-channel scale exactly; not scaled",
+                     run.prefix, ", ".join(linears))
+            continue
+        groups.append(ScalingGroup(producer, tuple(linears)))
+    return groups
+
+
+def _channel_params(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters that set each output channel of a norm (weight, bias) or linear (rows, bias)."""
+    return [param for name, param in module.named_parameters(recurse=False) if name in ("weight", "bias")]
+
+
+def _channel_count(module: nn.Module) -> int | None:
+    """Output channels a scale could be folded into: a linear's outputs, or a leaf module with a
+    one-dimensional weight (a norm); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter) and weight.dim() == 1 and not list(module.children()):
+        return weight.shape[0]
+    return None
+
+
+class _Probe:
+    """A float32 (or float64) copy of the block and one calibration sample, to try folds on."""
+
+    def __init__(self, run: BlockRun):
+        dtype = torch.float64 if next(run.block.parameters()).dtype == torch.float64 else torch.float32
+        self.block = copy.deepcopy(run.block).to(dtype)
+        hidden = run.inputs.hidden[0][:1].to(dtype)
+        kwargs = map_tensors(first_sample(run.inputs.kwargs[0]),
+                             lambda tensor: tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        self.call = lambda: call_block(self.block, hidden, kwargs, run.device)
+        with torch.no_grad():
+            self.update = self.call() - hidden.to(run.device)  # what the block adds to its input
+        self.hidden = hidden.to(run.device)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def folds_exactly(self, group: ScalingGroup) -> bool:
+        modules = dict(self.block.named_modules())
+        scales = torch.rand(modules[group.linears[0]].in_features, generator=self.generator) * 1.5 + 0.5
+        touched = _channel_params(modules[group.producer]) + [modules[name].weight for name in group.linears]
+        saved = [param.data.clone() for param in touched]
+        with torch.no_grad():
+            fold_scales(self.block, group, scales)
+            update = self.call() - self.hidden
+            for param, value in zip(touched, saved):
+                param.data = value
+        return bool((update - self.update).norm() <= PROBE_TOLERANCE * self.update.norm())

@@ -1,0 +1,107 @@
+"""AutoAWQ's `gemm` layout, for the tools that want AWQ checkpoints (AutoAWQ, vLLM's AWQ kernels).
+
+Per quantized linear `NAME`, 4-bit codes with a zero point per group of input rows:
+
+    NAME.qweight  int32 [in, out/8]          codes of 8 output channels per word; nibble j (bits
+                                             4j..4j+3) holds channel AWQ_ORDER[j] of the eight
+    NAME.qzeros   int32 [in/group, out/8]    zero points, packed the same way
+    NAME.scales   model dtype [in/group, out]
+
+Dequantization: w[o, i] = (q - z) * s, as qtool's own. Symmetric weights are stored with their
+implied zero point (8), so they read back as asymmetric ones with the same values. The layout has
+no act-order (`g_idx`), no other bit width and no per-channel grid; such recipes are refused
+before any work. `config.json` carries quant_method awq, version gemm, and the dense linears in
+`modules_to_not_convert`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qtool.errors import FAILURE, QtoolError
+from qtool.quantize import packing
+from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.scheme import Scheme
+
+QUANT_METHOD = "awq"
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+LAYER_SUFFIXES = ("qweight", "qzeros", "scales")
+
+
+def check(recipe) -> None:
+    """Refuse, before any work, a recipe whose layers this layout cannot hold."""
+    schemes = [recipe.scheme, *(override.scheme for override in recipe.overrides if override.scheme is not None)]
+    for scheme in schemes:
+        if scheme.bits != 4 or scheme.group_size == -1:
+            raise QtoolError(f"--format awq holds 4-bit weights with a group size; {scheme.describe()} does not "
+                             f"fit: use --bits 4 and a --group-size, or --format compressed-tensors")
+    if recipe.method in ("gptq", "awq+gptq") and recipe.gptq.act_order == "group":
+        raise QtoolError("--format awq has no g_idx for --act-order group; use --act-order static")
+
+
+def _interleave(codes: torch.Tensor) -> torch.Tensor:
+    """[rows, out] codes -> int32 [rows, out/8] words in AWQ's channel order."""
+    rows, out_features = codes.shape
+    ordered = codes.reshape(rows, out_features // 8, 8)[..., list(AWQ_ORDER)].reshape(rows, out_features)
+    return packing.pack(ordered, 4)
+
+
+def _deinterleave(words: torch.Tensor, out_features: int) -> torch.Tensor:
+    ordered = packing.unpack(words, 4, out_features).reshape(words.shape[0], out_features // 8, 8)
+    return ordered[..., torch.argsort(torch.tensor(AWQ_ORDER))].reshape(words.shape[0], out_features)
+
+
+def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    if weight.g_idx is not None or weight.scheme.bits != 4 or weight.scheme.group_size == -1:
+        raise QtoolError(f"{name}: {weight.scheme.describe()} does not fit --format awq", FAILURE)
+    if weight.out_features % 8:
+        raise QtoolError(f"{name}: {weight.out_features} output channels do not fill AWQ's words of 8", FAILURE)
+    return {
+        f"{name}.qweight": _interleave(weight.codes().t().contiguous()),
+        f"{name}.qzeros": _interleave(weight.zero_points().t().contiguous()),
+        f"{name}.scales": weight.scales.t().contiguous(),
+    }
+
+
+def quantization_config(weights: dict[str, QuantizedWeight], dense_linears: list[str]) -> dict:
+    group_sizes = {weight.scheme.group_size for weight in weights.values()}
+    if len(group_sizes) != 1:
+        raise QtoolError(f"--format awq has one group size per model; the layers use {sorted(group_sizes)}", FAILURE)
+    return {
+        "quant_method": QUANT_METHOD,
+        "version": "gemm",
+        "bits": 4,
+        "group_size": group_sizes.pop(),
+        "zero_point": True,
+        "modules_to_not_convert": sorted(dense_linears),
+    }
+
+
+def layer_schemes(config: dict, layer_names: list[str]) -> dict[str, Scheme]:
+    if config.get("version", "gemm").lower() != "gemm" or int(config.get("bits", config.get("w_bit", 4))) != 4:
+        raise QtoolError(f"AWQ checkpoints of version {config.get('version')!r} and {config.get('bits')} bits are "
+                         f"not supported (only gemm, 4 bits)")
+    group_size = int(config.get("group_size", config.get("q_group_size", 128)))
+    return dict.fromkeys(layer_names, Scheme(4, group_size, symmetric=False))
+
+
+def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    names = sorted(key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight"))
+    schemes = layer_schemes(config, names)
+    weights = {}
+    for name in names:
+        try:
+            qweight, qzeros, scales = (tensors[f"{name}.{suffix}"] for suffix in LAYER_SUFFIXES)
+        except KeyError as missing:
+            raise QtoolError(f"checkpoint is missing tensor {missing.args[0]}") from None
+        in_features, out_features = qweight.shape[0], scales.shape[1]
+        if qweight.shape[1] * 8 != out_features or scales.shape[0] * schemes[name].group_size != in_features:
+            raise QtoolError(f"{name}: qweight {tuple(qweight.shape)} and scales {tuple(scales.shape)} do not fit "
+                             f"group size {schemes[name].group_size}")
+        codes = _deinterleave(qweight, out_features).t().contiguous()
+        zeros = _deinterleave(qzeros, out_features).t().contiguous()
+        weights[name] = QuantizedWeight(packing.pack(codes, 4), scales.t().contiguous(), zeros, schemes[name],
+                                        (out_features, in_features))
+    dense = {key: tensor for key, tensor in tensors.items()
+             if not (key.rpartition(".")[0] in weights and key.rpartition(".")[2] in LAYER_SUFFIXES)}
+    return weights, dense
