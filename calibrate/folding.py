@@ -23,21 +23,28 @@ log = logging.getLogger(__name__)
 PROBE_TOLERANCE = 1e-4  # relative change of the block output allowed when folding a random scale
 
 
+NORM_OFFSETS = (0.0, 1.0)  # norms scale by `weight`, or by `1 + weight` (Gemma)
+
+
 @dataclass(frozen=True)
 class ScalingGroup:
-    """Linears reading one tensor, and the module whose output channels that tensor follows."""
+    """Linears reading one tensor, and the module whose output channels that tensor follows. A
+    norm producer scales its output by `offset + weight`."""
 
     producer: str
     linears: tuple[str, ...]
+    offset: float = 0.0
 
 
 def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
     """Divide the producer's output channels by `scales` and multiply the linears' input columns by them."""
     modules = dict(block.named_modules())
     producer = modules[group.producer]
-    for param in _channel_params(producer):
+    for name, param in _channel_params(producer):
         shape = (-1,) + (1,) * (param.dim() - 1)
-        param.data = (param.data.float() / scales.view(shape).to(param.device)).to(param.dtype)
+        offset = group.offset if name == "weight" else 0.0
+        scaled = (param.data.float() + offset) / scales.view(shape).to(param.device) - offset
+        param.data = scaled.to(param.dtype)
     for name in group.linears:
         weight = modules[name].weight
         weight.data = (weight.data.float() * scales.to(weight.device)).to(weight.dtype)
@@ -56,19 +63,21 @@ def scaling_groups(run: BlockRun) -> list[ScalingGroup]:
             if name and name not in linears and trace.left.get(name, 1 << 62) < trace.entered[linears[0]]
             and _channel_count(module) == width
         ]
-        producer = next((name for name in sorted(candidates, key=trace.left.get, reverse=True)
-                         if probe.folds_exactly(ScalingGroup(name, tuple(linears)))), None)
-        if producer is None:
+        tries = [ScalingGroup(name, tuple(linears), offset)
+                 for name in sorted(candidates, key=trace.left.get, reverse=True)
+                 for offset in (NORM_OFFSETS if not isinstance(run.block.get_submodule(name), nn.Linear) else (0.0,))]
+        group = next((group for group in tries if probe.folds_exactly(group)), None)
+        if group is None:
             log.info("%s.%s: no module before it takes a per-channel scale exactly; not scaled",
                      run.prefix, ", ".join(linears))
             continue
-        groups.append(ScalingGroup(producer, tuple(linears)))
+        groups.append(group)
     return groups
 
 
-def _channel_params(module: nn.Module) -> list[nn.Parameter]:
+def _channel_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters that set each output channel of a norm (weight, bias) or linear (rows, bias)."""
-    return [param for name, param in module.named_parameters(recurse=False) if name in ("weight", "bias")]
+    return [(name, param) for name, param in module.named_parameters(recurse=False) if name in ("weight", "bias")]
 
 
 def _channel_count(module: nn.Module) -> int | None:
@@ -100,7 +109,8 @@ class _Probe:
     def folds_exactly(self, group: ScalingGroup) -> bool:
         modules = dict(self.block.named_modules())
         scales = torch.rand(modules[group.linears[0]].in_features, generator=self.generator) * 1.5 + 0.5
-        touched = _channel_params(modules[group.producer]) + [modules[name].weight for name in group.linears]
+        touched = [param for _, param in _channel_params(modules[group.producer])]
+        touched += [modules[name].weight for name in group.linears]
         saved = [param.data.clone() for param in touched]
         with torch.no_grad():
             fold_scales(self.block, group, scales)

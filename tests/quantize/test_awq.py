@@ -46,7 +46,7 @@ EXPECTED_PRODUCERS = {
     "llama-gqa": ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"],
     "llama-mha": ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"],
     "opt": ["self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", "fc1"],
-    "gemma": ["mlp.up_proj"],  # its norms scale by (1 + weight): not foldable by scaling the weight
+    "gemma": ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"],  # norms scaling by 1 + weight
 }
 
 
@@ -56,12 +56,14 @@ def test_folding_awq_scales_leaves_the_logits_unchanged(family, caplog):
     samples = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(samples).logits
-    producers = []
+    producers, offsets = [], []
     recipe = Recipe(method="awq", scheme=Scheme(4, 32, False), awq=AWQOptions(clip=False))
     plan = plan_layers(model, recipe)
 
     def fold_only(run):
-        producers.append([group.producer for group in scaling_groups(run)])
+        groups = scaling_groups(run)
+        producers.append([group.producer for group in groups])
+        offsets.append([group.offset for group in groups])
         prepare_block(run, plan, recipe, None)
 
     with caplog.at_level(logging.INFO):
@@ -73,7 +75,8 @@ def test_folding_awq_scales_leaves_the_logits_unchanged(family, caplog):
         assert producers[0] == EXPECTED_PRODUCERS[family]
     else:
         assert "input_layernorm" in producers[0] and "mlp.up_proj" in producers[0]
-    if family in ("llama-gqa", "gemma"):
+    assert offsets[0][0] == (1.0 if family == "gemma" else 0.0)
+    if family == "llama-gqa":  # o_proj: v_proj's heads are repeated
         assert "not scaled" in caplog.text
 
 
