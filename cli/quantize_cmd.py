@@ -85,11 +85,12 @@ def run_quantize(**options) -> None:
         work = output.parent / f".{output.name}.qtool-work"
         decisive = {**recipe.to_dict(), "calibration_matmul_dtype": calib_matmul}
         store = BlockStore(work, run_fingerprint(folder, decisive, calibration), options["resume"])
+    scale_dtype = FORMATS.get(recipe.format).scale_dtype or stored
     with console.progress(show) as bar:
         task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
         try:
             quantized = quantize_model(
-                model, recipe, calibration, device, scale_dtype=stored, store=store,
+                model, recipe, calibration, device, scale_dtype=scale_dtype, store=store,
                 offload_activations=options["offload_activations"], matmul_dtype=matmul_dtype, weights=lazy,
                 on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
                 on_block=lambda index, count: bar.update(

@@ -202,8 +202,9 @@ def _block_handler(method, plan, recipe: Recipe, quantize_together, scale_dtype)
         groups = [(first, group) for first, group in groups if group]
         if method.statistic is None:
             for first, group in groups:
-                quantize_group(run, group, prepared[first])
+                quantize_group(run, group, prepared.pop(first))
             return
+        del prepared  # the method collects its own statistics below
         stages = [[group] for _, group in groups] if recipe.gptq.true_sequential else [[g for _, g in groups]]
         for stage in stages:
             changed = [local for group in stage for local in group]
@@ -227,8 +228,9 @@ def _release_quantized(weights: LazyWeights, result: QuantizedModel):
 
 
 def _resumable(handler, store: BlockStore, result: QuantizedModel):
-    """`handler` for blocks not finished before; finished ones get their saved weights back. Either
-    way the block's quantized layers stay in the store: `result` keeps placeholders (meta tensors)
+    """`handler` for blocks not finished before; finished ones get their saved weights back, and
+    their other parameters as the method left them (AWQ's folded norms). Either way the block's
+    quantized layers stay in the store: `result` keeps placeholders (meta tensors)
     that `store.read` turns back into weights when the checkpoint is written."""
 
     def handle(run: BlockRun) -> None:
@@ -237,11 +239,16 @@ def _resumable(handler, store: BlockStore, result: QuantizedModel):
             before = set(result.weights)
             handler(run)
             saved = {n: w for n, w in result.weights.items() if n not in before}
-            store.save(run.index, saved, result.errors)
+            dense = {run.full_name(name): param for name, param in run.block.named_parameters()
+                     if run.full_name(name).removesuffix(".weight") not in saved}
+            store.save(run.index, saved, result.errors, dense)
         else:
             for name, weight in saved.items():
                 layer = run.linears[name.removeprefix(run.prefix + ".")]
                 layer.weight.data = weight.to(layer.weight.device).dequantize(layer.weight.dtype)
+            for name, value in store.dense(run.index).items():
+                param = run.block.get_parameter(name.removeprefix(run.prefix + "."))
+                param.data = value.to(param.device, param.dtype)
         for name, weight in saved.items():
             result.weights[name] = weight.to("meta")
             result.errors[name] = store.errors[name]

@@ -198,6 +198,7 @@ def _reversed_inverse_factor_(hessian: torch.Tensor, damp: float, mean_diagonal:
             diagonal = hessian.diagonal().clone()
             torch.linalg.cholesky_ex(hessian, out=(hessian, info))
             if info.item() == 0 and _numerically_definite(hessian.diagonal(), diagonal):
+                saved.close()  # before the inverse: on a GPU the copy is a second [in, in] matrix
                 _invert_lower_(hessian)
                 return damp
             log.warning("Hessian not positive definite at damping %.3g; retrying with %.3g", damp, damp * 10)
@@ -235,7 +236,7 @@ class _SavedCopy:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-        self.copy = None
+        self.file = self.copy = None
 
 
 def _invert_lower_(lower: torch.Tensor, block: int = TRIANGLE_BLOCK) -> None:

@@ -24,6 +24,7 @@ from qtool.quantize.scheme import Scheme
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
+DENSE_PREFIX = "dense:"
 
 
 def run_fingerprint(model_folder: Path, recipe: dict, calibration: torch.Tensor) -> str:
@@ -77,11 +78,20 @@ class BlockStore:
         tensors = load_file(self.folder / f"block-{index:05d}.safetensors")
         layouts = json.loads((self.folder / f"block-{index:05d}.json").read_text())
         self.block_of.update(dict.fromkeys(layouts, index))
-        return {name: _from_tensors(name, tensors, layout) for name, layout in layouts.items()}
+        return {name: _from_tensors(name, tensors, layout) for name, layout in layouts.items()}  # dense ones: dense()
 
-    def save(self, index: int, weights: dict[str, QuantizedWeight], errors: dict[str, dict]) -> None:
+    def dense(self, index: int) -> dict[str, torch.Tensor]:
+        """The parameters of block `index` that were saved as they were (unquantized)."""
+        tensors = load_file(self.folder / f"block-{index:05d}.safetensors")
+        return {key.removeprefix(DENSE_PREFIX): tensor for key, tensor in tensors.items() if key.startswith(DENSE_PREFIX)}
+
+    def save(self, index: int, weights: dict[str, QuantizedWeight], errors: dict[str, dict],
+             dense: dict[str, torch.Tensor] | None = None) -> None:
+        """Save a finished block: its quantized layers, and the `dense` parameters a method may have
+        changed without quantizing them (AWQ folds scales into norms)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tensors, layouts = {}, {}
+        tensors = {DENSE_PREFIX + name: tensor.detach().contiguous().cpu() for name, tensor in (dense or {}).items()}
+        layouts = {}
         for name, weight in weights.items():
             self.block_of[name] = index
             layouts[name] = {"bits": weight.scheme.bits, "group_size": weight.scheme.group_size,

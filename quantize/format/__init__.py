@@ -44,6 +44,7 @@ class Format:
     layer_schemes: Callable[[dict, list[str]], dict[str, Scheme]]
     layer_suffixes: tuple[str, ...]
     check: Callable[[object], None] | None = None  # check(recipe): refuse what the format cannot hold, up front
+    scale_dtype: torch.dtype | None = None  # the dtype the format stores scales in (None: the model's)
 
     def layer_names(self, tensor_names) -> list[str]:
         """Quantized layers, named by the tensor every one of them stores first in `layer_suffixes`."""
@@ -65,6 +66,7 @@ def _format_of(name: str, module) -> Format:
         layer_schemes=module.layer_schemes,
         layer_suffixes=module.LAYER_SUFFIXES,
         check=getattr(module, "check", None),
+        scale_dtype=getattr(module, "SCALE_DTYPE", None),
     )
 
 

@@ -5,7 +5,7 @@ Per quantized linear `NAME`, 4-bit codes with a zero point per group of input ro
     NAME.qweight  int32 [in, out/8]          codes of 8 output channels per word; nibble j (bits
                                              4j..4j+3) holds channel AWQ_ORDER[j] of the eight
     NAME.qzeros   int32 [in/group, out/8]    zero points, packed the same way
-    NAME.scales   model dtype [in/group, out]
+    NAME.scales   float16 [in/group, out]
 
 Dequantization: w[o, i] = (q - z) * s, as qtool's own. Symmetric weights are stored with their
 implied zero point (8), so they read back as asymmetric ones with the same values. The layout has
@@ -26,6 +26,7 @@ from qtool.quantize.scheme import Scheme
 QUANT_METHOD = "awq"
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 LAYER_SUFFIXES = ("qweight", "qzeros", "scales")
+SCALE_DTYPE = torch.float16  # what AWQ kernels expect; grids are fitted against float16 scales
 
 
 def check(recipe) -> None:
@@ -59,8 +60,16 @@ def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]
     return {
         f"{name}.qweight": _interleave(weight.codes().t().contiguous()),
         f"{name}.qzeros": _interleave(weight.zero_points().t().contiguous()),
-        f"{name}.scales": weight.scales.t().contiguous(),
+        f"{name}.scales": _half(name, weight.scales).t().contiguous(),
     }
+
+
+def _half(name: str, scales: torch.Tensor) -> torch.Tensor:
+    """Scales in float16 (qtool fits them in float16 for this format; others must convert exactly)."""
+    half = scales.to(torch.float16)
+    if not torch.equal(half.to(scales.dtype), scales):
+        raise QtoolError(f"{name}: scales do not fit float16 exactly; use --format compressed-tensors", FAILURE)
+    return half
 
 
 def quantization_config(weights: dict[str, QuantizedWeight], dense_linears: list[str]) -> dict:

@@ -183,12 +183,14 @@ def test_console_script_exit_codes(tmp_path):
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
 
-def test_gptq_run_resumes_from_saved_blocks_to_the_same_bytes(tiny_llama_dir, tiny_text_file, tmp_path):
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_run_resumes_from_saved_blocks_to_the_same_bytes(tiny_llama_dir, tiny_text_file, tmp_path, method):
     """A run killed after its first block (simulated by keeping the state of a run that stopped
-    there) resumes to the same checkpoint bytes as an uninterrupted run."""
+    there) resumes to the same checkpoint bytes as an uninterrupted run (AWQ: with the folded
+    norms of the restored block)."""
     import shutil
 
-    flags = ["--method", "gptq", "--group-size", "32", "--calib", str(tiny_text_file), "--nsamples", "8",
+    flags = ["--method", method, "--group-size", "32", "--calib", str(tiny_text_file), "--nsamples", "8",
              "--seqlen", "64", "--quiet"]
     assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "whole"), *flags]) == 0
     assert not (tmp_path / ".whole.qtool-work").exists()  # cleared once the checkpoint is written
@@ -198,8 +200,8 @@ def test_gptq_run_resumes_from_saved_blocks_to_the_same_bytes(tiny_llama_dir, ti
     saved = []
     original_save = resume.BlockStore.save
 
-    def save_then_die(self, index, weights, errors):
-        original_save(self, index, weights, errors)
+    def save_then_die(self, index, weights, errors, dense=None):
+        original_save(self, index, weights, errors, dense)
         saved.append(index)
         raise KeyboardInterrupt
 
@@ -232,3 +234,15 @@ def test_calibrated_methods_write_checkpoints_that_load(tiny_llama_dir, tiny_tex
     model = load_model(out)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_awq_format_from_the_command_line_loads_back(tiny_llama_dir, tmp_path):
+    import torch
+
+    from qtool.runtime.loader import load_model
+
+    out = tmp_path / "awq"
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--format", "awq", "--group-size", "32", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
+    with torch.no_grad():
+        assert torch.isfinite(load_model(out)(torch.tensor([[1, 2, 3]])).logits).all()

@@ -170,7 +170,7 @@ def test_awq_format_loads_back_with_the_same_logits(tiny_llama, tmp_path, scheme
     from qtool.runtime.loader import load_model
 
     recipe = Recipe(scheme=scheme)
-    result = quantize_model(tiny_llama, recipe)
+    result = quantize_model(tiny_llama, recipe, scale_dtype=torch.float16)  # the scales the AWQ layout stores
     for fmt in ("compressed-tensors", "awq"):
         write_checkpoint(tmp_path / fmt, tiny_llama, result.weights, result.skipped, fmt, {"recipe": recipe.to_dict()})
     config = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
@@ -194,3 +194,10 @@ def test_recipes_the_awq_layout_cannot_hold_are_refused_up_front(capsys, tiny_ll
 
     assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "o"), "--format", "awq", *flags]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_awq_layout_refuses_scales_that_float16_would_change(tiny_llama, tmp_path):
+    result = quantize_model(tiny_llama, Recipe(), scale_dtype=torch.float32)
+    with pytest.raises(QtoolError, match="do not fit float16 exactly"):
+        write_checkpoint(tmp_path / "awq", tiny_llama, result.weights, result.skipped, "awq", {})
+    assert not (tmp_path / "awq").exists()
