@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
-
 from qtool.quantize.format import format_for
-from qtool.quantize.format.checkpoint import read_json, tensor_infos, weight_files
+from qtool.quantize.format.checkpoint import read_json, tensor_infos
 
 
 @dataclass
@@ -54,21 +52,9 @@ def summarize(folder: Path) -> ModelSummary:
     fmt = format_for(config)
     names = fmt.layer_names(infos)
     schemes = fmt.layer_schemes(config["quantization_config"], names)
-    shapes = _stored_shapes(folder, names)
+    shapes = fmt.layer_shapes(folder, names, infos)
     for name in names:
         stored = [infos[f"{name}.{suffix}"] for suffix in fmt.layer_suffixes if f"{name}.{suffix}" in infos]
         summary.layers.append(LayerSummary(name, shapes[name], schemes[name].describe(), sum(s.nbytes for s in stored)))
-    summary.dense_linears = list(config["quantization_config"].get("ignore") or [])
+    summary.dense_linears = fmt.dense_linears(config["quantization_config"])
     return summary
-
-
-def _stored_shapes(folder: Path, names: list[str]) -> dict[str, tuple[int, int]]:
-    """The (out, in) shape of each quantized layer, read from its small `weight_shape` tensor."""
-    wanted = {f"{name}.weight_shape": name for name in names}
-    shapes = {}
-    for file in weight_files(folder):
-        with safe_open(file, framework="pt") as reader:
-            for key in wanted.keys() & set(reader.keys()):
-                out_features, in_features = reader.get_tensor(key).tolist()
-                shapes[wanted[key]] = (int(out_features), int(in_features))
-    return shapes

@@ -43,6 +43,8 @@ class Format:
     read_layers: Callable[[dict[str, torch.Tensor], dict], tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]]
     layer_schemes: Callable[[dict, list[str]], dict[str, Scheme]]
     layer_suffixes: tuple[str, ...]
+    layer_shapes: Callable[[Path, list[str], dict], dict[str, tuple[int, int]]]  # from headers (+ small tensors)
+    dense_linears: Callable[[dict], list[str]]  # the linears quantization_config leaves dense
     check: Callable[[object], None] | None = None  # check(recipe): refuse what the format cannot hold, up front
     scale_dtype: torch.dtype | None = None  # the dtype the format stores scales in (None: the model's)
 
@@ -65,6 +67,8 @@ def _format_of(name: str, module) -> Format:
         read_layers=module.read_layers,
         layer_schemes=module.layer_schemes,
         layer_suffixes=module.LAYER_SUFFIXES,
+        layer_shapes=module.layer_shapes,
+        dense_linears=module.dense_linears,
         check=getattr(module, "check", None),
         scale_dtype=getattr(module, "SCALE_DTYPE", None),
     )

@@ -16,6 +16,8 @@ before any work. `config.json` carries quant_method awq, version gemm, and the d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from qtool.errors import FAILURE, QtoolError
@@ -114,3 +116,12 @@ def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[st
     dense = {key: tensor for key, tensor in tensors.items()
              if not (key.rpartition(".")[0] in weights and key.rpartition(".")[2] in LAYER_SUFFIXES)}
     return weights, dense
+
+
+def layer_shapes(folder: Path, names: list[str], infos: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of each quantized layer, from the shape of its qweight [in, out/8]."""
+    return {name: (8 * infos[f"{name}.qweight"].shape[1], infos[f"{name}.qweight"].shape[0]) for name in names}
+
+
+def dense_linears(config: dict) -> list[str]:
+    return list(config.get("modules_to_not_convert") or [])

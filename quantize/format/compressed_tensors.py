@@ -19,11 +19,14 @@ names of the linear layers left dense in `ignore`.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from qtool.errors import QtoolError
 from qtool.quantize import packing
+from qtool.quantize.format.checkpoint import weight_files
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -183,3 +186,19 @@ def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[st
         if not (key.rpartition(".")[0] in weights and key.rpartition(".")[2] in LAYER_SUFFIXES)
     }
     return weights, dense
+
+
+def layer_shapes(folder: Path, names: list[str], infos: dict) -> dict[str, tuple[int, int]]:
+    """The (out, in) shape of each quantized layer, read from its small `weight_shape` tensor."""
+    wanted = {f"{name}.weight_shape": name for name in names}
+    shapes = {}
+    for file in weight_files(folder):
+        with safe_open(file, framework="pt") as reader:
+            for key in wanted.keys() & set(reader.keys()):
+                out_features, in_features = reader.get_tensor(key).tolist()
+                shapes[wanted[key]] = (int(out_features), int(in_features))
+    return shapes
+
+
+def dense_linears(config: dict) -> list[str]:
+    return list(config.get("ignore") or [])
