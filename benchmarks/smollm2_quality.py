@@ -4,7 +4,7 @@ For each scheme of a set: `qtool quantize`, then `qtool eval` on the WikiText-2 
 2048, fp32 on the CPU), with `--compare smollm2-135m` when asked (KL and top-1 agreement; it
 re-evaluates the base model for every scheme). Writes benchmarks/results/smollm2_<set>.{json,md}.
 
-usage: python benchmarks/smollm2_quality.py rtn|gptq|awq [--windows 40] [--compare]
+usage: python benchmarks/smollm2_quality.py rtn|gptq|awq|squeezellm [--windows 40] [--compare]
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION = ["--calib", "wiki-leads", "--nsamples", "128", "--seqlen", "512", "--seed", "0"]
+# SqueezeLLM's Fisher information on its default 100 x 512 tokens, computed by the first row that
+# needs it (its time includes it) and read from the same file by the others
+SQUEEZELLM = ["--calib", "wiki-leads", "--nsamples", "100", "--seqlen", "512", "--seed", "0", "--fisher",
+              "{scratch}/fisher.safetensors"]
 SETS = {
     "rtn": {
         "RTN W8 per-channel sym": ["--bits", "8", "--group-size", "-1", "--sym"],
@@ -42,6 +46,17 @@ SETS = {
         "AWQ+GPTQ W4 g64 asym, mse grid": ["--method", "awq+gptq", "--bits", "4", "--group-size", "64", "--asym",
                                            "--mse", *CALIBRATION],
     },
+    "squeezellm": {
+        "RTN W4 per-channel asym": ["--bits", "4", "--group-size", "-1", "--asym"],
+        "SqueezeLLM W4 per-row LUT": ["--method", "squeezellm", "--bits", "4", *SQUEEZELLM],
+        "SqueezeLLM W4 per-row LUT, no Fisher weights": ["--method", "squeezellm", "--bits", "4", "--no-sensitivity",
+                                                          *SQUEEZELLM],
+        "SqueezeLLM W4 per-row LUT, 0.45% outliers": ["--method", "squeezellm", "--bits", "4", "--outliers", "0.45%",
+                                                      *SQUEEZELLM],
+        "SqueezeLLM W3 per-row LUT": ["--method", "squeezellm", "--bits", "3", *SQUEEZELLM],
+        "SqueezeLLM W3 per-row LUT, 0.45% outliers": ["--method", "squeezellm", "--bits", "3", "--outliers", "0.45%",
+                                                      *SQUEEZELLM],
+    },
 }
 
 
@@ -55,12 +70,13 @@ def qtool(*args: str) -> tuple[dict, str, float]:
 
 def measure(name: str, flags: list[str], scratch: str, windows: str, compare: bool) -> dict:
     out = str(Path(scratch) / name.replace(" ", "_"))
+    flags = [flag.format(scratch=scratch) for flag in flags]
     quantized, quantize_command, quantize_wall = qtool("quantize", "smollm2-135m", "-o", out, *flags)
     eval_flags = ["--ppl", "wikitext", "--seqlen", "2048", "--max-windows", windows]
     evaluated, eval_command, _ = qtool("eval", out, *eval_flags, *(["--compare", "smollm2-135m"] if compare else []))
     row = {
         "scheme": name,
-        "quantize_command": quantize_command.replace(out, "OUT"),
+        "quantize_command": quantize_command.replace(out, "OUT").replace(scratch, "SCRATCH"),
         "eval_command": eval_command.replace(out, "OUT"),
         "quantize_wall_seconds": round(quantize_wall, 1),
         "size_before_bytes": quantized["size_before_bytes"],

@@ -238,11 +238,11 @@ def calibrate_sequentially(
     device = torch.device(device)
     storage = torch.device("cpu") if offload_activations else device
     prefix, blocks = decoder_blocks(model)
-    outside = _outside(model, blocks)
+    outside = outside_blocks(model, blocks)
     if weights is not None and model.get_input_embeddings() is not None:
         weights.load_rows(model.get_input_embeddings(), samples)
     for module in outside:
-        _move_loaded(module, device)
+        move_loaded(module, device)
     loaders = [hook for module in outside for hook in weights.load_on_demand(module, device)] if weights else []
     try:
         inputs = capture_inputs(model, blocks, samples, batch_size, device, storage)
@@ -252,7 +252,7 @@ def calibrate_sequentially(
         for module in outside:
             if weights is not None:
                 weights.release(module)
-            _move_loaded(module, torch.device("cpu"))
+            move_loaded(module, torch.device("cpu"))
     for index, block in enumerate(blocks):
         if on_block is not None:
             on_block(index, len(blocks))
@@ -268,7 +268,7 @@ def calibrate_sequentially(
             on_block_done(run)
 
 
-def _outside(module: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
+def outside_blocks(module: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
     """The submodules of `module` that do not hold the blocks (embeddings, final norm, rotary
     tables, head): modules holding the blocks are walked into, the blocks left out."""
     found = []
@@ -276,13 +276,13 @@ def _outside(module: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
         if child is blocks:
             continue
         if any(inner is blocks for inner in child.modules()):
-            found += _outside(child, blocks)
+            found += outside_blocks(child, blocks)
         else:
             found.append(child)
     return found
 
 
-def _move_loaded(module: nn.Module, device: torch.device) -> None:
+def move_loaded(module: nn.Module, device: torch.device) -> None:
     """`module.to(device)` for the tensors it holds; empty (meta) parameters stay as they are."""
     for owner in module.modules():
         for name, buffer in owner.named_buffers(recurse=False):

@@ -4,44 +4,65 @@ from __future__ import annotations
 
 import platform
 import time
+from decimal import Decimal
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from qtool import __version__
+from qtool.cache import cache_dir
 from qtool.calibrate.data import calibration_windows, load_text, tokenize
 from qtool.calibrate.data import fingerprint as data_fingerprint
+from qtool.calibrate.fisher import StoredFisher, diagonal_fisher, save_fisher
+from qtool.calibrate.pipeline import decoder_blocks
 from qtool.cli import console
 from qtool.cli.devices import calibration_dtypes, choose_device, limit_device_memory
 from qtool.errors import FAILURE, QtoolError
-from qtool.quantize.apply import quantize_model
+from qtool.quantize.apply import linear_layers, quantize_model
 from qtool.quantize.format import FORMATS, write_checkpoint
 from qtool.quantize.methods import METHODS
 from qtool.quantize.resume import BlockStore, run_fingerprint
-from qtool.quantize.scheme import AWQOptions, CalibrationSpec, GPTQOptions, Override, Recipe, Scheme
+from qtool.quantize.scheme import AWQOptions, CalibrationSpec, GPTQOptions, Override, Recipe, Scheme, SqueezeLLMOptions
 from qtool.runtime.loader import load_lazily, load_tokenizer, stored_dtype
 from qtool.runtime.resolve import resolve_model
 from qtool.runtime.summary import summarize
 
 
+FLAG_DEFAULTS = {"group_size": 64, "nsamples": 128, "format": "compressed-tensors"}
+
+
 def build_recipe(options: dict) -> Recipe:
-    """The recipe the flags describe, with method and format checked against their registries."""
-    METHODS.get(options["method"])
+    """The recipe the flags describe, with method and format checked against their registries.
+    Flags left unset take the method's defaults, then qtool's."""
+    method = METHODS.get(options["method"])
+    options = {**options, **{key: value for key, value in method.defaults.items() if options[key] is None}}
+    options = {**options, **{key: value for key, value in FLAG_DEFAULTS.items() if options[key] is None}}
     fmt = FORMATS.get(options["format"])
     recipe = Recipe(
         method=options["method"],
-        scheme=Scheme(bits=options["bits"], group_size=options["group_size"], symmetric=options["symmetric"]),
+        scheme=Scheme(bits=options["bits"], group_size=options["group_size"], symmetric=options["symmetric"],
+                      lut=method.lut),
         overrides=tuple(Override(pattern, None) for pattern in options["skip"]),
         calibration=CalibrationSpec(options["calib"], options["nsamples"], options["seqlen"], options["seed"]),
         format=options["format"],
         gptq=GPTQOptions(options["block_size"], options["damp"], options["act_order"], options["true_sequential"]),
         mse=options["mse"],
         awq=AWQOptions(duo_scaling=options["duo_scaling"], clip=options["clip"]),
+        squeezellm=SqueezeLLMOptions(outliers=parse_fraction(options["outliers"], "--outliers"),
+                                     fisher=options["sensitivity"]),
     )
     if fmt.check is not None:
         fmt.check(recipe)
     return recipe
+
+
+def parse_fraction(text: str, flag: str) -> float:
+    """0.45% or 0.0045 as a fraction."""
+    try:
+        return float(Decimal(text.strip()[:-1]) / 100) if text.strip().endswith("%") else float(text)
+    except (ValueError, ArithmeticError):
+        raise QtoolError(f"cannot read {flag} {text!r}; write a fraction like 0.45% or 0.0045") from None
 
 
 def versions() -> dict:
@@ -68,29 +89,33 @@ def run_quantize(**options) -> None:
     folder = resolve_model(options["model"])
     stored = stored_dtype(folder)
     weights_dtype, linear_dtype, matmul_dtype = calibration_dtypes(options["calib_dtype"], device, stored)
-    if not method.needs_calibration:
+    calibrated = method.needs_calibration(recipe)
+    if not calibrated:
         weights_dtype, linear_dtype, matmul_dtype = stored, stored, None
-    calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if method.needs_calibration else None
+    calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if calibrated else None
     with console.working("loading", str(folder), show):
         model, lazy = load_lazily(folder, weights_dtype, trust, linear_dtype)
         tokenizer = load_tokenizer(folder, trust)
         calibration = fingerprint = None
-        if method.needs_calibration:
+        if calibrated:
             spec = recipe.calibration
             text = load_text(spec.source, options["data_dir"])
             calibration = calibration_windows(tokenize(tokenizer, text), spec.nsamples, spec.seqlen, spec.seed)
             fingerprint = data_fingerprint(calibration)
-    store = None
-    if method.needs_calibration:  # every calibrated run keeps per-block state, so --resume can pick it up
+    store = sensitivity = None
+    if method.sequential:  # every calibrated run keeps per-block state, so --resume can pick it up
         work = output.parent / f".{output.name}.qtool-work"
         decisive = {**recipe.to_dict(), "calibration_matmul_dtype": calib_matmul}
         store = BlockStore(work, run_fingerprint(folder, decisive, calibration), options["resume"])
+    elif calibrated:
+        sensitivity = cached_fisher(model, lazy, folder, calibration, device, matmul_dtype, calib_matmul,
+                                    options["fisher"], show)
     scale_dtype = FORMATS.get(recipe.format).scale_dtype or stored
     with console.progress(show) as bar:
         task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
         try:
             quantized = quantize_model(
-                model, recipe, calibration, device, scale_dtype=scale_dtype, store=store,
+                model, recipe, calibration, device, scale_dtype=scale_dtype, store=store, sensitivity=sensitivity,
                 offload_activations=options["offload_activations"], matmul_dtype=matmul_dtype, weights=lazy,
                 on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
                 on_block=lambda index, count: bar.update(
@@ -129,6 +154,25 @@ def run_quantize(**options) -> None:
     report(folder, output, record, options["json_output"])
 
 
+def cached_fisher(model, lazy, folder: Path, calibration: torch.Tensor, device: str, matmul_dtype,
+                  calib_matmul: str, path: Path | None, show: bool) -> StoredFisher:
+    """The Fisher information of the blocks' linears on the calibration windows: read from `path`
+    (or the cache, keyed by model files, windows and precision) when computed before, else
+    computed and saved there first."""
+    key = run_fingerprint(folder, {"statistic": "diagonal-fisher", "matmul_dtype": calib_matmul}, calibration)
+    path = path or cache_dir() / "fisher" / f"{key[:24]}.safetensors"
+    if not path.exists():
+        prefix, _ = decoder_blocks(model)  # every linear of the blocks: one file serves any recipe
+        targets = [name for name in linear_layers(model) if name.startswith(prefix + ".")]
+        with console.progress(show) as bar:
+            task = bar.add_task("Fisher information", total=len(calibration), detail="")
+            fisher = diagonal_fisher(model, calibration, targets, device, matmul_dtype=matmul_dtype, weights=lazy,
+                                     on_progress=lambda done, total: bar.update(task, completed=done))
+        save_fisher(path, fisher, key)
+        del fisher
+    return StoredFisher(path, key)
+
+
 def peak_memory(device: str) -> dict:
     """Peak memory of this process so far: resident host memory, and device memory on CUDA."""
     import resource
@@ -139,9 +183,14 @@ def peak_memory(device: str) -> dict:
     return peaks
 
 
+ERROR_KINDS = {"weight": "the weights", "output": "the outputs on the calibration data",
+               "fisher-weighted weight": "the weights, weighted by Fisher information"}
+
+
 def worst_layers(layers: dict, count: int = 8) -> list[dict]:
     ranked = sorted(layers.items(), key=lambda item: item[1]["error"], reverse=True)[:count]
-    return [{"layer": name, "scheme": entry["scheme"], "error": entry["error"]} for name, entry in ranked]
+    return [{"layer": name, "scheme": entry["scheme"], "error": entry["error"], "kind": entry["kind"]}
+            for name, entry in ranked]
 
 
 def report(source: Path, output: Path, record: dict, json_output: bool) -> None:
@@ -163,11 +212,11 @@ def report(source: Path, output: Path, record: dict, json_output: bool) -> None:
         return
     from rich.table import Table
 
-    errors = Table(title="largest relative errors (weights for rtn, layer outputs on the calibration data otherwise)")
-    for column, justify in (("layer", "left"), ("scheme", "left"), ("relative error", "right")):
+    errors = Table(title="largest relative errors")
+    for column, justify in (("layer", "left"), ("scheme", "left"), ("relative error", "right"), ("of", "left")):
         errors.add_column(column, justify=justify)
     for row in summary["worst_layers"]:
-        errors.add_row(row["layer"], row["scheme"], f"{row['error']:.3e}")
+        errors.add_row(row["layer"], row["scheme"], f"{row['error']:.3e}", ERROR_KINDS.get(row["kind"], row["kind"]))
     console.stdout.print(errors)
 
     table = Table(title=f"qtool quantize → {output}")

@@ -10,11 +10,12 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
+from qtool.calibrate.fisher import diagonal_fisher
 from qtool.calibrate.pipeline import BlockRun, calibrate_sequentially, decoder_blocks
 from qtool.errors import QtoolError
 from qtool.host_memory import release_freed_memory
@@ -104,6 +105,7 @@ def quantize_model(
     store: BlockStore | None = None,
     matmul_dtype: torch.dtype | None = None,
     weights: LazyWeights | None = None,
+    sensitivity: Mapping[str, torch.Tensor] | None = None,
 ) -> QuantizedModel:
     """Quantize every planned linear layer of `model` with the recipe's method.
 
@@ -117,13 +119,18 @@ def quantize_model(
     is saved, and blocks an earlier run finished are restored instead of calibrated. Calibration
     forwards run under autocast to `matmul_dtype` when it is given (weights keep their dtype).
     With lazy `weights`, each layer or block is read from disk when its turn comes, and the
-    weights of quantized layers are released once they are quantized.
+    weights of quantized layers are released once they are quantized. Methods that weigh by
+    sensitivity get each layer's diagonal Fisher information from `sensitivity` (name -> tensor,
+    e.g. a cache on disk), computed here on the calibration data when not given.
     """
     method = METHODS.get(recipe.method)
     plan = plan_layers(model, recipe)
     if not any(plan.values()):
         raise QtoolError("no layer is left to quantize: every linear layer is skipped by the recipe")
     check_group_sizes(model, plan)
+    kind = "look-up tables" if method.lut else "uniform grids"
+    if any(scheme.lut != method.lut for scheme in plan.values() if scheme is not None):
+        raise QtoolError(f"method {recipe.method} stores {kind}, which the recipe's schemes contradict")
     started = time.perf_counter()
     result = QuantizedModel(weights={}, skipped=[name for name, scheme in plan.items() if scheme is None])
     total = len(plan) - len(result.skipped)
@@ -132,10 +139,10 @@ def quantize_model(
         result.weights[name] = outcome.weight.to("cpu")
         result.errors[name] = {"error": outcome.error, "kind": outcome.error_kind, **(outcome.notes or {})}
 
-    def quantize_layer(name: str, layer: nn.Linear) -> None:
+    def quantize_layer(name: str, layer: nn.Linear, stats=None) -> None:
         if on_layer is not None:
             on_layer(name, len(result.weights), total)
-        record(name, method.run(layer.weight.data, plan[name], recipe=recipe, scale_dtype=scale_dtype))
+        record(name, method.run(layer.weight.data, plan[name], stats=stats, recipe=recipe, scale_dtype=scale_dtype))
 
     def quantize_together(names: list[str], layers: list[nn.Linear], stats) -> None:
         """Quantize layers reading one input; each keeps its dequantized weight (made on its device)."""
@@ -147,25 +154,30 @@ def quantize_model(
             record(name, outcome)
             layer.weight.data = outcome.weight.dequantize(layer.weight.dtype)
 
+    if method.needs_calibration(recipe):
+        if calibration is None and sensitivity is None:
+            raise QtoolError(f"method {recipe.method!r} needs calibration data")
+        prefix, _ = decoder_blocks(model)
+        outside = [name for name, scheme in plan.items() if scheme and not name.startswith(prefix + ".")]
+        if outside:
+            raise QtoolError(
+                f"{', '.join(outside[:3])} lie outside the decoder blocks, where {recipe.method} cannot "
+                f"calibrate; leave them dense with --skip"
+            )
     with torch.no_grad():
-        if not method.needs_calibration:
+        if not method.sequential:
+            if method.needs_calibration(recipe) and sensitivity is None:
+                targets = [name for name, scheme in plan.items() if scheme is not None]
+                sensitivity = diagonal_fisher(model, calibration, targets, device, matmul_dtype=matmul_dtype,
+                                              weights=weights)
             for name, layer in linear_layers(model).items():
                 if plan[name] is not None:
                     if weights is not None:
                         weights.load(layer)
-                    quantize_layer(name, layer)
+                    quantize_layer(name, layer, None if sensitivity is None else sensitivity[name])
                     if weights is not None:
                         weights.release(layer)
         else:
-            if calibration is None:
-                raise QtoolError(f"method {recipe.method!r} needs calibration data")
-            prefix, _ = decoder_blocks(model)
-            outside = [name for name, scheme in plan.items() if scheme and not name.startswith(prefix + ".")]
-            if outside:
-                raise QtoolError(
-                    f"{', '.join(outside[:3])} lie outside the decoder blocks, where {recipe.method} cannot "
-                    f"calibrate; leave them dense with --skip"
-                )
             handler = _block_handler(method, plan, recipe, quantize_together, scale_dtype)
             if store is not None:
                 handler = _resumable(handler, store, result)

@@ -7,7 +7,8 @@ layers get which scheme and collects the statistics a method names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -19,6 +20,7 @@ from qtool.quantize.gptq import gptq, output_error
 from qtool.quantize.grid import dequantize_codes, fit_grid, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Recipe, Scheme
+from qtool.quantize.squeezellm import squeeze
 from qtool.registry import Registry
 
 
@@ -37,6 +39,7 @@ class MethodResult:
 Run = Callable[..., MethodResult]  # run(weight, scheme, *, stats, recipe, scale_dtype)
 Statistic = Callable[[nn.Linear, torch.device], Any]
 Prepare = Callable[..., dict]  # prepare(run: BlockRun, plan, recipe, scale_dtype) -> statistics by input group
+Sensitivity = Callable[[Recipe], bool]  # whether the recipe wants the model's Fisher information
 
 
 @dataclass(frozen=True)
@@ -52,24 +55,37 @@ class Method:
     `prepare(run, plan, recipe, scale_dtype)`, where given, first transforms each decoder block
     as a whole (AWQ folds its scales) and returns the statistics of its input groups, keyed by
     each group's first linear; a method without a `statistic` of its own is run with those.
+
+    Methods that use the whole model's sensitivity instead (SqueezeLLM) run layer by layer on
+    the original weights, like data-free ones, with the layer's diagonal Fisher information as
+    `stats` when `sensitivity(recipe)` says the recipe wants it (None otherwise). `lut`: the
+    method stores look-up tables, so its schemes say so.
     """
 
     name: str
     run: Run
     statistic: Statistic | None = None
     prepare: Prepare | None = None
+    sensitivity: Sensitivity | None = None
+    lut: bool = False
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # settings it takes unless told otherwise
 
     @property
-    def needs_calibration(self) -> bool:
+    def sequential(self) -> bool:
+        """Calibrated block by block on the calibration data (GPTQ, AWQ)."""
         return self.statistic is not None or self.prepare is not None
+
+    def needs_calibration(self, recipe: Recipe) -> bool:
+        return self.sequential or (self.sensitivity is not None and self.sensitivity(recipe))
 
 
 METHODS: Registry[Method] = Registry("method")
 
 
-def method(name: str, statistic: Statistic | None = None, prepare: Prepare | None = None):
+def method(name: str, statistic: Statistic | None = None, prepare: Prepare | None = None,
+           sensitivity: Sensitivity | None = None, lut: bool = False, defaults: Mapping[str, Any] | None = None):
     def add(run: Run) -> Run:
-        METHODS.register(name)(Method(name, run, statistic, prepare))
+        METHODS.register(name)(Method(name, run, statistic, prepare, sensitivity, lut, defaults or {}))
         return run
 
     return add
@@ -123,6 +139,21 @@ def gptq_method(weights: list[torch.Tensor], scheme: Scheme, *, stats: HessianSt
         MethodResult(part, error, "output", notes)
         for part, error in zip(result.weight.split_rows(sizes), result.part_errors(sizes))
     ]
+
+
+@method("squeezellm", sensitivity=lambda recipe: recipe.squeezellm.fisher, lut=True,
+        defaults={"group_size": -1, "nsamples": 100, "format": "qtool"})  # the paper's: a table per row, 100 x 512 tokens
+def squeezellm_method(weight: torch.Tensor, scheme: Scheme, *, stats: torch.Tensor | None = None, recipe: Recipe,
+                      scale_dtype: torch.dtype | None = None) -> MethodResult:
+    """Weighted k-means of each row (or row group) into a look-up table, the weights held out as
+    outliers stored sparse; the error is the Fisher-weighted one, relative (plain on the weights
+    without Fisher information)."""
+    options = recipe.squeezellm
+    quantized = squeeze(weight, stats, scheme, options.outliers, options.sensitive_fraction, options.max_iterations)
+    delta = (weight.float() - quantized.dequantize(torch.float32)).pow(2)
+    sensitivity = torch.ones_like(delta) if stats is None else stats.float()
+    error = (sensitivity * delta).sum().item() / max((sensitivity * weight.float().pow(2)).sum().item(), 1e-30)
+    return MethodResult(quantized, error, "weight" if stats is None else "fisher-weighted weight")
 
 
 METHODS.register("awq+gptq")(Method("awq+gptq", gptq_method, hessian_statistic, prepare_block))

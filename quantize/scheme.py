@@ -12,12 +12,15 @@ class Scheme:
     """How one linear layer's weight is quantized.
 
     bits: 2-8. group_size: input columns sharing one scale (and zero), -1 for one per output
-    channel. symmetric: zero fixed at 2**(bits-1), so no zero point is stored.
+    channel. symmetric: zero fixed at 2**(bits-1), so no zero point is stored. lut: codes index
+    a look-up table of 2**bits values per row and group (non-uniform, SqueezeLLM) instead of a
+    uniform grid; `symmetric` means nothing then.
     """
 
     bits: int = 4
     group_size: int = 64
     symmetric: bool = False
+    lut: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -28,13 +31,15 @@ class Scheme:
             raise QtoolError(f"group size must be -1 (per channel) or a positive integer, got {self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise QtoolError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.lut, bool):
+            raise QtoolError(f"lut must be true or false, got {self.lut!r}")
 
     def group_count(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
 
     def describe(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"W{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+        return f"W{self.bits} {group} {'lut' if self.lut else 'sym' if self.symmetric else 'asym'}"
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,29 @@ class AWQOptions:
 
 
 @dataclass(frozen=True)
+class SqueezeLLMOptions:
+    """SqueezeLLM's settings: the fraction of each layer's weights kept exactly as sparse outliers
+    (0 for dense-only; the paper's sparse variant keeps 0.45%), of which `sensitive_fraction`
+    (of all weights) are chosen by Fisher information and the rest by magnitude; whether the
+    k-means is weighted by the Fisher information (`fisher`; off only to measure what it buys);
+    and the cap on Lloyd iterations."""
+
+    outliers: float = 0.0
+    sensitive_fraction: float = 0.0005
+    fisher: bool = True
+    max_iterations: int = 100
+
+    def __post_init__(self):
+        for name in ("outliers", "sensitive_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 0.5:
+                raise QtoolError(f"SqueezeLLM {name.replace('_', ' ')} must be a fraction from 0 to 0.5 "
+                                 f"(e.g. 0.0045 or 0.45%), got {value!r}")
+        if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, int) or self.max_iterations < 1:
+            raise QtoolError(f"SqueezeLLM max iterations must be a positive integer, got {self.max_iterations!r}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that decides a quantized checkpoint: method, default scheme, per-layer overrides,
     calibration data and output format. The first matching override wins. Method and format names
@@ -130,6 +158,11 @@ class Recipe:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     mse: bool = False
     awq: AWQOptions = field(default_factory=AWQOptions)
+    squeezellm: SqueezeLLMOptions = field(default_factory=SqueezeLLMOptions)
+
+    def schemes(self) -> list[Scheme]:
+        """Every scheme the recipe can give a layer: the default's and the overrides'."""
+        return [self.scheme, *(override.scheme for override in self.overrides if override.scheme is not None)]
 
     def scheme_for(self, layer_name: str) -> Scheme | None:
         for override in self.overrides:
@@ -141,7 +174,7 @@ class Recipe:
         def scheme_dict(scheme: Scheme | None) -> dict:
             if scheme is None:
                 return {"skip": True}
-            return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric}
+            return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric, "lut": scheme.lut}
 
         return {
             "method": self.method,
@@ -167,5 +200,11 @@ class Recipe:
                 "clip": self.awq.clip,
                 "max_shrink": self.awq.max_shrink,
                 "clip_skip": self.awq.clip_skip,
+            },
+            "squeezellm": {
+                "outliers": self.squeezellm.outliers,
+                "sensitive_fraction": self.squeezellm.sensitive_fraction,
+                "fisher": self.squeezellm.fisher,
+                "max_iterations": self.squeezellm.max_iterations,
             },
         }

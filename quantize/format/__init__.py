@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qtool.errors import FAILURE, QtoolError
-from qtool.quantize.format import awq, compressed_tensors
+from qtool.quantize.format import awq, compressed_tensors, native
 from qtool.quantize.format.checkpoint import (
     PendingTensor,
     load_tensors,
@@ -74,7 +74,7 @@ def _format_of(name: str, module) -> Format:
     )
 
 
-for _name, _module in (("compressed-tensors", compressed_tensors), ("awq", awq)):
+for _name, _module in (("compressed-tensors", compressed_tensors), ("awq", awq), ("qtool", native)):
     FORMATS.register(_name)(_format_of(_name, _module))
 
 

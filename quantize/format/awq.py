@@ -9,7 +9,7 @@ Per quantized linear `NAME`, 4-bit codes with a zero point per group of input ro
 
 Dequantization: w[o, i] = (q - z) * s, as qtool's own. Symmetric weights are stored with their
 implied zero point (8), so they read back as asymmetric ones with the same values. The layout has
-no act-order (`g_idx`), no other bit width and no per-channel grid; such recipes are refused
+no act-order (`g_idx`), no other bit width, no per-channel grid and no look-up tables; such recipes are refused
 before any work. `config.json` carries quant_method awq, version gemm, and the dense linears in
 `modules_to_not_convert`.
 """
@@ -22,6 +22,7 @@ import torch
 
 from qtool.errors import FAILURE, QtoolError
 from qtool.quantize import packing
+from qtool.quantize.format.checkpoint import dense_tensors
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -33,9 +34,8 @@ SCALE_DTYPE = torch.float16  # what AWQ kernels expect; grids are fitted against
 
 def check(recipe) -> None:
     """Refuse, before any work, a recipe whose layers this layout cannot hold."""
-    schemes = [recipe.scheme, *(override.scheme for override in recipe.overrides if override.scheme is not None)]
-    for scheme in schemes:
-        if scheme.bits != 4 or scheme.group_size == -1:
+    for scheme in recipe.schemes():
+        if scheme.bits != 4 or scheme.group_size == -1 or scheme.lut:
             raise QtoolError(f"--format awq holds 4-bit weights with a group size; {scheme.describe()} does not "
                              f"fit: use --bits 4 and a --group-size, or --format compressed-tensors")
     if recipe.method in ("gptq", "awq+gptq") and recipe.gptq.act_order == "group":
@@ -55,7 +55,7 @@ def _deinterleave(words: torch.Tensor, out_features: int) -> torch.Tensor:
 
 
 def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-    if weight.g_idx is not None or weight.scheme.bits != 4 or weight.scheme.group_size == -1:
+    if weight.g_idx is not None or weight.scheme.bits != 4 or weight.scheme.group_size == -1 or weight.scheme.lut:
         raise QtoolError(f"{name}: {weight.scheme.describe()} does not fit --format awq", FAILURE)
     if weight.out_features % 8:
         raise QtoolError(f"{name}: {weight.out_features} output channels do not fill AWQ's words of 8", FAILURE)
@@ -113,9 +113,7 @@ def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[st
         zeros = _deinterleave(qzeros, out_features).t().contiguous()
         weights[name] = QuantizedWeight(packing.pack(codes, 4), scales.t().contiguous(), zeros, schemes[name],
                                         (out_features, in_features))
-    dense = {key: tensor for key, tensor in tensors.items()
-             if not (key.rpartition(".")[0] in weights and key.rpartition(".")[2] in LAYER_SUFFIXES)}
-    return weights, dense
+    return weights, dense_tensors(tensors, weights, LAYER_SUFFIXES)
 
 
 def layer_shapes(folder: Path, names: list[str], infos: dict) -> dict[str, tuple[int, int]]:

@@ -50,6 +50,12 @@ def write_folder_atomically(destination: Path, fill: Callable[[Path], None], ove
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def dense_tensors(tensors: dict[str, torch.Tensor], layers, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The stored tensors that are not one of the quantized `layers`' own (`NAME.SUFFIX`)."""
+    return {key: tensor for key, tensor in tensors.items()
+            if not (key.rpartition(".")[0] in layers and key.rpartition(".")[2] in suffixes)}
+
+
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict without aliases of an earlier tensor (a tied lm_head keeps only the embedding)."""
     seen: set[tuple[int, tuple[int, ...]]] = set()

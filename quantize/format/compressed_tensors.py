@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qtool.errors import QtoolError
+from qtool.errors import FAILURE, QtoolError
 from qtool.quantize import packing
-from qtool.quantize.format.checkpoint import weight_files
+from qtool.quantize.format.checkpoint import dense_tensors, weight_files
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -37,8 +37,17 @@ DENSE_STREAM_SINCE = (0, 18)  # earlier versions packed 32 // bits whole codes p
 LAYER_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
+def check(recipe) -> None:
+    """Refuse, before any work, what compressed-tensors cannot hold: look-up-table weights."""
+    if any(scheme.lut for scheme in recipe.schemes()):
+        raise QtoolError(f"{recipe.method} writes look-up-table weights, which compressed-tensors cannot hold; "
+                         f"use --format qtool")
+
+
 def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The tensors stored for one quantized layer."""
+    if weight.scheme.lut or weight.outliers is not None:
+        raise QtoolError(f"{name}: look-up tables and sparse outliers do not fit compressed-tensors", FAILURE)
     tensors = {
         f"{name}.weight_packed": weight.packed,
         f"{name}.weight_scale": weight.scales,
@@ -180,12 +189,7 @@ def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[st
     names = sorted(key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed"))
     schemes = layer_schemes(config, names)
     weights = {name: read_layer(name, tensors, schemes[name]) for name in names}
-    dense = {
-        key: tensor
-        for key, tensor in tensors.items()
-        if not (key.rpartition(".")[0] in weights and key.rpartition(".")[2] in LAYER_SUFFIXES)
-    }
-    return weights, dense
+    return weights, dense_tensors(tensors, weights, LAYER_SUFFIXES)
 
 
 def layer_shapes(folder: Path, names: list[str], infos: dict) -> dict[str, tuple[int, int]]:

@@ -1,7 +1,7 @@
 import pytest
 
 from qtool.errors import QtoolError
-from qtool.quantize.scheme import CalibrationSpec, Override, Recipe, Scheme
+from qtool.quantize.scheme import CalibrationSpec, Override, Recipe, Scheme, SqueezeLLMOptions
 
 
 @pytest.mark.parametrize("bits", [1, 9, 0, 4.0, True, "4"])
@@ -47,8 +47,19 @@ def test_recipe_serialises_every_setting():
     recipe = Recipe(overrides=(Override("lm_head", Scheme(8, -1, True)), Override("gate", None)))
     data = recipe.to_dict()
     assert data["method"] == "rtn"
-    assert data["scheme"] == {"bits": 4, "group_size": 64, "symmetric": False}
+    assert data["scheme"] == {"bits": 4, "group_size": 64, "symmetric": False, "lut": False}
     assert data["overrides"] == [
-        {"match": "lm_head", "bits": 8, "group_size": -1, "symmetric": True},
+        {"match": "lm_head", "bits": 8, "group_size": -1, "symmetric": True, "lut": False},
         {"match": "gate", "skip": True},
     ]
+    assert data["squeezellm"] == {"outliers": 0.0, "sensitive_fraction": 0.0005, "fisher": True, "max_iterations": 100}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"outliers": 0.6}, "outliers must be a fraction"),
+    ({"sensitive_fraction": -0.1}, "sensitive fraction must be a fraction"),
+    ({"max_iterations": 0}, "max iterations"),
+])
+def test_squeezellm_options_are_checked(settings, message):
+    with pytest.raises(QtoolError, match=message):
+        SqueezeLLMOptions(**settings)
