@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.qweight import OUTLIER_FIELDS, QuantizedWeight, SparseOutliers
 from qtool.quantize.scheme import Scheme
 
 
@@ -23,12 +23,18 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", weight.scales)
         self.register_buffer("zeros", weight.zeros)
         self.register_buffer("g_idx", weight.g_idx)
+        self.register_buffer("lut", weight.lut)
+        outliers = weight.outliers
+        for field in OUTLIER_FIELDS:
+            self.register_buffer(f"outlier_{field}", None if outliers is None else getattr(outliers, field))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(
-            self.packed, self.scales, self.zeros, self.scheme, (self.out_features, self.in_features), self.g_idx
-        )
+        outliers = None
+        if self.outlier_values is not None:
+            outliers = SparseOutliers(*(getattr(self, f"outlier_{field}") for field in OUTLIER_FIELDS))
+        return QuantizedWeight(self.packed, self.scales, self.zeros, self.scheme, (self.out_features, self.in_features),
+                               self.g_idx, self.lut, outliers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
