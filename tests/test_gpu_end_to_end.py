@@ -103,3 +103,24 @@ def test_a_device_memory_cap_too_small_for_one_block_is_a_clear_failure(trained_
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err and "--max-device-memory" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_squeezellm_on_the_gpu_computes_what_the_cpu_computes(trained_llama, tmp_path, capsys):
+    """The Fisher information (float32 both ways) agrees closely; the k-means has no floating-point
+    sums whose order differs between devices, so codes agree but where a value sits on a
+    cluster boundary."""
+    flags = ["--method", "squeezellm", "--bits", "4", "--outliers", "0.45%", "--nsamples", "32", "--seqlen", "256",
+             "--calib-dtype", "float32", "--quiet"]
+    for device in ("cpu", "cuda"):
+        assert main(["quantize", str(trained_llama), "-o", str(tmp_path / device), "--device", device,
+                     "--fisher", str(tmp_path / f"{device}.fisher"), *flags]) == 0
+    from safetensors.torch import load_file
+
+    cpu_fisher, gpu_fisher = (load_file(tmp_path / f"{device}.fisher") for device in ("cpu", "cuda"))
+    for name, value in cpu_fisher.items():
+        assert (gpu_fisher[name] - value).norm() <= 1e-3 * value.norm(), name
+    cpu, gpu = read_checkpoint(tmp_path / "cpu").weights, read_checkpoint(tmp_path / "cuda").weights
+    same = sum((cpu[name].codes() == gpu[name].codes()).sum().item() for name in cpu)
+    assert same / sum(cpu[name].codes().numel() for name in cpu) >= 0.99
+    cpu_ppl, gpu_ppl = (perplexity(tmp_path / device, capsys) for device in ("cpu", "cuda"))
+    assert gpu_ppl == pytest.approx(cpu_ppl, rel=0.005)
