@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from contextlib import contextmanager
 from decimal import Decimal
 from importlib import metadata
 from pathlib import Path
@@ -107,13 +108,14 @@ def run_quantize(**options) -> None:
         work = output.parent / f".{output.name}.qtool-work"
         decisive = {**recipe.to_dict(), "calibration_matmul_dtype": calib_matmul}
         store = BlockStore(work, run_fingerprint(folder, decisive, calibration), options["resume"])
-    elif calibrated:
-        sensitivity = cached_fisher(model, lazy, folder, calibration, device, matmul_dtype, calib_matmul,
-                                    options["fisher"], show)
     scale_dtype = FORMATS.get(recipe.format).scale_dtype or stored
-    with console.progress(show) as bar:
-        task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
-        try:
+    cap = f"the {options['max_device_memory']} of --max-device-memory" if device_cap else "what the device has"
+    with out_of_device_memory_as_failure(device, cap):
+        if calibrated and not method.sequential:
+            sensitivity = cached_fisher(model, lazy, folder, calibration, device, matmul_dtype, calib_matmul,
+                                        options["fisher"], show)
+        with console.progress(show) as bar:
+            task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
             quantized = quantize_model(
                 model, recipe, calibration, device, scale_dtype=scale_dtype, store=store, sensitivity=sensitivity,
                 offload_activations=options["offload_activations"], matmul_dtype=matmul_dtype, weights=lazy,
@@ -121,12 +123,6 @@ def run_quantize(**options) -> None:
                 on_block=lambda index, count: bar.update(
                     task, description=f"quantizing ({recipe.method}) block {index + 1}/{count}"),
             )
-        except torch.OutOfMemoryError:
-            cap = f"the {options['max_device_memory']} of --max-device-memory" if device_cap else "what the device has"
-            raise QtoolError(
-                f"one block and its activations need more than {cap} on {device}; lower --nsamples or "
-                f"--seqlen, add --offload-activations, or allow more memory", FAILURE,
-            ) from None
     record = {
         "recipe": recipe.to_dict(),
         "model": {"source": options["model"], "folder": str(folder)},
@@ -135,6 +131,7 @@ def run_quantize(**options) -> None:
         "device": device,
         "max_device_memory_bytes": device_cap,
         "calibration_matmul_dtype": calib_matmul,
+        "fisher_file": None if sensitivity is None else str(sensitivity.path),
         "layers": {
             name: {"scheme": weight.scheme.describe(), **quantized.errors[name]}
             for name, weight in quantized.weights.items()
@@ -152,6 +149,18 @@ def run_quantize(**options) -> None:
     if store is not None:
         store.clear()
     report(folder, output, record, options["json_output"])
+
+
+@contextmanager
+def out_of_device_memory_as_failure(device: str, cap: str):
+    """Running out of device memory is a one-line failure that says what to change."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise QtoolError(
+            f"one block and its activations need more than {cap} on {device}; lower --nsamples or "
+            f"--seqlen, add --offload-activations, or allow more memory", FAILURE,
+        ) from None
 
 
 def cached_fisher(model, lazy, folder: Path, calibration: torch.Tensor, device: str, matmul_dtype,
@@ -183,8 +192,7 @@ def peak_memory(device: str) -> dict:
     return peaks
 
 
-ERROR_KINDS = {"weight": "the weights", "output": "the outputs on the calibration data",
-               "fisher-weighted weight": "the weights, weighted by Fisher information"}
+ERROR_KINDS = {"weight": "weights", "output": "outputs", "fisher-weighted weight": "weights x Fisher"}
 
 
 def worst_layers(layers: dict, count: int = 8) -> list[dict]:
@@ -212,7 +220,7 @@ def report(source: Path, output: Path, record: dict, json_output: bool) -> None:
         return
     from rich.table import Table
 
-    errors = Table(title="largest relative errors")
+    errors = Table(title="largest relative errors (outputs: on the calibration data)")
     for column, justify in (("layer", "left"), ("scheme", "left"), ("relative error", "right"), ("of", "left")):
         errors.add_column(column, justify=justify)
     for row in summary["worst_layers"]:

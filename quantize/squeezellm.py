@@ -27,7 +27,7 @@ from qtool.quantize.qweight import QuantizedWeight, SparseOutliers
 from qtool.quantize.scheme import Scheme
 
 ROW_CHUNK = 1024  # rows clustered at once: bounds the float64 prefix sums to ~ROW_CHUNK * n * 24 bytes
-DP_BINS, DP_ROWS = 128, 256  # the exact start's bins per row, and rows per step (~35 MB per table)
+DP_BINS, DP_ROWS = 128, 128  # the exact start's bins per row, and rows per step (~17 MB per float64 table)
 
 
 @dataclass

@@ -39,7 +39,7 @@ def test_squeezellm_writes_lut_weights_with_outliers_that_load(sparse_checkpoint
     assert [entry["lut"] and entry["bits"] == 3 and entry["group_size"] == -1 for entry in config["schemes"]] == [True]
     record = json.loads((out / "qtool.json").read_text())
     assert record["recipe"]["squeezellm"]["outliers"] == pytest.approx(0.0045)
-    assert record["recipe"]["calibration"]["nsamples"] == 6
+    assert record["recipe"]["calibration"]["nsamples"] == 6 and record["fisher_file"] == str(fisher)
     assert all(entry["kind"] == "fisher-weighted weight" for entry in record["layers"].values())
     checkpoint = read_checkpoint(out)
     weight = checkpoint.weights["model.layers.0.mlp.down_proj"]
