@@ -1,17 +1,31 @@
 """`QuantLinear`: a linear layer that keeps its weight quantized and computes with it.
 
-The reference path dequantizes the weight to the activation dtype and calls `F.linear`; it runs
-anywhere. Kernels for CUDA plug in here.
+On CUDA it runs qtool's Triton kernel (`qtool.kernels.quant_matmul`) where the weight suits it:
+4- and 8-bit uniform grids, and look-up tables of up to 16 entries. The first CUDA forward builds
+the kernel's view of the weight once, K-major (codes, scales, zeros and tables transposed, so a
+tile is read along the output dimension): a second copy of the weight's tensors, as large as the
+first; for 3-bit (and 2-bit) tables with the codes in 4-bit slots (4/3 of their packed size);
+for act-order weights whose groups do not follow column order (`g_idx`), with the columns sorted
+by group, the activations being permuted the same way at each call. Elsewhere, and for what the
+kernel does not hold, the reference path dequantizes the weight to the activation dtype and
+calls `F.linear`.
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtool.kernels.quant_matmul import KERNEL_BITS, KernelWeight, kernel_fits, quant_matmul
+from qtool.quantize import packing
 from qtool.quantize.qweight import OUTLIER_FIELDS, QuantizedWeight, SparseOutliers
 from qtool.quantize.scheme import Scheme
+
+log = logging.getLogger(__name__)
 
 
 class QuantLinear(nn.Module):
@@ -28,6 +42,7 @@ class QuantLinear(nn.Module):
         for field in OUTLIER_FIELDS:
             self.register_buffer(f"outlier_{field}", None if outliers is None else getattr(outliers, field))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._kernel: tuple[torch.device, KernelLayout | None] | None = None
 
     def quantized_weight(self) -> QuantizedWeight:
         outliers = None
@@ -38,7 +53,50 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.quantized_weight().dequantize(x.dtype), bias)
+        layout = self._kernel_layout(x.device) if x.is_cuda else None
+        if layout is None or not kernel_fits(x, layout.weight):
+            return F.linear(x, self.quantized_weight().dequantize(x.dtype), bias)
+        if layout.columns is not None:
+            x = x.index_select(-1, layout.columns)
+        out = quant_matmul(x, layout.weight)
+        return out if bias is None else out + bias
+
+    def _kernel_layout(self, device: torch.device) -> KernelLayout | None:
+        if self._kernel is None or self._kernel[0] != device:
+            self._kernel = (device, kernel_layout(self.quantized_weight()))
+        return self._kernel[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"
+
+
+@dataclass
+class KernelLayout:
+    """The kernel's view of a weight, and the column order its activations must be given in."""
+
+    weight: KernelWeight
+    columns: torch.Tensor | None = None
+
+
+def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
+    """The weight as the kernel reads it, or None when the kernel does not hold it."""
+    scheme = weight.scheme
+    if scheme.lut and scheme.bits > 4 or not scheme.lut and scheme.bits not in KERNEL_BITS:
+        return None
+    packed, bits, columns = weight.packed, scheme.bits, None
+    if weight.g_idx is not None:
+        columns = torch.argsort(weight.g_idx, stable=True)
+        if not torch.equal(weight.g_idx[columns].long(), torch.arange(weight.in_features, device=columns.device)
+                           // scheme.group_size):
+            return None  # groups of unequal sizes
+        packed = packing.pack(weight.codes()[:, columns], bits)
+        log.debug("act-order weight %s: codes re-sorted by group for the kernel (+%d bytes)", weight.shape,
+                  packed.numel() * 4)
+    if scheme.lut and bits < 4:
+        packed, bits = packing.pack(weight.codes(), 4), 4
+        log.debug("%d-bit table codes widened to 4 bits for the kernel (+%d bytes)", scheme.bits, packed.numel() * 4)
+    outliers = weight.outliers
+    parts = {} if outliers is None else {f"outlier_{field}": getattr(outliers, field) for field in OUTLIER_FIELDS}
+    return KernelLayout(KernelWeight.from_rows(packed, bits, weight.in_features, scheme.group_size,
+                                               scales=weight.scales, zeros=weight.zeros, lut=weight.lut, **parts),
+                        columns)

@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ["QTOOL_OFFLINE"] = "1"
+if not torch.cuda.is_available():  # Triton kernels run on the CPU only in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 if "QTOOL_DATA_DIR" not in os.environ and (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
     os.environ["QTOOL_DATA_DIR"] = str(SHARED_DATA)
 

@@ -124,3 +124,22 @@ def test_squeezellm_on_the_gpu_computes_what_the_cpu_computes(trained_llama, tmp
     assert same / sum(cpu[name].codes().numel() for name in cpu) >= 0.99
     cpu_ppl, gpu_ppl = (perplexity(tmp_path / device, capsys) for device in ("cpu", "cuda"))
     assert gpu_ppl == pytest.approx(cpu_ppl, rel=0.005)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--method", "gptq", "--bits", "4", "--group-size", "64", "--asym"],
+    ["--method", "gptq", "--bits", "8", "--group-size", "-1", "--sym", "--act-order", "group"],
+    ["--method", "squeezellm", "--bits", "4", "--outliers", "0.45%"],
+    ["--method", "squeezellm", "--bits", "3", "--group-size", "64"],
+])
+def test_kernels_give_the_reference_perplexity(trained_llama, tmp_path, capsys, monkeypatch, flags):
+    """The same checkpoint evaluated in fp16 on the GPU through the Triton kernels and through the
+    reference dequantize-and-matmul path: perplexities within 0.1%."""
+    out = tmp_path / "ckpt"
+    assert main(["quantize", str(trained_llama), "-o", str(out), "--nsamples", "32", "--seqlen", "256", "--quiet",
+                 *flags]) == 0
+    with_kernels = perplexity(out, capsys)
+    monkeypatch.setenv("QTOOL_KERNELS", "reference")
+    with_reference = perplexity(out, capsys)
+    print(f"{' '.join(flags)}: ppl kernels {with_kernels:.4f} reference {with_reference:.4f}")
+    assert with_kernels == pytest.approx(with_reference, rel=1e-3)

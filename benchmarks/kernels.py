@@ -1,0 +1,211 @@
+"""Speed of qtool's quantized matmul kernel on a GPU, against fp16 cuBLAS (`F.linear`) and torch's
+own int4 kernel (`aten._weight_int4pack_mm`, group 128), on Llama-3-8B layer shapes.
+
+Every product is timed as the median replay of a CUDA graph that runs it once on each of several
+copies of its inputs (more bytes than the L2 cache holds), so neither launch gaps nor cache hits
+flatter it. The memory-bandwidth floor of each product is its bytes (weights, scales, tables,
+outliers, activations in and out) over the bandwidth of a large device-to-device copy measured on
+the same GPU. Writes kernels_<gpu>.json, kernels_<gpu>.md and kernels_<gpu>.png to --out.
+
+usage: python benchmarks/kernels.py [--out benchmarks/results] [--tokens 1 16 ...] [--shapes 4096x14336 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from qtool.kernels.quant_matmul import KernelWeight, quant_matmul
+from qtool.quantize import packing
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192)]  # (in K, out N)
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]
+L2_MULTIPLE = 3  # each timed graph touches at least this many times the L2 cache's size
+
+
+def uniform(n: int, k: int, bits: int, group: int, symmetric: bool) -> KernelWeight:
+    groups = 1 if group == -1 else k // group
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.int32, device="cuda")
+    zeros = None if symmetric else torch.randint(0, 2**bits, (n, groups), dtype=torch.int32, device="cuda")
+    return KernelWeight.from_rows(packing.pack(codes, bits), bits, k, group,
+                                  scales=torch.rand(n, groups, device="cuda", dtype=torch.float16) * 0.01, zeros=zeros)
+
+
+def table(n: int, k: int, outliers: float = 0.0) -> KernelWeight:
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+    parts = {}
+    if outliers:
+        per_row = round(outliers * k)
+        columns = torch.rand(n, k, device="cuda").argsort(dim=1)[:, :per_row].sort(dim=1).values
+        parts = dict(outlier_values=torch.randn(n * per_row, device="cuda", dtype=torch.float16) * 0.1,
+                     outlier_columns=columns.reshape(-1).to(torch.int32),
+                     outlier_row_offsets=torch.arange(n + 1, device="cuda", dtype=torch.int32) * per_row)
+    return KernelWeight.from_rows(packing.pack(codes, 4), 4, k, -1,
+                                  lut=torch.randn(n, 1, 16, device="cuda", dtype=torch.float16) * 0.02, **parts)
+
+
+VARIANTS = {
+    "W4 g64 asym": lambda n, k: uniform(n, k, 4, 64, False),
+    "W4 g128 sym": lambda n, k: uniform(n, k, 4, 128, True),
+    "W8 per-channel sym": lambda n, k: uniform(n, k, 8, -1, True),
+    "LUT4 per-row": lambda n, k: table(n, k),
+    "LUT4 per-row + 0.45% outliers": lambda n, k: table(n, k, 0.0045),
+}
+
+
+def weight_bytes(weight: KernelWeight) -> int:
+    tensors = [weight.packed, weight.scales, weight.zeros, weight.lut, weight.outlier_values, weight.outlier_columns,
+               weight.outlier_row_offsets]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy (read plus write)."""
+    source = torch.empty(2**30, dtype=torch.float16, device="cuda")
+    target = torch.empty_like(source)
+    seconds = triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=500, return_mode="median") / 1e3
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def graph_time(make_call, copies: int) -> float:
+    """Median seconds of one call: a CUDA graph runs `make_call(i)()` for each copy i."""
+    calls = [make_call(i) for i in range(copies)]
+    for call in calls:  # warm up: compile, tune, allocate
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    milliseconds = triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median")
+    return milliseconds / 1e3 / copies
+
+
+def copies_for(bytes_per_call: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, min(64, -(-L2_MULTIPLE * l2 // max(bytes_per_call, 1))))
+
+
+def int4pack(n: int, k: int):
+    """torch's int4 kernel's inputs: packed codes (its tile layout) and bf16 scales and zeros, group 128."""
+    codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    packed = torch.ops.aten._convert_weight_to_int4pack(codes, 8)
+    scales_zeros = torch.rand(k // 128, n, 2, device="cuda", dtype=torch.bfloat16)
+    return packed, scales_zeros
+
+
+def measure_shape(k: int, n: int, tokens: list[int], bandwidth: float) -> list[dict]:
+    rows = []
+    dense_bytes = n * k * 2
+    copies = copies_for(dense_bytes)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
+    int4 = None
+    try:
+        int4 = [int4pack(n, k) for _ in range(copies)]
+    except (RuntimeError, AttributeError) as error:
+        print(f"torch int4 kernel unavailable: {error}")
+    built = {}
+    for name, make in VARIANTS.items():
+        first = make(n, k)
+        built[name] = [first] + [make(n, k) for _ in range(copies_for(weight_bytes(first)) - 1)]
+    for m in tokens:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
+        fp16 = graph_time(lambda i: (lambda: F.linear(xs[i], weights[i])), copies)
+        row = {"in": k, "out": n, "tokens": m, "fp16_ms": fp16 * 1e3,
+               "fp16_floor_ms": (dense_bytes + 2 * m * (k + n)) / bandwidth * 1e3}
+        if int4 is not None:
+            xb = [x.bfloat16() for x in xs]
+            row["torch_int4_ms"] = graph_time(
+                lambda i: (lambda: torch.ops.aten._weight_int4pack_mm(xb[i], int4[i][0], 128, int4[i][1])), copies) * 1e3
+        for name, variant in built.items():
+            if name != "W4 g64 asym" and m not in (1, 16, 256):
+                continue
+            x_copies = [xs[i % copies] for i in range(len(variant))]
+            seconds = graph_time(lambda i: (lambda: quant_matmul(x_copies[i], variant[i])), len(variant))
+            moved = weight_bytes(variant[0]) + 2 * m * (k + n)
+            row[name] = {"ms": seconds * 1e3, "speedup": fp16 / seconds, "floor_ms": moved / bandwidth * 1e3,
+                         "GB/s": moved / seconds / 1e9, "TFLOP/s": 2 * m * n * k / seconds / 1e12}
+        rows.append(row)
+        print(json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()
+                          if not isinstance(v, dict)}),
+              {name: round(v["speedup"], 2) for name, v in row.items() if isinstance(v, dict)}, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    rows = []
+    for shape in args.shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        rows += measure_shape(k, n, args.tokens, bandwidth)
+    gpu = torch.cuda.get_device_name()
+    result = {
+        "benchmark": "qtool quantized matmul vs fp16 F.linear and aten._weight_int4pack_mm (group 128)",
+        "date": date.today().isoformat(), "gpu": gpu, "copy_bandwidth_GBps": bandwidth / 1e9,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+        "method": "median replay of a CUDA graph over copies of the inputs larger than L2 (triton.testing.do_bench)",
+        "rows": rows,
+    }
+    slug = gpu.split()[-1].lower() if gpu.startswith("NVIDIA") else "gpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"kernels_{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"kernels_{slug}.md").write_text(markdown(result))
+    plot(result, args.out / f"kernels_{slug}.png")
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# {result['benchmark']} ({result['date']})", "",
+             f"{result['gpu']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}; copy "
+             f"bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s. {result['method']}. Speed-up over fp16 `F.linear`.",
+             "", "| in x out | M | fp16 ms | torch int4 | W4 g64 asym | W4 g128 sym | W8 ch sym | LUT4 | LUT4+0.45% |"
+             " W4 g64 GB/s | W4 g64 floor ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        def cell(name):
+            return f"{row[name]['speedup']:.2f}x" if name in row else ""
+        int4 = f"{row['fp16_ms'] / row['torch_int4_ms']:.2f}x" if "torch_int4_ms" in row else ""
+        main = row["W4 g64 asym"]
+        lines.append(f"| {row['in']}x{row['out']} | {row['tokens']} | {row['fp16_ms']:.4f} | {int4} | "
+                     + " | ".join(cell(name) for name in VARIANTS) + f" | {main['GB/s']:.0f} | {main['floor_ms']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for k, n in sorted({(row["in"], row["out"]) for row in result["rows"]}):
+        rows = [row for row in result["rows"] if (row["in"], row["out"]) == (k, n)]
+        line, = axis.plot([r["tokens"] for r in rows], [r["W4 g64 asym"]["speedup"] for r in rows], marker="o",
+                          label=f"qtool W4 g64 {k}x{n}")
+        if all("torch_int4_ms" in r for r in rows):
+            axis.plot([r["tokens"] for r in rows], [r["fp16_ms"] / r["torch_int4_ms"] for r in rows], linestyle=":",
+                      color=line.get_color(), label=f"torch int4 {k}x{n}")
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("tokens (M)")
+    axis.set_ylabel("speed-up over fp16 F.linear")
+    axis.set_title(f"{result['gpu']}: 4-bit matmul vs fp16")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The quantized matmul kernel against its torch reference, on random inputs of odd shapes: under
+TRITON_INTERPRET=1 on a machine without a GPU (small shapes), on the GPU where there is one."""
+
+import pytest
+import torch
+
+from qtool.kernels.quant_matmul import KernelWeight, quant_matmul, reference, triton_matmul
+from qtool.quantize import packing
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)  # small tiles keep the interpreter quick
+ONE_TOKEN = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32)  # the CUDA-core path
+
+
+def uniform_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool, dtype=torch.float16) -> KernelWeight:
+    groups = 1 if group_size == -1 else k // group_size
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.int32)
+    scales = (torch.rand(n, groups) * 0.02 + 0.001).to(dtype)
+    zeros = None if symmetric else torch.randint(0, 2**bits, (n, groups), dtype=torch.int32)
+    return KernelWeight.from_rows(packing.pack(codes, bits).to(DEVICE), bits, k, group_size, scales=scales.to(DEVICE),
+                                  zeros=None if zeros is None else zeros.to(DEVICE))
+
+
+def lut_weight(n: int, k: int, entries: int, group_size: int, outliers: float = 0.0) -> KernelWeight:
+    groups = 1 if group_size == -1 else k // group_size
+    codes = torch.randint(0, entries, (n, k), dtype=torch.int32)
+    lut = (torch.randn(n, groups, entries) * 0.02).half()
+    parts = {}
+    if outliers:
+        mask = torch.rand(n, k) < outliers
+        rows, columns = mask.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=n)
+        parts = dict(outlier_values=(torch.randn(len(rows)) * 0.2).half().to(DEVICE),
+                     outlier_columns=columns.to(torch.int32).to(DEVICE),
+                     outlier_row_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32).to(DEVICE))
+    return KernelWeight.from_rows(packing.pack(codes, 4).to(DEVICE), 4, k, group_size, lut=lut.to(DEVICE), **parts)
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def check(weight: KernelWeight, m: int, config: dict = SMALL, dtype=torch.float16, tolerance: float = 2e-3):
+    x = torch.randn(m, weight.in_features, dtype=dtype, device=DEVICE)
+    out = triton_matmul(x, weight, config=config)
+    assert out.dtype == x.dtype and out.shape == (m, weight.out_features) and torch.isfinite(out).all()
+    assert relative_error(out, reference(x, weight)) < tolerance
+
+
+def test_codes_are_read_in_the_canonical_packing():
+    for bits in (4, 8):
+        codes = torch.randint(0, 2**bits, (5, 40), dtype=torch.int32)
+        weight = KernelWeight.from_rows(packing.pack(codes, bits), bits, 40, -1, scales=torch.ones(5, 1))
+        assert torch.equal(weight.codes(), codes.long())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_uniform_grids_match_the_reference(bits, group_size, symmetric, m):
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m)  # N, K not powers of two
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=ONE_TOKEN)
+
+
+@pytest.mark.parametrize("entries", [16, 8])  # 4-bit tables, and 3-bit ones with their codes in 4-bit slots
+@pytest.mark.parametrize("group_size", [-1, 64])
+@pytest.mark.parametrize("m", [1, 17])
+def test_lookup_tables_match_the_reference(entries, group_size, m):
+    check(lut_weight(40, 192, entries, group_size), m)
+    check(lut_weight(40, 192, entries, group_size), m, config=ONE_TOKEN)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_sparse_outliers_are_added_once(m):
+    weight = lut_weight(40, 192, 16, -1, outliers=0.02)
+    assert weight.max_row_outliers > 1
+    check(weight, m)
+    check(weight, m, config=dict(SMALL, SPLIT_K=3))  # only the first share of K adds them
+    check(weight, m, config=dict(ONE_TOKEN, SPLIT_K=2))
+
+
+@pytest.mark.parametrize("split_k, block_k", [(2, 32), (3, 64)])
+def test_split_k_adds_every_share_once(split_k, block_k):
+    check(uniform_weight(40, 320, 4, 64, False), 3, config=dict(SMALL, BLOCK_K=block_k, SPLIT_K=split_k))
+
+
+def test_a_tail_of_columns_is_masked():
+    check(uniform_weight(24, 96 + 64, 4, 32, False), 2, config=dict(SMALL, BLOCK_K=64))  # K not a multiple of 64
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 tiles as integers (tl.dot)")
+def test_bf16_activations():
+    check(uniform_weight(24, 160, 4, 32, False, torch.bfloat16), 2, dtype=torch.bfloat16, tolerance=1e-2)
+
+
+def test_every_output_is_written(monkeypatch):
+    """The output is poisoned with NaN first; a tile the kernel skipped would stay NaN."""
+    weight = uniform_weight(33, 128, 4, 64, True)
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: torch.full(shape, float("nan"), **kw))
+    x = torch.randn(5, 128, dtype=torch.float16, device=DEVICE)
+    assert torch.isfinite(triton_matmul(x, weight, config=SMALL)).all()
+
+
+def test_the_dispatcher_uses_the_reference_where_no_kernel_runs():
+    weight = uniform_weight(16, 96, 4, 32, False, torch.float32)
+    x = torch.randn(4, 96, device=DEVICE)
+    torch.testing.assert_close(quant_matmul(x, weight), x @ weight.dequantize().t())
+
+
+def test_kernel_layouts_of_act_order_and_3_bit_table_weights():
+    """What QuantLinear hands the kernel: act-order codes re-sorted by group (activations permuted
+    alike), 3-bit table codes widened to 4-bit slots; the product is the weight's own."""
+    from qtool.quantize.grid import fit_minmax, quantize_to_codes
+    from qtool.quantize.qweight import QuantizedWeight
+    from qtool.quantize.scheme import Scheme
+    from qtool.quantize.squeezellm import squeeze
+    from qtool.runtime.quant_linear import kernel_layout
+
+    dense = torch.randn(40, 128) * 0.05
+    scheme = Scheme(4, 32, False)
+    grid = fit_minmax(dense, scheme, torch.float16)
+    g_idx = torch.randperm(128).remainder(4).to(torch.int32)  # four groups of 32, scattered
+    act_order = QuantizedWeight.from_codes(quantize_to_codes(dense, grid, scheme), grid, scheme, g_idx=g_idx)
+    table = squeeze(dense, torch.rand(40, 128), Scheme(3, -1, lut=True), outliers=0.02)
+    for weight in (act_order, table):
+        layout = kernel_layout(weight.to(DEVICE))
+        x = torch.randn(3, 128, dtype=torch.float16, device=DEVICE)
+        expected = (x.float() @ weight.dequantize(torch.float16).float().t().to(DEVICE)).half()
+        shuffled = x if layout.columns is None else x[:, layout.columns]
+        assert relative_error(triton_matmul(shuffled, layout.weight, config=SMALL), expected) < 2e-3
