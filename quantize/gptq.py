@@ -196,7 +196,7 @@ def _reversed_inverse_factor_(hessian: torch.Tensor, damp: float, mean_diagonal:
                 saved.restore()
             hessian.diagonal().add_(damp * mean_diagonal)
             diagonal = hessian.diagonal().clone()
-            torch.linalg.cholesky_ex(hessian, out=(hessian, info))
+            _cholesky_lower_(hessian, info)
             if info.item() == 0 and _numerically_definite(hessian.diagonal(), diagonal):
                 saved.close()  # before the inverse: on a GPU the copy is a second [in, in] matrix
                 _invert_lower_(hessian)
@@ -206,6 +206,18 @@ def _reversed_inverse_factor_(hessian: torch.Tensor, damp: float, mean_diagonal:
     finally:
         saved.close()
     raise QtoolError("the Hessian stays singular even with heavy damping; use more calibration samples", FAILURE)
+
+
+def _cholesky_lower_(matrix: torch.Tensor, info: torch.Tensor) -> None:
+    """matrix <- its lower Cholesky factor, in place. LAPACK factors column-major matrices, and
+    torch copies a row-major one for it: as much memory again. Above SPILL_BYTES, where memory is
+    what runs short, the column-major view of the (symmetric) matrix is factored as upper instead:
+    read row-major, its upper factor is the lower one (the same factor, up to rounding)."""
+    if matrix.nbytes < SPILL_BYTES:
+        torch.linalg.cholesky_ex(matrix, out=(matrix, info))
+        return
+    column_major = matrix.mT
+    torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
 
 
 def _numerically_definite(pivots: torch.Tensor, diagonal: torch.Tensor) -> bool:

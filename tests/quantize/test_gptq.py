@@ -111,6 +111,21 @@ def test_the_hessian_can_be_factored_in_its_own_memory_with_retries(monkeypatch,
     assert torch.equal(raised.weight.packed, expected.weight.packed)
 
 
+def test_large_hessians_are_factored_without_a_column_major_copy(monkeypatch):
+    """Above SPILL_BYTES the column-major view is factored as upper: the same lower factor."""
+    import qtool.quantize.gptq as gptq_module
+
+    matrix = hessian(correlated_inputs(features=96))
+    info = torch.zeros((), dtype=torch.int32)
+    small, large = matrix.clone(), matrix.clone()
+    gptq_module._cholesky_lower_(small, info)
+    monkeypatch.setattr(gptq_module, "SPILL_BYTES", 0)
+    gptq_module._cholesky_lower_(large, info)
+    assert info.item() == 0
+    assert (large.tril() - small.tril()).norm() <= 1e-5 * small.tril().norm()
+    torch.testing.assert_close(large.tril() @ large.tril().t(), matrix, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("size", [7, 300, 600])
 def test_triangular_inverse_in_place(size):
     from qtool.quantize.gptq import _invert_lower_
