@@ -101,11 +101,9 @@ def _join(prefix: str, local: str) -> str:
     return f"{prefix}.{local}" if prefix else local
 
 
-def build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """The plain model of `folder`'s config with empty parameters (buffers are real); a quantized
-    checkpoint's quantization_config is left out, since qtool swaps in its own layers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_config(folder: Path, trust_remote_code: bool = False):
+    """`folder`'s transformers config, without its quantization_config (qtool swaps in its own layers)."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -113,8 +111,23 @@ def build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool) ->
         raise QtoolError(f"cannot read the model config in {folder}: {error}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    return config
+
+
+def build_skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool, native: bool = False) -> nn.Module:
+    """The model of `folder`'s config with empty parameters (buffers are real): transformers' own
+    modeling code, or with `native` qtool's runtime model code (`qtool.runtime.models`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(folder, trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        if native:
+            from qtool.runtime.models.llama import LlamaForCausalLM
+
+            model = LlamaForCausalLM(config)  # parameters take the dtype of the tensors assigned to them
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()
     if (folder / "generation_config.json").is_file():
         from transformers import GenerationConfig

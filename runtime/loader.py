@@ -16,8 +16,8 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.quantize.format import QuantizedCheckpoint, read_checkpoint
-from qtool.quantize.format.checkpoint import read_json, tensor_infos
-from qtool.runtime.lazy import LazyWeights, build_skeleton
+from qtool.quantize.format.checkpoint import load_tensors, read_json, tensor_infos
+from qtool.runtime.lazy import LazyWeights, build_skeleton, read_config
 from qtool.runtime.quant_linear import QuantLinear
 
 STORED_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -42,17 +42,33 @@ def stored_dtype(folder: Path) -> torch.dtype:
 
 
 def load_model(
-    folder: Path, dtype: torch.dtype | None = torch.float32, device: str = "cpu", trust_remote_code: bool = False
+    folder: Path, dtype: torch.dtype | None = torch.float32, device: str = "cpu", trust_remote_code: bool = False,
+    native: bool = False,
 ) -> nn.Module:
-    """The model in `folder` in eval mode on `device`; dense tensors in `dtype` (None: as stored)."""
+    """The model in `folder` in eval mode on `device`; dense tensors in `dtype` (None: as stored).
+    `native`: qtool's runtime model code (the Llama family) instead of transformers'."""
     config = read_json(folder / "config.json")
     stored = stored_dtype(folder)  # reads the file headers: refuses pickle-only or empty folders
     dtype = dtype or stored
     if "quantization_config" in config:
-        model = _load_quantized(folder, read_checkpoint(folder), dtype, trust_remote_code)
+        model = _load_quantized(folder, read_checkpoint(folder), dtype, trust_remote_code, native)
+    elif native:
+        model = _load_into(build_skeleton(folder, dtype, trust_remote_code, native=True), folder, {}, load_tensors(folder),
+                           dtype)
     else:
         model = _load_dense(folder, dtype, trust_remote_code)
     return model.to(device).eval()
+
+
+def supports_native(folder: Path, trust_remote_code: bool = False) -> bool:
+    """Whether qtool's runtime model code runs the model in `folder`."""
+    from qtool.runtime.models.llama import LlamaSpec
+
+    try:
+        LlamaSpec.from_config(read_config(folder, trust_remote_code))
+    except QtoolError:
+        return False
+    return True
 
 
 def load_lazily(
@@ -84,12 +100,18 @@ def _load_dense(folder: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn
 
 
 def _load_quantized(
-    folder: Path, checkpoint: QuantizedCheckpoint, dtype: torch.dtype, trust_remote_code: bool
+    folder: Path, checkpoint: QuantizedCheckpoint, dtype: torch.dtype, trust_remote_code: bool, native: bool = False
 ) -> nn.Module:
-    model = build_skeleton(folder, dtype, trust_remote_code)
-    for name, weight in checkpoint.weights.items():
-        _replace_linear(model, name, weight, checkpoint.dense.pop(f"{name}.bias", None))
-    dense = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in checkpoint.dense.items()}
+    model = build_skeleton(folder, dtype, trust_remote_code, native)
+    return _load_into(model, folder, checkpoint.weights, checkpoint.dense, dtype)
+
+
+def _load_into(model: nn.Module, folder: Path, weights: dict, dense: dict[str, torch.Tensor],
+               dtype: torch.dtype) -> nn.Module:
+    """Fill an empty model: quantized linears become `QuantLinear`s, every other tensor is assigned."""
+    for name, weight in weights.items():
+        _replace_linear(model, name, weight, dense.pop(f"{name}.bias", None))
+    dense = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in dense.items()}
     result = model.load_state_dict(dense, strict=False, assign=True)
     if result.unexpected_keys:
         raise QtoolError(f"{folder} holds tensors the model does not have: {', '.join(result.unexpected_keys[:5])}")

@@ -1,0 +1,91 @@
+"""Attention as the model code calls it: causal within whole windows, or through the paged KV cache.
+
+A `PagedBatch` describes one engine step: the new tokens of several sequences, flattened, and for
+each sequence where they start, how long its context is once they are added, and its block table.
+Their keys and values are written to the cache first; then each sequence's queries attend to its
+whole context: a step where every sequence adds one token (decode) goes through the paged decode
+kernel; otherwise (prefill, chunked prefill, mixed) each sequence's context is gathered from its
+blocks and attended with causal offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qtool.kernels.paged_attention import gather_context, paged_decode, store_kv
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer: [layers, blocks, block_size, kv_heads, head_dim] each."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def allocate(cls, layers: int, blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (layers, blocks, block_size, kv_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def bytes_per_block(layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * layers * block_size * kv_heads * head_dim * dtype.itemsize
+
+
+@dataclass
+class PagedBatch:
+    """One step's attention inputs. `query_starts` [S + 1]: where each sequence's new tokens start
+    in the flattened batch; `context_lens` [S]: its tokens in the cache once they are added;
+    `block_tables` [S, max blocks] (int32, padded); `slots` [T]: the cache slot of each new token."""
+
+    cache: KVCache
+    slots: torch.Tensor
+    query_starts: list[int]
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+
+    @property
+    def decode(self) -> bool:
+        return len(self.query_starts) - 1 == self.query_starts[-1]
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., kv_heads, d] -> [..., heads, d]: each kv head serves heads / kv_heads query heads."""
+    return x.repeat_interleave(heads // x.shape[-2], dim=-2)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    """Windows of `length` tokens flattened: q [B * L, heads, d], k and v [B * L, kv_heads, d]."""
+    heads = q.shape[1]
+
+    def windows(x):
+        return x.view(-1, length, *x.shape[1:]).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(windows(q), windows(repeat_kv(k, heads)), windows(repeat_kv(v, heads)),
+                                         is_causal=True, scale=scale)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, layer: int,
+                    scale: float) -> torch.Tensor:
+    k_cache, v_cache = batch.cache.keys[layer], batch.cache.values[layer]
+    store_kv(k, v, k_cache, v_cache, batch.slots)
+    if batch.decode:
+        return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    heads = q.shape[1]
+    out = torch.empty_like(q)
+    starts = batch.query_starts
+    for s, length in enumerate(batch.context_lens.tolist()):
+        first, last = starts[s], starts[s + 1]
+        keys = repeat_kv(gather_context(k_cache, batch.block_tables[s], length), heads).transpose(0, 1)
+        values = repeat_kv(gather_context(v_cache, batch.block_tables[s], length), heads).transpose(0, 1)
+        new = last - first  # the queries are the last `new` positions of the context
+        mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length, device=q.device)[:, None]
+        attended = F.scaled_dot_product_attention(q[first:last].transpose(0, 1), keys.to(q.dtype), values.to(q.dtype),
+                                                  attn_mask=mask, scale=scale)
+        out[first:last] = attended.transpose(0, 1)
+    return out

@@ -1,0 +1,180 @@
+"""The engine: requests in, tokens out, many sequences at once.
+
+`Engine` owns the model, the paged KV cache, the block pool and the scheduler. Each `step()` asks
+the scheduler for the step's sequences and token counts, runs their tokens through the model as
+one flattened batch (keys and values into the cache, attention through block tables), samples
+the next token of every sequence whose scheduled tokens reach its end, and retires sequences
+that hit EOS, a stop string or `max_tokens`. `LLM(path).generate(prompts, params)` is the
+offline front door; `Engine.add` / `step` is what a server drives.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qtool.errors import QtoolError
+from qtool.runtime.attention import KVCache, PagedBatch
+from qtool.runtime.cache import BlockPool
+from qtool.runtime.sampling import SamplingParams, sample
+from qtool.runtime.scheduler import Scheduled, Scheduler, Sequence, Status
+
+CPU_CACHE_BYTES = 512 << 20  # KV cache on the CPU unless told otherwise
+
+
+@dataclass
+class RequestOutput:
+    """A finished request: its prompt's ids, the generated ids and text, and why it stopped
+    ("stop": EOS or a stop string; "length": max_tokens)."""
+
+    id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class StepEvent:
+    """What one step did to one sequence: the token it sampled, and its output if it finished."""
+
+    sequence: Sequence
+    token: int
+    finished: RequestOutput | None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, device: torch.device | str, dtype: torch.dtype, block_size: int = 16,
+                 max_batched_tokens: int = 2048, max_sequences: int = 256, cache_bytes: int | None = None,
+                 memory_utilization: float = 0.9):
+        self.model, self.tokenizer = model, tokenizer
+        self.device, self.dtype = torch.device(device), dtype
+        spec = model.spec
+        per_block = KVCache.bytes_per_block(spec.layers, block_size, spec.kv_heads, spec.head_dim, dtype)
+        blocks = (cache_bytes or self._cache_budget(memory_utilization)) // per_block
+        if blocks < 1:
+            raise QtoolError("no memory is left for the KV cache; lower the model's footprint or allow more memory")
+        self.cache = KVCache.allocate(spec.layers, blocks, block_size, spec.kv_heads, spec.head_dim, dtype, self.device)
+        self.pool = BlockPool(blocks, block_size)
+        self.scheduler = Scheduler(self.pool, max_batched_tokens, max_sequences, spec.max_positions)
+        self.eos = _eos_ids(model, tokenizer)
+        self.ids = itertools.count()
+
+    def _cache_budget(self, utilization: float) -> int:
+        """On CUDA, `utilization` of the device's memory less what is in use and a margin for a
+        step's activations; on the CPU a fixed budget."""
+        if self.device.type != "cuda":
+            return CPU_CACHE_BYTES
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        return int(total * utilization - used - (1 << 30))
+
+    def add(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise QtoolError("the prompt is empty")
+        sequence = Sequence(next(self.ids), ids, params)
+        self.scheduler.add(sequence)
+        return sequence
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        hidden = self.model.forward_tokens(*self._inputs(plan))
+        ends = torch.tensor(list(itertools.accumulate(item.count for item in plan)), device=self.device) - 1
+        sampling = [index for index, item in enumerate(plan) if item.samples]
+        self.scheduler.finish_step(plan)
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[ends[sampling]])
+        sequences = [plan[index].sequence for index in sampling]
+        tokens = sample(logits, [s.params for s in sequences], [s.generator for s in sequences]).tolist()
+        return [self._advance(sequence, token) for sequence, token in zip(sequences, tokens)]
+
+    def _inputs(self, plan: list[Scheduled]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
+        block_size = self.pool.block_size
+        ids, positions, slots, starts = [], [], [], [0]
+        for item in plan:
+            sequence = item.sequence
+            span = range(item.start, item.start + item.count)
+            ids += sequence.tokens[item.start : item.start + item.count]
+            positions += span
+            slots += [sequence.blocks[p // block_size] * block_size + p % block_size for p in span]
+            starts.append(starts[-1] + item.count)
+        width = max(len(item.sequence.blocks) for item in plan)
+        tables = [item.sequence.blocks + [0] * (width - len(item.sequence.blocks)) for item in plan]
+
+        def tensor(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        batch = PagedBatch(self.cache, tensor(slots), starts, tensor([i.start + i.count for i in plan], torch.int32),
+                           tensor(tables, torch.int32))
+        return tensor(ids), tensor(positions), batch
+
+    def _advance(self, sequence: Sequence, token: int) -> StepEvent:
+        params = sequence.params
+        if token in self.eos and not params.ignore_eos:
+            return StepEvent(sequence, token, self._finish(sequence, "stop"))
+        sequence.tokens.append(token)
+        text = self.tokenizer.decode(sequence.output, skip_special_tokens=True)
+        if any(stop in text for stop in params.stop):
+            return StepEvent(sequence, token, self._finish(sequence, "stop"))
+        if len(sequence.output) >= params.max_tokens:
+            return StepEvent(sequence, token, self._finish(sequence, "length"))
+        return StepEvent(sequence, token, None)
+
+    def _finish(self, sequence: Sequence, reason: str) -> RequestOutput:
+        self.scheduler.finish(sequence, reason)
+        text = self.tokenizer.decode(sequence.output, skip_special_tokens=True)
+        cut = min((text.index(stop) for stop in sequence.params.stop if stop in text), default=len(text))
+        return RequestOutput(sequence.id, sequence.prompt, sequence.output, text[:cut], reason)
+
+    def run(self) -> dict[int, RequestOutput]:
+        """Step until every added request has finished."""
+        finished = {}
+        while not self.scheduler.done:
+            for event in self.step():
+                if event.finished is not None:
+                    finished[event.finished.id] = event.finished
+        return finished
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    return set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+
+
+class LLM:
+    """A model folder, checkpoint, alias or hub id ready to generate: `LLM(path).generate(prompts)`."""
+
+    def __init__(self, model: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+                 trust_remote_code: bool = False, **engine_options):
+        from qtool.runtime.loader import load_model, load_tokenizer, supports_native
+        from qtool.runtime.resolve import resolve_model
+
+        folder = resolve_model(str(model))
+        if not supports_native(folder, trust_remote_code):
+            raise QtoolError(f"{model} is not of the Llama family (llama, mistral, qwen2, qwen3) the runtime serves; "
+                             f"`qtool eval --ppl` still measures it through transformers")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.float32 if device == "cpu" else torch.float16)
+        self.tokenizer = load_tokenizer(folder, trust_remote_code)
+        self.model = load_model(folder, dtype, device, trust_remote_code, native=True)
+        self.engine = Engine(self.model, self.tokenizer, device, dtype, **engine_options)
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """One output per prompt, in order."""
+        params = params or SamplingParams()
+        sequences = [self.engine.add(prompt, params) for prompt in prompts]
+        finished = self.engine.run()
+        return [finished[sequence.id] for sequence in sequences]
+
+
+__all__ = ["LLM", "Engine", "RequestOutput", "SamplingParams", "Status"]

@@ -1,0 +1,1 @@
+"""Hand-written model code the runtime serves: the Llama family (`llama.py`)."""
