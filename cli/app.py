@@ -70,11 +70,14 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
     dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on cuda)."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with offline data sets (else $QTOOL_DATA_DIR)."),
+    generate: Optional[str] = typer.Option(None, help="Instead of perplexity: print the greedy completion of this prompt."),
+    max_tokens: int = typer.Option(64, help="With --generate: new tokens at most."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint folder."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ):
-    """Perplexity of MODEL, and with --compare its KL divergence and top-1 agreement with a base model."""
+    """Perplexity of MODEL, and with --compare its KL divergence and top-1 agreement with a base model;
+    with --generate, a completion through qtool's runtime."""
     options = dict(locals())
     from qtool.cli.eval_cmd import run_eval
 

@@ -12,7 +12,7 @@ from qtool.cli.devices import choose_device, choose_dtype
 from qtool.errors import QtoolError
 from qtool.quantize.format import RECORD_FILE
 from qtool.quantize.format.checkpoint import read_json
-from qtool.runtime.loader import load_model, load_tokenizer
+from qtool.runtime.loader import load_model, load_tokenizer, supports_native
 from qtool.runtime.perplexity import PROTOCOL, Perplexity, perplexity, split_windows
 from qtool.runtime.resolve import resolve_model
 from qtool.runtime.summary import summarize
@@ -29,7 +29,11 @@ def run_eval(
     trust_remote_code: bool,
     json_output: bool,
     quiet: bool,
+    generate: str | None = None,
+    max_tokens: int = 64,
 ) -> None:
+    if generate is not None:
+        return run_generate(model, generate, max_tokens, device, dtype, trust_remote_code, json_output, quiet)
     if seqlen < 2:
         raise QtoolError(f"--seqlen must be at least 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
@@ -42,9 +46,13 @@ def run_eval(
         folder = resolve_model(model)
         base_folder = resolve_model(compare) if compare else None
         text = load_text(ppl, data_dir)
-        evaluated = load_model(folder, torch_dtype, device, trust_remote_code)
+        native = supports_native(folder, trust_remote_code)
+        evaluated = load_model(folder, torch_dtype, device, trust_remote_code, native)
         tokens = tokenize(load_tokenizer(folder, trust_remote_code), text)
-        base = load_model(base_folder, torch_dtype, device, trust_remote_code) if base_folder else None
+        base = None
+        if base_folder is not None:
+            base = load_model(base_folder, torch_dtype, device, trust_remote_code,
+                              supports_native(base_folder, trust_remote_code))
     windows = split_windows(tokens, seqlen, max_windows)
     with console.progress(show) as bar:
         task = bar.add_task("perplexity", total=windows.shape[0], detail=ppl)
@@ -56,6 +64,7 @@ def run_eval(
         "protocol": PROTOCOL,
         "device": device,
         "dtype": str(torch_dtype).removeprefix("torch."),
+        "runtime": "qtool" if native else "transformers",
         "model": model,
         "size_bytes": sizes.total_bytes,
         "quantized_bits_per_weight": sizes.quantized_bits_per_weight,
@@ -96,3 +105,25 @@ def print_table(summary: dict, result: Perplexity, folder: Path) -> None:
     console.stdout.print(
         f"protocol: {PROTOCOL}; {summary['device']} {summary['dtype']}; evaluation took {result.seconds:.1f} s"
     )
+    if summary["runtime"] == "transformers":
+        console.stdout.print("measured through transformers' model code: serving and `--generate` need a model "
+                             "of the Llama family (llama, mistral, qwen2, qwen3)")
+
+
+def run_generate(model: str, prompt: str, max_tokens: int, device: str | None, dtype: str | None,
+                 trust_remote_code: bool, json_output: bool, quiet: bool) -> None:
+    """A greedy completion of `prompt` through qtool's runtime."""
+    from qtool.runtime.engine import LLM, SamplingParams
+
+    if max_tokens < 1:
+        raise QtoolError(f"--max-tokens must be at least 1, got {max_tokens}")
+    device = choose_device(device)
+    console.quiet_libraries()
+    with console.working("loading", model, not (quiet or json_output)):
+        llm = LLM(model, device, choose_dtype(dtype, device), trust_remote_code)
+    output = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
+    if json_output:
+        console.print_json({"prompt": prompt, "text": output.text, "token_ids": output.token_ids,
+                            "finish_reason": output.finish_reason, "device": device})
+    else:
+        console.stdout.print(prompt + output.text, markup=False, highlight=False)

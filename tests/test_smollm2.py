@@ -144,3 +144,34 @@ def test_squeezellm_clearly_beats_rtn_per_channel_and_fisher_weights_matter(caps
     squeezed_ppl, plain_ppl, rtn_ppl = (evaluate(capsys, model)["ppl"] for model in (squeezed, plain, rtn))
     assert squeezed_ppl < 0.8 * rtn_ppl
     assert squeezed_ppl < plain_ppl
+
+
+def test_runtime_generates_what_transformers_generates(smollm2):
+    """Greedy, fp32 on the CPU, 5 prompts x 64 tokens: token for token (EOS ends both)."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.runtime.engine import LLM, SamplingParams
+
+    prompts = ["The history of the Roman Empire", "Water boils at", "def fibonacci(n):",
+               "The three primary colors are", "Once upon a time, in a small village,"]
+    llm = LLM(smollm2, device="cpu", dtype=torch.float32)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64))
+    reference = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    for prompt, output in zip(prompts, outputs):
+        ids = llm.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = reference.generate(ids, max_new_tokens=64, do_sample=False)[0, ids.shape[1]:].tolist()
+        if output.finish_reason == "stop":  # transformers keeps the EOS it stopped at
+            expected = expected[:-1]
+        assert output.token_ids == expected
+
+
+def test_runtime_perplexity_equals_the_transformers_path(smollm2):
+    from qtool.calibrate.data import load_text, tokenize
+    from qtool.runtime.loader import load_model, load_tokenizer
+    from qtool.runtime.perplexity import perplexity, split_windows
+
+    windows = split_windows(tokenize(load_tokenizer(smollm2), load_text("wikitext")), 2048, 2)
+    ours = perplexity(load_model(smollm2, torch.float32, native=True), windows).ppl
+    theirs = perplexity(load_model(smollm2, torch.float32, native=False), windows).ppl
+    assert ours == pytest.approx(theirs, rel=1e-3)

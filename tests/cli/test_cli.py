@@ -246,3 +246,30 @@ def test_awq_format_from_the_command_line_loads_back(tiny_llama_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
     with torch.no_grad():
         assert torch.isfinite(load_model(out)(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_eval_runs_llama_models_through_qtools_runtime_and_generates(capsys, tiny_checkpoint, tiny_text_file):
+    code, out, _ = run(capsys, "eval", tiny_checkpoint, "--ppl", tiny_text_file, "--seqlen", "64", "--max-windows", "2",
+                       "--json")
+    assert code == 0 and json.loads(out)["runtime"] == "qtool"
+    code, out, _ = run(capsys, "eval", tiny_checkpoint, "--generate", "The history of", "--max-tokens", "5", "--json")
+    result = json.loads(out)
+    assert code == 0 and len(result["token_ids"]) <= 5 and result["finish_reason"] in ("stop", "length")
+
+
+def test_other_families_are_measured_through_transformers_but_not_served(capsys, tmp_path, tiny_text_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer))).save_pretrained(tmp_path)
+    code, out, _ = run(capsys, "eval", tmp_path, "--ppl", tiny_text_file, "--seqlen", "32", "--max-windows", "1", "--json")
+    assert code == 0 and json.loads(out)["runtime"] == "transformers"
+    code, _, err = run(capsys, "eval", tmp_path, "--generate", "hello")
+    assert code == 2 and "Llama family" in err and "Traceback" not in err
+
+
+def test_bad_generation_length(capsys, tiny_checkpoint):
+    code, _, err = run(capsys, "eval", tiny_checkpoint, "--generate", "hi", "--max-tokens", "0")
+    assert code == 2 and "--max-tokens" in err

@@ -1,0 +1,161 @@
+"""The runtime on tiny random models: model code against transformers, the block pool's invariants,
+the engine's greedy generations against transformers' through chunked prefill, preemption and
+prefix caching, and sampling."""
+
+import pytest
+import torch
+
+from qtool.runtime.cache import BlockPool
+from qtool.runtime.engine import Engine
+from qtool.runtime.models.llama import LlamaForCausalLM, LlamaSpec
+from qtool.runtime.sampling import SamplingParams, sample
+from qtool.errors import QtoolError
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+
+
+def config(family: str, **extra):
+    import transformers
+
+    names = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+    defaults = {"llama": dict(num_key_value_heads=2), "mistral": dict(num_key_value_heads=2, sliding_window=None),
+                "qwen2": dict(num_key_value_heads=2), "qwen3": dict(num_key_value_heads=2, head_dim=16)}
+    return getattr(transformers, names[family])(**SIZES, **{**defaults[family], **extra})
+
+
+def pair(family: str = "llama", std: float = 0.02, **extra):
+    """A transformers model and the runtime's model with the same random weights (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config(family, initializer_range=std, **extra)).eval()
+    ours = LlamaForCausalLM(reference.config)
+    ours.load_state_dict(reference.state_dict(), strict=False)
+    ours.tie_weights()
+    return reference, ours.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_model_code_gives_transformers_logits(family):
+    reference, ours = pair(family)
+    ids = torch.randint(0, 300, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_families_are_named():
+    from transformers import GPT2Config
+
+    with pytest.raises(QtoolError, match="Llama family"):
+        LlamaSpec.from_config(GPT2Config())
+
+
+class Tokens:
+    """A stand-in tokenizer over raw ids: the engine's tests feed token ids, not text."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def greedy_reference(model, prompt: list[int], count: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=count, min_new_tokens=count, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+PROMPTS = [[5, 17, 99, 3], list(range(20, 57)), [250, 7] * 9, [1], list(range(100, 171, 3))]
+
+
+def engine_for(model, **options) -> Engine:
+    return Engine(model, Tokens(), "cpu", torch.float32, **options)
+
+
+@pytest.mark.parametrize("options", [
+    dict(block_size=16),
+    dict(block_size=4, max_batched_tokens=8),  # chunked prefill: prompts over several steps
+    dict(block_size=4, cache_bytes=4 * 14 * 2 * 2 * 2 * 16 * 4),  # 14 blocks: preemption by recompute
+])
+def test_engine_generates_what_transformers_generates(options):
+    reference, model = pair(std=0.5)  # large weights: outputs that vary from token to token
+    engine = engine_for(model, **options)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    sequences = [engine.add(prompt, params) for prompt in PROMPTS]
+    finished = engine.run()
+    for prompt, sequence in zip(PROMPTS, sequences):
+        assert finished[sequence.id].token_ids == greedy_reference(reference, prompt, 12)
+    if "cache_bytes" in options:
+        assert engine.scheduler.preemptions > 0
+    assert engine.pool.free_blocks == engine.pool.total_blocks  # every block returned
+
+
+def test_prompts_sharing_a_prefix_share_its_blocks():
+    reference, model = pair(std=0.5)
+    engine = engine_for(model, block_size=4)
+    shared = list(range(30, 50))
+    first = engine.add(shared + [7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.step()  # the first prompt's prefill registers its full blocks
+    second = engine.add(shared + [9], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.step()
+    assert second.blocks[:5] == first.blocks[:5]  # the 20 shared tokens: 5 blocks of 4
+    assert all(engine.pool.counts[block] == 2 for block in first.blocks[:5])
+    finished = engine.run()
+    assert finished[second.id].token_ids == greedy_reference(reference, shared + [9], 3)
+
+
+def test_a_request_larger_than_the_whole_cache_is_refused():
+    _, model = pair()
+    engine = engine_for(model, block_size=4, cache_bytes=4 * 2 * 2 * 2 * 16 * 4 * 3)  # 3 blocks
+    with pytest.raises(QtoolError, match="more cache than there is"):
+        engine.add(list(range(10)), SamplingParams(max_tokens=8))
+
+
+def test_block_pool_keeps_its_invariants():
+    pool = BlockPool(6, 4)
+    a = pool.allocate(3)
+    pool.register(a[0], 111)
+    pool.acquire([a[0]])
+    assert pool.counts[a[0]] == 2 and pool.free_blocks == 3
+    pool.release(a)
+    assert pool.counts[a[0]] == 1 and pool.free_blocks == 5
+    pool.release([a[0]])
+    assert pool.free_blocks == 6 and pool.by_hash[111] == a[0]  # freed, still findable
+    again = pool.allocate(6)
+    assert sorted(again) == list(range(6)) and 111 not in pool.by_hash  # handed out: forgotten
+    with pytest.raises(RuntimeError):
+        pool.allocate(1)
+
+
+def test_sampling_is_reproducible_per_request_and_greedy_at_the_limits():
+    logits = torch.randn(3, 50)
+    seeded = [SamplingParams(temperature=0.8, seed=7)] * 3
+
+    def draw(params):
+        return sample(logits, params, [torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+                                       for p in params])
+
+    assert torch.equal(draw(seeded), draw(seeded))
+    mixed = [SamplingParams(temperature=0.8, seed=7), SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=7)]
+    assert draw(mixed)[0] == draw(seeded)[0] and draw(mixed)[1] == logits[1].argmax()
+    assert torch.equal(draw([SamplingParams(top_k=1, seed=1)] * 3), logits.argmax(-1))
+    assert torch.equal(draw([SamplingParams(top_p=1e-6, seed=1)] * 3), logits.argmax(-1))
+    top3 = draw([SamplingParams(top_k=3, temperature=5.0, seed=s) for s in range(3)])
+    assert all(token in logits[row].topk(3).indices for row, token in enumerate(top3.tolist()))
+
+
+def test_stop_strings_end_the_output_before_them():
+    _, model = pair(std=0.5)
+    engine = engine_for(model)
+    probe = engine.add([5, 17, 99], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    tokens = engine.run()[probe.id].token_ids
+    stop = str(tokens[3])
+    sequence = engine.add([5, 17, 99], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, stop=[stop]))
+    out = engine.run()[sequence.id]
+    assert out.finish_reason == "stop" and stop not in out.text and out.token_ids == tokens[: len(out.token_ids)]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=0), dict(top_p=0), dict(max_tokens=0)])
+def test_bad_sampling_settings_are_refused(bad):
+    with pytest.raises(QtoolError):
+        SamplingParams(**bad)
