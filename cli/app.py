@@ -85,6 +85,29 @@ def evaluate(
 
 
 @app.command()
+def bench(
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint or model (folder, alias or hub id); or use --synthetic."),
+    batch_sizes: list[int] = typer.Option([1, 8, 64], help="Concurrent requests of each load (repeatable)."),
+    prompt_len: int = typer.Option(128, help="Prompt tokens of every request (random ids)."),
+    output_len: int = typer.Option(256, help="Tokens every request generates (EOS ignored)."),
+    compare: Optional[str] = typer.Option(None, help="A base model run on the same loads (with --synthetic: any value runs the fp16 model of the config)."),
+    synthetic: Optional[str] = typer.Option(None, help="A random-weight model of this config (llama3-8b, llama3-1b or a config.json) instead of a checkpoint."),
+    bits: int = typer.Option(4, help="With --synthetic: bits of the quantized linears."),
+    group_size: int = typer.Option(64, help="With --synthetic: their group size."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on cuda)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint folder."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+):
+    """Throughput and latency through qtool's runtime: tokens/s, time to first token, inter-token latency, memory."""
+    options = dict(locals())
+    from qtool.cli.bench_cmd import run_bench
+
+    run_bench(**options)
+
+
+@app.command()
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),

@@ -62,6 +62,7 @@ class Engine:
         self.scheduler = Scheduler(self.pool, max_batched_tokens, max_sequences, spec.max_positions)
         self.eos = _eos_ids(model, tokenizer)
         self.ids = itertools.count()
+        self.last_step = (0, False)  # tokens the last step ran, and whether it only decoded
 
     def _cache_budget(self, utilization: float) -> int:
         """On CUDA, `utilization` of the device's memory less what is in use and a margin for a
@@ -73,6 +74,8 @@ class Engine:
         return int(total * utilization - used - (1 << 30))
 
     def add(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise QtoolError("this model has no tokenizer; give prompts as token ids")
         ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise QtoolError("the prompt is empty")
@@ -83,6 +86,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         plan = self.scheduler.schedule()
+        self.last_step = (sum(item.count for item in plan), bool(plan) and all(item.count == 1 for item in plan))
         if not plan:
             return []
         hidden = self.model.forward_tokens(*self._inputs(plan))
@@ -121,8 +125,7 @@ class Engine:
         if token in self.eos and not params.ignore_eos:
             return StepEvent(sequence, token, self._finish(sequence, "stop"))
         sequence.tokens.append(token)
-        text = self.tokenizer.decode(sequence.output, skip_special_tokens=True)
-        if any(stop in text for stop in params.stop):
+        if params.stop and any(stop in self._text(sequence) for stop in params.stop):
             return StepEvent(sequence, token, self._finish(sequence, "stop"))
         if len(sequence.output) >= params.max_tokens:
             return StepEvent(sequence, token, self._finish(sequence, "length"))
@@ -130,9 +133,13 @@ class Engine:
 
     def _finish(self, sequence: Sequence, reason: str) -> RequestOutput:
         self.scheduler.finish(sequence, reason)
-        text = self.tokenizer.decode(sequence.output, skip_special_tokens=True)
+        text = self._text(sequence)
         cut = min((text.index(stop) for stop in sequence.params.stop if stop in text), default=len(text))
         return RequestOutput(sequence.id, sequence.prompt, sequence.output, text[:cut], reason)
+
+    def _text(self, sequence: Sequence) -> str:
+        """The output so far as text ("" for a model without a tokenizer, e.g. a synthetic one)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(sequence.output, skip_special_tokens=True)
 
     def run(self) -> dict[int, RequestOutput]:
         """Step until every added request has finished."""
@@ -146,7 +153,7 @@ class Engine:
 
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
+    if ids is None and tokenizer is not None:
         ids = tokenizer.eos_token_id
     return set(ids if isinstance(ids, list) else [] if ids is None else [ids])
 

@@ -273,3 +273,31 @@ def test_other_families_are_measured_through_transformers_but_not_served(capsys,
 def test_bad_generation_length(capsys, tiny_checkpoint):
     code, _, err = run(capsys, "eval", tiny_checkpoint, "--generate", "hi", "--max-tokens", "0")
     assert code == 2 and "--max-tokens" in err
+
+
+def test_bench_measures_a_checkpoint_and_a_synthetic_model(capsys, tiny_checkpoint, tiny_llama_dir, tmp_path):
+    code, out, err = run(capsys, "bench", tiny_checkpoint, "--batch-sizes", "1", "--batch-sizes", "3",
+                         "--prompt-len", "12", "--output-len", "5", "--compare", tiny_llama_dir, "--json")
+    assert code == 0, err
+    result = json.loads(out)["results"]
+    assert list(result) == [str(tiny_checkpoint), str(tiny_llama_dir)]
+    for rows in result.values():
+        assert [row["concurrency"] for row in rows] == [1, 3]
+        assert all(row["output_tokens_per_s"] > 0 and row["ttft_ms_p50"] > 0 and 0 < row["kv_utilisation"] <= 1
+                   for row in rows)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                  "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 200}))
+    code, out, err = run(capsys, "bench", "--synthetic", config, "--batch-sizes", "2", "--prompt-len", "8",
+                         "--output-len", "3", "--json")
+    assert code == 0, err
+    assert list(json.loads(out)["results"]) == [f"synthetic {config} W4 g64"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "no-such-preset"], "--synthetic takes a preset"),
+    ([], "give a checkpoint, or --synthetic"),
+])
+def test_bad_bench_options(capsys, args, message):
+    code, _, err = run(capsys, "bench", *args)
+    assert code == 2 and message in err
