@@ -18,6 +18,15 @@ app = typer.Typer(
 )
 
 
+# options several commands share
+DATA_DIR = typer.Option(None, help="Folder with offline data sets (else $QTOOL_DATA_DIR).")
+DEVICE = typer.Option(None, help="cpu or cuda (default: cuda when present).")
+DTYPE = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on cuda).")
+TRUST_REMOTE_CODE = typer.Option(False, help="Allow model code from the checkpoint folder.")
+JSON_OUTPUT = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there.")
+QUIET = typer.Option(False, "--quiet", help="No progress output.")
+
+
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
@@ -33,7 +42,7 @@ def quantize(
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default: 128; 100 for squeezellm)."),
     seqlen: int = typer.Option(512, help="Tokens per calibration window."),
     seed: int = typer.Option(0, help="Seed for everything random (calibration windows included)."),
-    data_dir: Optional[Path] = typer.Option(None, help="Folder with offline data sets (else $QTOOL_DATA_DIR)."),
+    data_dir: Optional[Path] = DATA_DIR,
     device: Optional[str] = typer.Option(None, help="Where calibration runs: cpu or cuda (default: cuda when present)."),
     block_size: int = typer.Option(128, help="GPTQ: columns per lazy update block."),
     damp: float = typer.Option(0.01, help="GPTQ: damping, a fraction of the mean Hessian diagonal."),
@@ -49,9 +58,9 @@ def quantize(
     calib_dtype: str = typer.Option("auto", help="Precision of calibration matmuls: auto (bfloat16 on a CPU with native bf16, weights and statistics in float32; the checkpoint's dtype on a GPU), float32, bfloat16, float16, or float64 (everything in float64: a reference that CPUs and GPUs compute alike, slowly)."),
     resume: bool = typer.Option(False, help="Continue an interrupted calibrated run from its last finished block."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint folder."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    json_output: bool = JSON_OUTPUT,
+    quiet: bool = QUIET,
 ):
     """Quantize MODEL and write a packed checkpoint to OUTPUT."""
     options = dict(locals())
@@ -67,14 +76,14 @@ def evaluate(
     seqlen: int = typer.Option(2048, help="Tokens per window."),
     max_windows: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
     compare: Optional[str] = typer.Option(None, help="Base model to compare against on the same windows."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on cuda)."),
-    data_dir: Optional[Path] = typer.Option(None, help="Folder with offline data sets (else $QTOOL_DATA_DIR)."),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    data_dir: Optional[Path] = DATA_DIR,
     generate: Optional[str] = typer.Option(None, help="Instead of perplexity: print the greedy completion of this prompt."),
     max_tokens: int = typer.Option(64, help="With --generate: new tokens at most."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint folder."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    json_output: bool = JSON_OUTPUT,
+    quiet: bool = QUIET,
 ):
     """Perplexity of MODEL, and with --compare its KL divergence and top-1 agreement with a base model;
     with --generate, a completion through qtool's runtime."""
@@ -94,11 +103,11 @@ def bench(
     synthetic: Optional[str] = typer.Option(None, help="A random-weight model of this config (llama3-8b, llama3-1b or a config.json) instead of a checkpoint."),
     bits: int = typer.Option(4, help="With --synthetic: bits of the quantized linears."),
     group_size: int = typer.Option(64, help="With --synthetic: their group size."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
-    dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 on cpu, float16 on cuda)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the checkpoint folder."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    json_output: bool = JSON_OUTPUT,
+    quiet: bool = QUIET,
 ):
     """Throughput and latency through qtool's runtime: tokens/s, time to first token, inter-token latency, memory."""
     options = dict(locals())
@@ -110,7 +119,7 @@ def bench(
 @app.command()
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there."),
+    json_output: bool = JSON_OUTPUT,
 ):
     """Per-layer schemes, shapes, sizes and bits per weight of a checkpoint."""
     from qtool.cli.inspect_cmd import run_inspect
