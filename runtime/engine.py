@@ -125,7 +125,7 @@ class Engine:
         if token in self.eos and not params.ignore_eos:
             return StepEvent(sequence, token, self._finish(sequence, "stop"))
         sequence.tokens.append(token)
-        if params.stop and any(stop in self._text(sequence) for stop in params.stop):
+        if params.stop and any(stop in self.text_of(sequence) for stop in params.stop):
             return StepEvent(sequence, token, self._finish(sequence, "stop"))
         if len(sequence.output) >= params.max_tokens:
             return StepEvent(sequence, token, self._finish(sequence, "length"))
@@ -133,11 +133,11 @@ class Engine:
 
     def _finish(self, sequence: Sequence, reason: str) -> RequestOutput:
         self.scheduler.finish(sequence, reason)
-        text = self._text(sequence)
+        text = self.text_of(sequence)
         cut = min((text.index(stop) for stop in sequence.params.stop if stop in text), default=len(text))
         return RequestOutput(sequence.id, sequence.prompt, sequence.output, text[:cut], reason)
 
-    def _text(self, sequence: Sequence) -> str:
+    def text_of(self, sequence: Sequence) -> str:
         """The output so far as text ("" for a model without a tokenizer, e.g. a synthetic one)."""
         return "" if self.tokenizer is None else self.tokenizer.decode(sequence.output, skip_special_tokens=True)
 

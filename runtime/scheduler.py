@@ -157,6 +157,14 @@ class Scheduler:
                 self.pool.register(sequence.blocks[index], hashes[index])
             sequence.registered = len(hashes)
 
+    def abort(self, sequence: Sequence) -> None:
+        """Drop a request wherever it is (a client went away): its blocks go back to the pool."""
+        if sequence.status is Status.WAITING:
+            self.waiting.remove(sequence)
+            sequence.status, sequence.finish_reason = Status.FINISHED, "abort"
+        elif sequence.status is Status.RUNNING:
+            self.finish(sequence, "abort")
+
     def finish(self, sequence: Sequence, reason: str) -> None:
         sequence.status, sequence.finish_reason = Status.FINISHED, reason
         self.running.remove(sequence)

@@ -159,3 +159,24 @@ def test_stop_strings_end_the_output_before_them():
 def test_bad_sampling_settings_are_refused(bad):
     with pytest.raises(QtoolError):
         SamplingParams(**bad)
+
+
+def test_sixty_four_requests_through_a_cache_for_eight_all_finish_right():
+    """A KV budget for 8 sequences and 64 requests: preemption by recompute, no request lost, every
+    output the one an unconstrained engine gives."""
+    _, model = pair(std=0.5)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 300, (int(torch.randint(4, 13, (1,), generator=generator)),), generator=generator).tolist()
+               for _ in range(64)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def outputs(engine):
+        sequences = [engine.add(prompt, params) for prompt in prompts]
+        finished = engine.run()
+        return [finished[sequence.id].token_ids for sequence in sequences]
+
+    per_block = 2 * 2 * 4 * 2 * 16 * 4  # layers, k/v, block size 4, kv heads, head dim, float32
+    tight = engine_for(model, block_size=4, cache_bytes=8 * 5 * per_block, max_sequences=64)  # 5 blocks a sequence
+    roomy = engine_for(model, block_size=4)
+    assert outputs(tight) == outputs(roomy)
+    assert tight.scheduler.preemptions > 0 and tight.pool.free_blocks == tight.pool.total_blocks
