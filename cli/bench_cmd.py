@@ -34,7 +34,8 @@ def run_bench(checkpoint: str | None, batch_sizes: list[int], prompt_len: int, o
         with console.working("loading", target, show):
             engine = _engine(checkpoint if index == 0 else compare, synthetic, bits if index == 0 else None, group_size,
                              device, torch_dtype, max(batch_sizes), trust_remote_code)
-        run_load(engine, 2, 8, 4)  # warm up: kernels compile and tune outside the measurement
+        for size in batch_sizes:  # warm up: kernels compile and tune for these token counts outside the measurement
+            run_load(engine, size, prompt_len, 2)
         with console.working("measuring", target, show):
             rows[target] = [run_load(engine, size, prompt_len, output_len).to_dict() for size in batch_sizes]
         del engine
