@@ -116,6 +116,26 @@ def bench(
     run_bench(**options)
 
 
+@app.command(name="serve")
+def serve_command(
+    checkpoint: str = typer.Argument(..., help="Checkpoint or model of the Llama family (folder, alias or hub id)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1 requests (or $QTOOL_API_KEY)."),
+    smoke: bool = typer.Option(False, "--smoke", help="Start, fire concurrent chat and completion requests (whole and streamed), check them, report, exit 0 or 1."),
+    smoke_requests: int = typer.Option(8, help="With --smoke: requests of each kind."),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    quiet: bool = QUIET,
+):
+    """Serve CHECKPOINT through an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
+    options = dict(locals())
+    from qtool.cli.serve_cmd import run_serve
+
+    run_serve(**options)
+
+
 @app.command()
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),

@@ -166,7 +166,7 @@ class LLM:
         from qtool.runtime.loader import load_model, load_tokenizer, supports_native
         from qtool.runtime.resolve import resolve_model
 
-        folder = resolve_model(str(model))
+        folder = self.folder = resolve_model(str(model))
         if not supports_native(folder, trust_remote_code):
             raise QtoolError(f"{model} is not of the Llama family (llama, mistral, qwen2, qwen3) the runtime serves; "
                              f"`qtool eval --ppl` still measures it through transformers")

@@ -175,3 +175,33 @@ def test_runtime_perplexity_equals_the_transformers_path(smollm2):
     ours = perplexity(load_model(smollm2, torch.float32, native=True), windows).ppl
     theirs = perplexity(load_model(smollm2, torch.float32, native=False), windows).ppl
     assert ours == pytest.approx(theirs, rel=1e-3)
+
+
+def test_openai_client_against_smollm2_and_the_smoke_command(smollm2, capsys):
+    """The server over SmolLM2 on the CPU, driven by the official openai client; then `qtool serve
+    --smoke`, the command CI runs after quantizing."""
+    import openai
+
+    from qtool.runtime.async_engine import AsyncEngine
+    from qtool.runtime.engine import LLM, SamplingParams
+    from qtool.runtime.server import create_app
+    from qtool.runtime.smoke import BackgroundServer
+
+    llm = LLM(smollm2, device="cpu")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    engine = AsyncEngine(llm.engine)
+    try:
+        with BackgroundServer(create_app(engine, llm.tokenizer, "smollm2")) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0)
+            streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+                model="smollm2", messages=messages, max_tokens=24, temperature=0, stream=True) if chunk.choices)
+    finally:
+        engine.close()
+    ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    expected = llm.generate([ids], SamplingParams(temperature=0, max_tokens=24))[0].text
+    assert reply.choices[0].message.content == streamed == expected and "Paris" in expected
+    capsys.readouterr()
+    assert main(["serve", "smollm2-135m", "--smoke", "--smoke-requests", "4", "--quiet"]) == 0
+    assert "ok" in capsys.readouterr().out
