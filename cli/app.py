@@ -31,32 +31,34 @@ QUIET = typer.Option(False, "--quiet", help="No progress output.")
 def quantize(
     model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write the checkpoint to."),
-    method: str = typer.Option("rtn", help="Quantization method: rtn, gptq, awq, awq+gptq or squeezellm."),
-    bits: int = typer.Option(4, help="Bits per weight, 2-8."),
+    recipe: Optional[Path] = typer.Option(None, help="A recipe YAML file; flags given here override it."),
+    method: Optional[str] = typer.Option(None, help="Quantization method: rtn (the default), gptq, awq, awq+gptq or squeezellm."),
+    bits: Optional[int] = typer.Option(None, help="Bits per weight, 2-8 (default 4)."),
     group_size: Optional[int] = typer.Option(None, help="Input columns per scale (default 64) or, for squeezellm, per look-up table (default -1); -1 for one per output channel."),
-    symmetric: bool = typer.Option(False, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric."),
+    symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric (the default)."),
     skip: list[str] = typer.Option([], help="Regex of layer names to leave unquantized (repeatable)."),
-    mse: bool = typer.Option(False, "--mse", help="Search each group's scale for the least rounding error (shrinking its min-max range up to 80%) instead of min-max."),
+    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="Search each group's scale for the least rounding error (shrinking its min-max range up to 80%) instead of min-max."),
     format: Optional[str] = typer.Option(None, "--format", help="Checkpoint format: compressed-tensors (vLLM, transformers; the default), awq (AutoAWQ gemm layout: 4 bits, a group size) or qtool (look-up tables and outliers; the default for squeezellm)."),
-    calib: str = typer.Option("wiki-leads", help="Calibration text: wikitext2, wiki-leads or a .txt/.jsonl/.parquet file."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text: wikitext2, wiki-leads (the default) or a .txt/.jsonl/.parquet file."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default: 128; 100 for squeezellm)."),
-    seqlen: int = typer.Option(512, help="Tokens per calibration window."),
-    seed: int = typer.Option(0, help="Seed for everything random (calibration windows included)."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default 512)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for everything random (calibration windows included; default 0)."),
     data_dir: Optional[Path] = DATA_DIR,
     device: Optional[str] = typer.Option(None, help="Where calibration runs: cpu or cuda (default: cuda when present)."),
-    block_size: int = typer.Option(128, help="GPTQ: columns per lazy update block."),
-    damp: float = typer.Option(0.01, help="GPTQ: damping, a fraction of the mean Hessian diagonal."),
-    act_order: str = typer.Option("static", help="GPTQ column order: static (largest Hessian diagonal first, groups contiguous), group (g_idx written) or none."),
-    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential", help="GPTQ: calibrate each group of linears after the ones before it are quantized."),
-    duo_scaling: bool = typer.Option(True, "--duo-scaling/--no-duo-scaling", help="AWQ: scales from activation and weight magnitudes (else activations alone)."),
-    clip: bool = typer.Option(True, "--clip/--no-clip", help="AWQ: search each group's clipping range for the least output error."),
-    outliers: str = typer.Option("0", help="SqueezeLLM: fraction of each layer's weights kept exactly as sparse outliers, e.g. 0.45% (0: dense only)."),
-    sensitivity: bool = typer.Option(True, "--sensitivity/--no-sensitivity", help="SqueezeLLM: weight the k-means by Fisher information (else all weights alike)."),
+    block_size: Optional[int] = typer.Option(None, help="GPTQ: columns per lazy update block (default 128)."),
+    damp: Optional[float] = typer.Option(None, help="GPTQ: damping, a fraction of the mean Hessian diagonal (default 0.01)."),
+    act_order: Optional[str] = typer.Option(None, help="GPTQ column order: static (the default: largest Hessian diagonal first, groups contiguous), group (g_idx written) or none."),
+    true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential", help="GPTQ: calibrate each group of linears after the ones before it are quantized."),
+    duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling", help="AWQ: scales from activation and weight magnitudes (else activations alone)."),
+    clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="AWQ: search each group's clipping range for the least output error."),
+    outliers: Optional[str] = typer.Option(None, help="SqueezeLLM: fraction of each layer's weights kept exactly as sparse outliers, e.g. 0.45% (0: dense only)."),
+    sensitivity: Optional[bool] = typer.Option(None, "--sensitivity/--no-sensitivity", help="SqueezeLLM: weight the k-means by Fisher information (else all weights alike)."),
     fisher: Optional[Path] = typer.Option(None, help="SqueezeLLM: file for the Fisher information: read when it exists (and matches model and data), else computed and written there (default: a cache keyed by both)."),
     offload_activations: bool = typer.Option(False, help="Keep calibration activations on the CPU between blocks (long calibration sets)."),
     max_device_memory: Optional[str] = typer.Option(None, help="Cap on CUDA memory for the run (e.g. 20GiB): calibration keeps one block and its activations there."),
     calib_dtype: str = typer.Option("auto", help="Precision of calibration matmuls: auto (bfloat16 on a CPU with native bf16, weights and statistics in float32; the checkpoint's dtype on a GPU), float32, bfloat16, float16, or float64 (everything in float64: a reference that CPUs and GPUs compute alike, slowly)."),
     resume: bool = typer.Option(False, help="Continue an interrupted calibrated run from its last finished block."),
+    check: bool = typer.Option(False, "--check", help="After quantizing, evaluate the recipe's gates; exit 1 when one fails."),
     overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = JSON_OUTPUT,
@@ -81,6 +83,7 @@ def evaluate(
     data_dir: Optional[Path] = DATA_DIR,
     generate: Optional[str] = typer.Option(None, help="Instead of perplexity: print the greedy completion of this prompt."),
     max_tokens: int = typer.Option(64, help="With --generate: new tokens at most."),
+    gates: Optional[Path] = typer.Option(None, help="Evaluate this recipe's gates against the original (--compare, else the model qtool.json names); exit 1 when one fails."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = JSON_OUTPUT,
     quiet: bool = QUIET,
@@ -134,6 +137,35 @@ def serve_command(
     from qtool.cli.serve_cmd import run_serve
 
     run_serve(**options)
+
+
+recipe_app = typer.Typer(help="Check and show recipe files.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("validate")
+def recipe_validate(
+    path: Path = typer.Argument(..., help="The recipe YAML file."),
+    model: Optional[str] = typer.Option(None, help="Also check it against this model's layers (overrides that match nothing, group sizes)."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+):
+    """Check a recipe strictly: unknown keys, wrong types, impossible values, and with --model its regexes."""
+    from qtool.cli.recipe_cmd import run_validate
+
+    run_validate(path, model, trust_remote_code)
+
+
+@recipe_app.command("show")
+def recipe_show(
+    path: Path = typer.Argument(..., help="The recipe YAML file."),
+    model: Optional[str] = typer.Option(None, help="Also list the scheme each of this model's linear layers gets."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    json_output: bool = JSON_OUTPUT,
+):
+    """The effective recipe, every default filled in; with --model, the scheme of every layer."""
+    from qtool.cli.recipe_cmd import run_show
+
+    run_show(path, model, trust_remote_code, json_output)
 
 
 @app.command()

@@ -31,9 +31,12 @@ def run_eval(
     quiet: bool,
     generate: str | None = None,
     max_tokens: int = 64,
+    gates: Path | None = None,
 ) -> None:
     if generate is not None:
         return run_generate(model, generate, max_tokens, device, dtype, trust_remote_code, json_output, quiet)
+    if gates is not None:
+        return run_gates(model, gates, compare, device, dtype, data_dir, json_output, quiet)
     if seqlen < 2:
         raise QtoolError(f"--seqlen must be at least 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
@@ -127,3 +130,31 @@ def run_generate(model: str, prompt: str, max_tokens: int, device: str | None, d
                             "finish_reason": output.finish_reason, "device": device})
     else:
         console.stdout.print(prompt + output.text, markup=False, highlight=False)
+
+
+def run_gates(model: str, recipe_path: Path, compare: str | None, device: str | None, dtype: str | None,
+              data_dir: Path | None, json_output: bool, quiet: bool) -> None:
+    """The recipe's gates on a checkpoint, against --compare or the model its qtool.json names;
+    exit 1 when one fails."""
+    from qtool.cli.gates import evaluate_gates, print_gates
+    from qtool.errors import FAILURE
+    from qtool.quantize.recipe_file import load_recipe
+
+    recipe_file = load_recipe(recipe_path)
+    if recipe_file.gates is None:
+        raise QtoolError(f"{recipe_path} has no gates section to evaluate")
+    folder = resolve_model(model)
+    record = read_json(folder / RECORD_FILE) if (folder / RECORD_FILE).is_file() else {}
+    base = compare or record.get("model", {}).get("source")
+    if base is None:
+        raise QtoolError(f"{model} does not say what it was quantized from; give the original with --compare")
+    device = choose_device(device)
+    console.quiet_libraries()
+    outcome = evaluate_gates(folder, resolve_model(base), recipe_file.gates, device, choose_dtype(dtype, device),
+                             data_dir, not (quiet or json_output))
+    if json_output:
+        console.print_json({"model": model, "base": base, **outcome})
+    else:
+        print_gates(outcome)
+    if not outcome["passed"]:
+        raise SystemExit(FAILURE)

@@ -24,38 +24,44 @@ from qtool.quantize.apply import linear_layers, quantize_model
 from qtool.quantize.format import FORMATS, write_checkpoint
 from qtool.quantize.methods import METHODS
 from qtool.quantize.resume import BlockStore, run_fingerprint
-from qtool.quantize.scheme import AWQOptions, CalibrationSpec, GPTQOptions, Override, Recipe, Scheme, SqueezeLLMOptions
+from qtool.cli.gates import evaluate_gates, print_gates
+from qtool.quantize.recipe_file import RecipeFile, build, check_matches, merge, read_yaml
 from qtool.runtime.loader import load_lazily, load_tokenizer, stored_dtype
 from qtool.runtime.resolve import resolve_model
 from qtool.runtime.summary import summarize
 
 
-FLAG_DEFAULTS = {"group_size": 64, "nsamples": 128, "format": "compressed-tensors"}
+FLAG_PATHS = {  # flag -> where it goes in a recipe's data
+    "method": ("method",), "bits": ("scheme", "bits"), "group_size": ("scheme", "group_size"),
+    "symmetric": ("scheme", "symmetric"), "calib": ("calibration", "source"), "nsamples": ("calibration", "nsamples"),
+    "seqlen": ("calibration", "seqlen"), "seed": ("calibration", "seed"), "format": ("output", "format"),
+    "mse": ("mse",), "block_size": ("gptq", "block_size"), "damp": ("gptq", "damp"),
+    "act_order": ("gptq", "act_order"), "true_sequential": ("gptq", "true_sequential"),
+    "duo_scaling": ("awq", "duo_scaling"), "clip": ("awq", "clip"), "sensitivity": ("squeezellm", "fisher"),
+}
 
 
-def build_recipe(options: dict) -> Recipe:
-    """The recipe the flags describe, with method and format checked against their registries.
-    Flags left unset take the method's defaults, then qtool's."""
-    method = METHODS.get(options["method"])
-    options = {**options, **{key: value for key, value in method.defaults.items() if options[key] is None}}
-    options = {**options, **{key: value for key, value in FLAG_DEFAULTS.items() if options[key] is None}}
-    fmt = FORMATS.get(options["format"])
-    recipe = Recipe(
-        method=options["method"],
-        scheme=Scheme(bits=options["bits"], group_size=options["group_size"], symmetric=options["symmetric"],
-                      lut=method.lut),
-        overrides=tuple(Override(pattern, None) for pattern in options["skip"]),
-        calibration=CalibrationSpec(options["calib"], options["nsamples"], options["seqlen"], options["seed"]),
-        format=options["format"],
-        gptq=GPTQOptions(options["block_size"], options["damp"], options["act_order"], options["true_sequential"]),
-        mse=options["mse"],
-        awq=AWQOptions(duo_scaling=options["duo_scaling"], clip=options["clip"]),
-        squeezellm=SqueezeLLMOptions(outliers=parse_fraction(options["outliers"], "--outliers"),
-                                     fisher=options["sensitivity"]),
-    )
-    if fmt.check is not None:
-        fmt.check(recipe)
-    return recipe
+def build_recipe(options: dict) -> RecipeFile:
+    """The recipe of the --recipe file (if any) with the flags given on the command line over it;
+    what neither says takes the method's defaults, then qtool's."""
+    flags: dict = {}
+    for flag, path in FLAG_PATHS.items():
+        if options.get(flag) is not None:
+            section = flags
+            for key in path[:-1]:
+                section = section.setdefault(key, {})
+            section[path[-1]] = options[flag]
+    if options.get("outliers") is not None:
+        flags.setdefault("squeezellm", {})["outliers"] = parse_fraction(options["outliers"], "--outliers")
+    skips = [{"match": pattern, "skip": True} for pattern in options.get("skip") or []]
+    if options.get("recipe") is None:
+        return build({**flags, "overrides": skips} if skips else flags)
+    data, lines = read_yaml(options["recipe"])
+    if skips:  # they go first; the file's overrides keep their lines under their new positions
+        flags["overrides"] = skips + data.get("overrides", [])
+        lines = {(path[0], path[1] + len(skips), *path[2:]) if path[:1] == ("overrides",) and len(path) > 1 else path: line
+                 for path, line in lines.items()}
+    return build(merge(data, flags), str(options["recipe"]), lines)
 
 
 def parse_fraction(text: str, flag: str) -> float:
@@ -76,7 +82,10 @@ def versions() -> dict:
 
 def run_quantize(**options) -> None:
     started = time.perf_counter()
-    recipe = build_recipe(options)
+    recipe_file = build_recipe(options)
+    recipe = recipe_file.recipe
+    if options["check"] and recipe_file.gates is None:
+        raise QtoolError(f"--check evaluates the recipe's gates, and {recipe_file.source} has none; add a gates section")
     output: Path = options["output"]
     if output.exists() and not options["overwrite"]:
         raise QtoolError(f"output folder {output} already exists; choose another -o or pass --overwrite")
@@ -96,6 +105,7 @@ def run_quantize(**options) -> None:
     calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if calibrated else None
     with console.working("loading", str(folder), show):
         model, lazy = load_lazily(folder, weights_dtype, trust, linear_dtype)
+        check_matches(recipe_file, list(linear_layers(model)))
         tokenizer = load_tokenizer(folder, trust)
         calibration = fingerprint = None
         if calibrated:
@@ -148,7 +158,13 @@ def run_quantize(**options) -> None:
                          read_weight=store.read if store is not None else None)
     if store is not None:
         store.clear()
-    report(folder, output, record, options["json_output"])
+    gates = None
+    if options["check"]:
+        gates = evaluate_gates(output, folder, recipe_file.gates, device, torch.float32 if device == "cpu" else torch.float16,
+                               options["data_dir"], show)
+    report(folder, output, record, options["json_output"], gates)
+    if gates is not None and not gates["passed"]:
+        raise SystemExit(FAILURE)
 
 
 @contextmanager
@@ -201,7 +217,7 @@ def worst_layers(layers: dict, count: int = 8) -> list[dict]:
             for name, entry in ranked]
 
 
-def report(source: Path, output: Path, record: dict, json_output: bool) -> None:
+def report(source: Path, output: Path, record: dict, json_output: bool, gates: dict | None = None) -> None:
     before, after = summarize(source), summarize(output)
     summary = {
         "output": str(output),
@@ -214,10 +230,13 @@ def report(source: Path, output: Path, record: dict, json_output: bool) -> None:
         "seconds": record["wall_seconds"],
         **{key: value for key, value in record.items() if key.startswith("peak_")},
         "worst_layers": worst_layers(record["layers"]),
+        **({"gates": gates} if gates is not None else {}),
     }
     if json_output:
         console.print_json(summary)
         return
+    if gates is not None:
+        print_gates(gates)
     from rich.table import Table
 
     errors = Table(title="largest relative errors (outputs: on the calibration data)")

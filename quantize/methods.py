@@ -68,7 +68,7 @@ class Method:
     prepare: Prepare | None = None
     sensitivity: Sensitivity | None = None
     lut: bool = False
-    defaults: Mapping[str, Any] = field(default_factory=dict)  # settings it takes unless told otherwise
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # recipe settings it takes unless told otherwise
 
     @property
     def sequential(self) -> bool:
@@ -142,7 +142,7 @@ def gptq_method(weights: list[torch.Tensor], scheme: Scheme, *, stats: HessianSt
 
 
 @method("squeezellm", sensitivity=lambda recipe: recipe.squeezellm.fisher, lut=True,
-        defaults={"group_size": -1, "nsamples": 100, "format": "qtool"})  # the paper's: a table per row, 100 x 512 tokens
+        defaults={"scheme": {"group_size": -1}, "calibration": {"nsamples": 100}, "output": {"format": "qtool"}})
 def squeezellm_method(weight: torch.Tensor, scheme: Scheme, *, stats: torch.Tensor | None = None, recipe: Recipe,
                       scale_dtype: torch.dtype | None = None) -> MethodResult:
     """Weighted k-means of each row (or row group) into a look-up table, the weights held out as

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from qtool.errors import QtoolError
 
@@ -171,40 +171,19 @@ class Recipe:
         return self.scheme
 
     def to_dict(self) -> dict:
-        def scheme_dict(scheme: Scheme | None) -> dict:
-            if scheme is None:
-                return {"skip": True}
-            return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric, "lut": scheme.lut}
+        """The recipe in the shape of a recipe file (`qtool.quantize.recipe_file`)."""
+        def options(value) -> dict:
+            return {f.name: getattr(value, f.name) for f in fields(value)}
 
         return {
             "method": self.method,
-            "scheme": scheme_dict(self.scheme),
-            "overrides": [{"match": o.pattern, **scheme_dict(o.scheme)} for o in self.overrides],
-            "calibration": {
-                "source": self.calibration.source,
-                "nsamples": self.calibration.nsamples,
-                "seqlen": self.calibration.seqlen,
-                "seed": self.calibration.seed,
-            },
-            "format": self.format,
+            "scheme": options(self.scheme),
+            "overrides": [{"match": o.pattern, **({"skip": True} if o.scheme is None else {"scheme": options(o.scheme)})}
+                          for o in self.overrides],
+            "calibration": options(self.calibration),
+            "output": {"format": self.format},
             "mse": self.mse,
-            "gptq": {
-                "block_size": self.gptq.block_size,
-                "damp": self.gptq.damp,
-                "act_order": self.gptq.act_order,
-                "true_sequential": self.gptq.true_sequential,
-            },
-            "awq": {
-                "duo_scaling": self.awq.duo_scaling,
-                "grid": self.awq.grid,
-                "clip": self.awq.clip,
-                "max_shrink": self.awq.max_shrink,
-                "clip_skip": self.awq.clip_skip,
-            },
-            "squeezellm": {
-                "outliers": self.squeezellm.outliers,
-                "sensitive_fraction": self.squeezellm.sensitive_fraction,
-                "fisher": self.squeezellm.fisher,
-                "max_iterations": self.squeezellm.max_iterations,
-            },
+            "gptq": options(self.gptq),
+            "awq": options(self.awq),
+            "squeezellm": options(self.squeezellm),
         }
