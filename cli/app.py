@@ -30,10 +30,14 @@ QUIET = typer.Option(False, "--quiet", help="No progress output.")
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the checkpoint to."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write the checkpoint to (required unless --plan-only)."),
     recipe: Optional[Path] = typer.Option(None, help="A recipe YAML file; flags given here override it."),
     method: Optional[str] = typer.Option(None, help="Quantization method: rtn (the default), gptq, awq, awq+gptq or squeezellm."),
-    bits: Optional[int] = typer.Option(None, help="Bits per weight, 2-8 (default 4)."),
+    bits: Optional[str] = typer.Option(None, help="Bits per weight, 2-8 (default 4), or auto:B to choose each layer's scheme for an average of B bits per weight over the decoder blocks' linear layers."),
+    max_size: Optional[str] = typer.Option(None, help="Choose each layer's scheme so that the checkpoint's tensors take at most this much (e.g. 80MB)."),
+    candidates: Optional[str] = typer.Option(None, help="With auto bits or --max-size: the schemes a layer may get, e.g. 3g64,4g64s,8cs,dense (BITSgGROUP, s for symmetric, c per channel; default 3g64,4g128,4g64,4g32,8cs,dense)."),
+    sensitivity: Optional[str] = typer.Option(None, "--sensitivity", help="With auto bits or --max-size: how a layer's loss under a scheme is measured: fisher (Fisher-weighted rounding error, the default) or kl (the model's KL divergence with that layer quantized alone)."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="With auto bits or --max-size: print the per-layer plan and stop."),
     group_size: Optional[int] = typer.Option(None, help="Input columns per scale (default 64) or, for squeezellm, per look-up table (default -1); -1 for one per output channel."),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric (the default)."),
     skip: list[str] = typer.Option([], help="Regex of layer names to leave unquantized (repeatable)."),
@@ -52,7 +56,7 @@ def quantize(
     duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling", help="AWQ: scales from activation and weight magnitudes (else activations alone)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="AWQ: search each group's clipping range for the least output error."),
     outliers: Optional[str] = typer.Option(None, help="SqueezeLLM: fraction of each layer's weights kept exactly as sparse outliers, e.g. 0.45% (0: dense only)."),
-    sensitivity: Optional[bool] = typer.Option(None, "--sensitivity/--no-sensitivity", help="SqueezeLLM: weight the k-means by Fisher information (else all weights alike)."),
+    no_sensitivity: bool = typer.Option(False, "--no-sensitivity", help="SqueezeLLM: k-means with all weights alike (not weighted by Fisher information)."),
     fisher: Optional[Path] = typer.Option(None, help="SqueezeLLM: file for the Fisher information: read when it exists (and matches model and data), else computed and written there (default: a cache keyed by both)."),
     offload_activations: bool = typer.Option(False, help="Keep calibration activations on the CPU between blocks (long calibration sets)."),
     max_device_memory: Optional[str] = typer.Option(None, help="Cap on CUDA memory for the run (e.g. 20GiB): calibration keeps one block and its activations there."),
@@ -137,6 +141,27 @@ def serve_command(
     from qtool.cli.serve_cmd import run_serve
 
     run_serve(**options)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pareto(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Model folder, .gguf file, alias or hub id."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for pareto.json, pareto.md and pareto.png."),
+    budgets: str = typer.Option("3.0,3.5,4.0,4.5,5.0", help="Average bits per weight to allocate at, comma-separated."),
+    uniform: str = typer.Option("3g64,3g32s,4g64s,4g64,4g32", help="Uniform schemes to compare against (as --candidates writes them)."),
+    candidates: Optional[str] = typer.Option(None, help="The schemes allocations choose from (as quantize's --candidates)."),
+    method: str = typer.Option("gptq", help="The method under every point."),
+    seqlen: int = typer.Option(2048, help="Perplexity: tokens per window."),
+    max_windows: int = typer.Option(40, help="Perplexity: windows evaluated."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    quiet: bool = QUIET,
+):
+    """Perplexity against bits per weight: uniform schemes and allocations at several budgets, as a
+    table and a plot. Arguments after -- go to every qtool quantize run (e.g. -- --mse --nsamples 64)."""
+    from qtool.cli.pareto_cmd import run_pareto
+
+    run_pareto(model, output, budgets, uniform, candidates, method, seqlen, max_windows, list(ctx.args), overwrite, quiet)
 
 
 recipe_app = typer.Typer(help="Check and show recipe files.", no_args_is_help=True)

@@ -30,6 +30,7 @@ def run_inspect(checkpoint: Path, json_output: bool) -> None:
     bits = summary.quantized_bits_per_weight
     console.stdout.print(
         f"{len(summary.layers)} quantized layers ({console.mib(quantized_bytes)}"
-        + (f", {bits:.3f} bits/weight" if bits is not None else "")
+        + (f", {bits:.3f} bits/weight; {summary.block_bits_per_weight:.3f} over the blocks' linears with the dense ones"
+           if bits is not None else "")
         + f"); dense linears: {', '.join(summary.dense_linears) or 'none'}; total {console.mib(summary.total_bytes)}"
     )

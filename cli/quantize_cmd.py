@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from qtool.calibrate.data import fingerprint as data_fingerprint
 from qtool.calibrate.fisher import StoredFisher, diagonal_fisher, save_fisher
 from qtool.calibrate.pipeline import decoder_blocks
 from qtool.cli import console
+from qtool.cli.allocation import allocated_recipe, allocation_request, plan_mixed, print_plan, report_plan
 from qtool.cli.devices import calibration_dtypes, choose_device, limit_device_memory
 from qtool.errors import FAILURE, QtoolError
 from qtool.quantize.apply import linear_layers, quantize_model
@@ -37,7 +39,7 @@ FLAG_PATHS = {  # flag -> where it goes in a recipe's data
     "seqlen": ("calibration", "seqlen"), "seed": ("calibration", "seed"), "format": ("output", "format"),
     "mse": ("mse",), "block_size": ("gptq", "block_size"), "damp": ("gptq", "damp"),
     "act_order": ("gptq", "act_order"), "true_sequential": ("gptq", "true_sequential"),
-    "duo_scaling": ("awq", "duo_scaling"), "clip": ("awq", "clip"), "sensitivity": ("squeezellm", "fisher"),
+    "duo_scaling": ("awq", "duo_scaling"), "clip": ("awq", "clip"),
 }
 
 
@@ -51,6 +53,8 @@ def build_recipe(options: dict) -> RecipeFile:
             for key in path[:-1]:
                 section = section.setdefault(key, {})
             section[path[-1]] = options[flag]
+    if options.get("no_sensitivity"):
+        flags.setdefault("squeezellm", {})["fisher"] = False
     if options.get("outliers") is not None:
         flags.setdefault("squeezellm", {})["outliers"] = parse_fraction(options["outliers"], "--outliers")
     skips = [{"match": pattern, "skip": True} for pattern in options.get("skip") or []]
@@ -82,12 +86,16 @@ def versions() -> dict:
 
 def run_quantize(**options) -> None:
     started = time.perf_counter()
-    recipe_file = build_recipe(options)
+    bits, request = allocation_request(options)
+    recipe_file = build_recipe({**options, "bits": bits})
     recipe = recipe_file.recipe
     if options["check"] and recipe_file.gates is None:
         raise QtoolError(f"--check evaluates the recipe's gates, and {recipe_file.source} has none; add a gates section")
-    output: Path = options["output"]
-    if output.exists() and not options["overwrite"]:
+    output: Path | None = options["output"]
+    plan_only = options["plan_only"]
+    if output is None and not plan_only:
+        raise QtoolError("qtool quantize needs -o OUT, the folder to write the checkpoint to")
+    if not plan_only and output.exists() and not options["overwrite"]:
         raise QtoolError(f"output folder {output} already exists; choose another -o or pass --overwrite")
     method = METHODS.get(recipe.method)
     device = choose_device(options["device"])
@@ -100,20 +108,32 @@ def run_quantize(**options) -> None:
     stored = stored_dtype(folder)
     weights_dtype, linear_dtype, matmul_dtype = calibration_dtypes(options["calib_dtype"], device, stored)
     calibrated = method.needs_calibration(recipe)
-    if not calibrated:
+    needs_data = calibrated or request is not None
+    if not needs_data:
         weights_dtype, linear_dtype, matmul_dtype = stored, stored, None
-    calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if calibrated else None
+    calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if needs_data else None
     with console.working("loading", str(folder), show):
         model, lazy = load_lazily(folder, weights_dtype, trust, linear_dtype)
         check_matches(recipe_file, list(linear_layers(model)))
         tokenizer = load_tokenizer(folder, trust)
         calibration = fingerprint = None
-        if calibrated:
+        if needs_data:
             spec = recipe.calibration
             text = load_text(spec.source, options["data_dir"])
             calibration = calibration_windows(tokenize(tokenizer, text), spec.nsamples, spec.seqlen, spec.seed)
             fingerprint = data_fingerprint(calibration)
-    store = sensitivity = None
+    store = sensitivity = allocation = None
+    if calibrated and not method.sequential or request is not None and request.sensitivity == "fisher":
+        sensitivity = cached_fisher(model, lazy, folder, calibration, device, matmul_dtype, calib_matmul,
+                                    options["fisher"], show)
+    if request is not None:
+        allocation = plan_mixed(request, model, lazy, folder, recipe, calibration, sensitivity, device, stored, show)
+        recipe = allocated_recipe(recipe, allocation)
+        if plan_only:
+            report_plan(allocation, request, options["json_output"])
+            return
+        if show:
+            print_plan(allocation, request.budget)
     if method.sequential:  # every calibrated run keeps per-block state, so --resume can pick it up
         work = output.parent / f".{output.name}.qtool-work"
         decisive = {**recipe.to_dict(), "calibration_matmul_dtype": calib_matmul}
@@ -121,13 +141,11 @@ def run_quantize(**options) -> None:
     scale_dtype = FORMATS.get(recipe.format).scale_dtype or stored
     cap = f"the {options['max_device_memory']} of --max-device-memory" if device_cap else "what the device has"
     with out_of_device_memory_as_failure(device, cap):
-        if calibrated and not method.sequential:
-            sensitivity = cached_fisher(model, lazy, folder, calibration, device, matmul_dtype, calib_matmul,
-                                        options["fisher"], show)
         with console.progress(show) as bar:
             task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
             quantized = quantize_model(
-                model, recipe, calibration, device, scale_dtype=scale_dtype, store=store, sensitivity=sensitivity,
+                model, recipe, calibration if calibrated else None, device, scale_dtype=scale_dtype, store=store,
+                sensitivity=sensitivity if calibrated and not method.sequential else None,
                 offload_activations=options["offload_activations"], matmul_dtype=matmul_dtype, weights=lazy,
                 on_layer=lambda name, done, total: bar.update(task, completed=done, total=total, detail=name),
                 on_block=lambda index, count: bar.update(
@@ -142,6 +160,7 @@ def run_quantize(**options) -> None:
         "max_device_memory_bytes": device_cap,
         "calibration_matmul_dtype": calib_matmul,
         "fisher_file": None if sensitivity is None else str(sensitivity.path),
+        "allocation": None if allocation is None else {**allocation.to_dict(), **dataclasses.asdict(request)},
         "layers": {
             name: {"scheme": weight.scheme.describe(), **quantized.errors[name]}
             for name, weight in quantized.weights.items()
@@ -225,6 +244,7 @@ def report(source: Path, output: Path, record: dict, json_output: bool, gates: d
         "size_after_bytes": after.total_bytes,
         "size_ratio": after.total_bytes / before.total_bytes,
         "quantized_bits_per_weight": after.quantized_bits_per_weight,
+        "block_bits_per_weight": after.block_bits_per_weight,
         "quantized_layers": len(after.layers),
         "dense_linears": after.dense_linears,
         "seconds": record["wall_seconds"],

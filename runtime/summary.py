@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,16 +29,23 @@ class ModelSummary:
     total_bytes: int
     layers: list[LayerSummary] = field(default_factory=list)
     dense_linears: list[str] = field(default_factory=list)
+    dense_layers: list[LayerSummary] = field(default_factory=list)  # the dense linears stored in the folder
 
     @property
     def quantized_bits_per_weight(self) -> float | None:
-        weights = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
-        return 8 * sum(layer.bytes for layer in self.layers) / weights if weights else None
+        return _bits_per_weight(self.layers)
+
+    @property
+    def block_bits_per_weight(self) -> float | None:
+        """Over the linear layers of the numbered decoder blocks, dense ones included: what a
+        `--bits auto:B` budget bounds."""
+        return _bits_per_weight([layer for layer in self.layers + self.dense_layers if BLOCK_LAYER.search(layer.name)])
 
     def to_dict(self) -> dict:
         return {
             "total_bytes": self.total_bytes,
             "quantized_bits_per_weight": self.quantized_bits_per_weight,
+            "block_bits_per_weight": self.block_bits_per_weight,
             "layers": [{**asdict(layer), "bits_per_weight": layer.bits_per_weight} for layer in self.layers],
             "dense_linears": self.dense_linears,
         }
@@ -57,4 +65,16 @@ def summarize(folder: Path) -> ModelSummary:
         stored = [infos[f"{name}.{suffix}"] for suffix in fmt.layer_suffixes if f"{name}.{suffix}" in infos]
         summary.layers.append(LayerSummary(name, shapes[name], schemes[name].describe(), sum(s.nbytes for s in stored)))
     summary.dense_linears = fmt.dense_linears(config["quantization_config"])
+    for name in summary.dense_linears:
+        info = infos.get(f"{name}.weight")
+        if info is not None:
+            summary.dense_layers.append(LayerSummary(name, tuple(info.shape), "dense", info.nbytes))
     return summary
+
+
+BLOCK_LAYER = re.compile(r"\.\d+\.")  # a module inside a numbered block (model.layers.3.mlp.up_proj)
+
+
+def _bits_per_weight(layers: list[LayerSummary]) -> float | None:
+    weights = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    return 8 * sum(layer.bytes for layer in layers) / weights if weights else None

@@ -18,11 +18,6 @@ def run(capsys, *args):
 
 
 @pytest.fixture(scope="module")
-def calibration_flags(tiny_text_file):
-    return ["--calib", str(tiny_text_file), "--nsamples", "6", "--seqlen", "48", "--quiet"]
-
-
-@pytest.fixture(scope="module")
 def sparse_checkpoint(tiny_llama_dir, tmp_path_factory, calibration_flags):
     folder = tmp_path_factory.mktemp("squeezellm")
     fisher = folder / "fisher.safetensors"
