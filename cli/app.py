@@ -171,12 +171,13 @@ def recipe_show(
 @app.command()
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Check vLLM's tensor-parallel rules for this many GPUs and name each layer's vLLM kernel."),
     json_output: bool = JSON_OUTPUT,
 ):
-    """Per-layer schemes, shapes, sizes and bits per weight of a checkpoint."""
+    """Per-layer schemes, shapes, sizes and bits per weight of a checkpoint; with --tp, what vLLM makes of it."""
     from qtool.cli.inspect_cmd import run_inspect
 
-    run_inspect(checkpoint, json_output)
+    run_inspect(checkpoint, tp, json_output)
 
 
 @app.command()
