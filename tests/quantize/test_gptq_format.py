@@ -268,3 +268,21 @@ def test_layer_schemes_follow_the_first_matching_dynamic_entry():
     schemes = layer_schemes(config, ["m.layers.1.mlp.up", "m.layers.0.mlp.up", "m.layers.0.attn.q"])
     assert schemes == {"m.layers.1.mlp.up": Scheme(8, 32, True), "m.layers.0.mlp.up": Scheme(2, 128, True),
                        "m.layers.0.attn.q": Scheme(4, 128, True)}
+
+
+def test_a_calibrated_act_order_run_writes_gptq_that_loads_like_its_compressed_tensors_twin(tiny_llama_dir, tiny_text_file,
+                                                                                         tmp_path):
+    from qtool.cli.app import main
+    from qtool.runtime.loader import load_model
+
+    flags = ["--method", "gptq", "--act-order", "group", "--group-size", "32", "--calib", str(tiny_text_file),
+             "--nsamples", "4", "--seqlen", "64", "--quiet"]
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "gptq"), "--format", "gptq", *flags]) == 0
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert config["desc_act"] is True and config["bits"] == 4 and config["group_size"] == 32
+    weights = read_checkpoint(tmp_path / "gptq").weights
+    assert all(weight.g_idx is not None for weight in weights.values())
+    assert main(["convert", str(tmp_path / "gptq"), "-o", str(tmp_path / "ct"), "--format", "compressed-tensors",
+                 "--quiet"]) == 0
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "gptq")(TOKENS).logits, load_model(tmp_path / "ct")(TOKENS).logits)
