@@ -16,7 +16,6 @@ from qtool.quantize.grid import fit_minmax, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Override, Recipe, Scheme
 
-SCHEMES = [Scheme(bits, group, sym) for bits in (2, 3, 4, 8) for group in (32, -1) for sym in (True, False)]
 TOKENS = torch.tensor([[1, 5, 9, 200, 17, 3, 44, 81]])
 
 
@@ -53,20 +52,13 @@ def decode_gptq_layer(tensors: dict, name: str, bits: int, in_features: int) -> 
     return ((q - zeros[g_idx]) * scales[g_idx]).t()
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe())
-def test_round_trip_is_bit_exact(tiny_llama, tmp_path, scheme):
-    result = gptq_checkpoint(tiny_llama, tmp_path / "ckpt", Recipe(scheme=scheme))
+@pytest.mark.parametrize("scheme", [Scheme(3, 32, True), Scheme(8, -1, False)], ids=lambda s: s.describe())
+def test_quantization_config_says_the_scheme(tiny_llama, tmp_path, scheme):
+    gptq_checkpoint(tiny_llama, tmp_path / "ckpt", Recipe(scheme=scheme))  # round trips: test_format_round_trips.py
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
-    assert {key: config[key] for key in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")} == {
-        "quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.symmetric,
-        "desc_act": False, "checkpoint_format": "gptq"}
-    loaded = read_checkpoint(tmp_path / "ckpt")
-    assert loaded.weights.keys() == result.weights.keys()
-    for name, weight in result.weights.items():
-        back = loaded.weights[name]
-        assert back.scheme == scheme and back.shape == weight.shape and back.g_idx is None
-        assert torch.equal(back.packed, weight.packed) and torch.equal(back.scales, weight.scales)
-        assert torch.equal(back.zero_points(), weight.zero_points())
+    assert config == {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size,
+                      "sym": scheme.symmetric, "desc_act": False, "checkpoint_format": "gptq", "lm_head": False,
+                      "dynamic": {"-:lm_head$": {}}}
 
 
 @pytest.mark.parametrize("scheme", [Scheme(3, 32, False), Scheme(4, 16, True), Scheme(8, -1, False)],
@@ -86,14 +78,6 @@ def test_an_independent_decoder_gives_the_original_dequantized_weights(tiny_llam
             assert ((decoded - original).norm() / original.norm()).item() < (0.2 if scheme.bits == 3 else 0.1)
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]["desc_act"] == (
         scheme.group_size != -1)
-
-
-def test_act_order_groups_round_trip(tiny_llama, tmp_path):
-    result = quantize_model(tiny_llama, Recipe(scheme=Scheme(4, 32, False)), scale_dtype=torch.float16)
-    weights = with_act_order(result.weights)
-    write_checkpoint(tmp_path / "ckpt", tiny_llama, weights, result.skipped, "gptq", {})
-    for name, back in read_checkpoint(tmp_path / "ckpt").weights.items():
-        assert torch.equal(back.g_idx, weights[name].g_idx) and torch.equal(back.packed, weights[name].packed)
 
 
 def test_mixed_schemes_and_skips_become_dynamic_entries_vllm_and_gptqmodel_match(tiny_llama, tmp_path):
