@@ -10,7 +10,7 @@ from qtool.cli import console
 from qtool.errors import QtoolError
 from qtool.quantize.apply import linear_layers
 from qtool.quantize.format import format_for
-from qtool.quantize.format.checkpoint import read_json
+from qtool.quantize.format.checkpoint import model_config
 from qtool.quantize.format.convert import convert_checkpoint
 from qtool.runtime.lazy import build_skeleton
 
@@ -19,7 +19,7 @@ def run_convert(checkpoint: Path, output: Path, format_name: str, overwrite: boo
                 json_output: bool, quiet: bool) -> None:
     if not (checkpoint / "config.json").is_file():
         raise QtoolError(f"{checkpoint} is not a checkpoint folder: it has no config.json")
-    config = read_json(checkpoint / "config.json")
+    config = model_config(checkpoint)
     source_format = format_for(config).name if "quantization_config" in config else None
     console.quiet_libraries()
     with console.working("converting", f"{checkpoint} -> {output}", not (quiet or json_output)):

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qtool.quantize.format import format_for
-from qtool.quantize.format.checkpoint import read_json, tensor_infos
+from qtool.quantize.format.checkpoint import model_config, tensor_infos
 from qtool.quantize.scheme import Scheme
 
 
@@ -51,7 +51,7 @@ class ModelSummary:
 
 
 def summarize(folder: Path) -> ModelSummary:
-    config = read_json(folder / "config.json")
+    config = model_config(folder)
     infos = tensor_infos(folder)
     summary = ModelSummary(total_bytes=sum(info.nbytes for info in infos.values()))
     if "quantization_config" not in config:

@@ -18,7 +18,7 @@ from qtool.quantize.format import awq, compressed_tensors, gptq, native
 from qtool.quantize.format.checkpoint import (
     PendingTensor,
     load_tensors,
-    read_json,
+    model_config,
     save_tensors,
     unique_tensors,
     write_folder_atomically,
@@ -193,7 +193,7 @@ def format_for(config: dict) -> Format:
 
 
 def read_checkpoint(folder: Path) -> QuantizedCheckpoint:
-    config = read_json(folder / "config.json")
+    config = model_config(folder)
     fmt = format_for(config)
     weights, dense = fmt.read_layers(load_tensors(folder), config["quantization_config"])
     return QuantizedCheckpoint(config=config, weights=weights, dense=dense)

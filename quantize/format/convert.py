@@ -9,7 +9,9 @@ import torch
 
 from qtool.errors import QtoolError
 from qtool.quantize.format import FORMATS, RECORD_FILE, QuantizedCheckpoint, read_checkpoint
-from qtool.quantize.format.checkpoint import INDEX_FILE, read_json, save_tensors, write_folder_atomically, write_json
+from qtool.quantize.format.checkpoint import (
+    AUTOGPTQ_CONFIG, INDEX_FILE, model_config, read_json, save_tensors, write_folder_atomically, write_json,
+)
 from qtool.quantize.qweight import QuantizedWeight
 
 
@@ -22,7 +24,7 @@ def convert_checkpoint(source: Path, destination: Path, format_name: str, linear
     fmt = FORMATS.get(format_name)
     if destination.expanduser().absolute() == source.expanduser().absolute():
         raise QtoolError(f"convert writes a new folder; choose an -o other than {source}")
-    if "quantization_config" not in read_json(source / "config.json"):
+    if "quantization_config" not in model_config(source):
         raise QtoolError(f"{source} is not a quantized checkpoint (its config.json has no quantization_config); "
                          f"make one with qtool quantize")
     checkpoint = read_checkpoint(source)
@@ -49,7 +51,8 @@ def convert_checkpoint(source: Path, destination: Path, format_name: str, linear
         save_tensors(folder, tensors)
         write_json(folder / "config.json", config)
         for file in sorted(source.iterdir()):
-            if file.is_file() and file.suffix != ".safetensors" and file.name not in ("config.json", INDEX_FILE):
+            skipped = ("config.json", INDEX_FILE, AUTOGPTQ_CONFIG)  # written anew, or now in config.json
+            if file.is_file() and file.suffix != ".safetensors" and file.name not in skipped:
                 shutil.copyfile(file, folder / file.name)
         if (source / RECORD_FILE).is_file():
             record = read_json(source / RECORD_FILE)

@@ -32,7 +32,7 @@ import torch
 
 from qtool.errors import QtoolError
 from qtool.quantize import packing
-from qtool.quantize.format.checkpoint import dense_tensors, read_json
+from qtool.quantize.format.checkpoint import dense_tensors, model_config
 from qtool.quantize.format.layout import float16_misfit, fused_name, nonuniform_misfit
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
@@ -202,7 +202,7 @@ def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[st
 
 def layer_shapes(folder: Path, names: list[str], infos: dict) -> dict[str, tuple[int, int]]:
     """(out, in) of each layer, from its qweight [in*b/32, out] and its bits."""
-    schemes = layer_schemes(read_json(folder / "config.json")["quantization_config"], names)
+    schemes = layer_schemes(model_config(folder)["quantization_config"], names)
     return {name: (infos[f"{name}.qweight"].shape[1], infos[f"{name}.qweight"].shape[0] * 32 // schemes[name].bits)
             for name in names}
 

@@ -105,7 +105,7 @@ def test_mixed_schemes_and_skips_become_dynamic_entries_vllm_and_gptqmodel_match
     assert "model.layers.1.self_attn.q_proj" in summarize(tmp_path / "mixed").dense_linears
 
 
-def write_as_gptq_tools_do(folder, model, result, checkpoint_format: str, act_order: bool):
+def write_as_gptq_tools_do(folder, model, result, checkpoint_format: str, act_order: bool, settings_file: str):
     """A checkpoint laid out by hand from GPTQ's description, as AutoGPTQ (v1) or GPTQModel (v2)
     write it: qweight packed along the input, qzeros packed along the output (minus one in v1, even
     the symmetric 8s: 0x77777777), fp16 scales, g_idx for every layer, bias-free linears."""
@@ -130,19 +130,21 @@ def write_as_gptq_tools_do(folder, model, result, checkpoint_format: str, act_or
         tensors[f"{name}.g_idx"] = g_idx
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": act_order,
-                                     "sym": result.weights[next(iter(result.weights))].zeros is None,
-                                     "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": checkpoint_format,
-                                     "meta": {"quantizer": ["gptqmodel:2.0.0"]}}
-    if checkpoint_format == "gptq":
-        del config["quantization_config"]["checkpoint_format"]  # AutoGPTQ's configs do not say it
+    settings = {"bits": 4, "group_size": 32, "desc_act": act_order, "damp_percent": 0.01, "true_sequential": True,
+                "sym": result.weights[next(iter(result.weights))].zeros is None}
+    if settings_file == "quantize_config.json":  # AutoGPTQ before transformers: no quant_method, a file of its own
+        (folder / settings_file).write_text(json.dumps({**settings, "model_file_base_name": "model"}))
+    else:
+        config["quantization_config"] = {"quant_method": "gptq", **settings, "checkpoint_format": checkpoint_format,
+                                         "meta": {"quantizer": ["gptqmodel:2.0.0"]}}
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("checkpoint_format, sym, act_order", [
-    ("gptq", True, False), ("gptq", False, True), ("gptq_v2", False, False), ("gptq_v2", True, True)])
+@pytest.mark.parametrize("checkpoint_format, sym, act_order, settings_file", [
+    ("gptq", True, False, "quantize_config.json"), ("gptq", False, True, "config.json"),
+    ("gptq_v2", False, False, "config.json"), ("gptq_v2", True, True, "config.json")])
 def test_checkpoints_laid_out_as_gptq_tools_do_load_with_the_weights_they_hold(tiny_llama, tmp_path, checkpoint_format,
-                                                                                sym, act_order):
+                                                                                sym, act_order, settings_file):
     from qtool.runtime.loader import load_model
 
     result = quantize_model(tiny_llama, Recipe(scheme=Scheme(4, 32, sym)), scale_dtype=torch.float16)
@@ -151,7 +153,7 @@ def test_checkpoints_laid_out_as_gptq_tools_do_load_with_the_weights_they_hold(t
     tiny_llama.tie_weights()
     folder = tmp_path / "theirs"
     folder.mkdir()
-    write_as_gptq_tools_do(folder, tiny_llama, result, checkpoint_format, act_order)
+    write_as_gptq_tools_do(folder, tiny_llama, result, checkpoint_format, act_order, settings_file)
     if (result.weights["model.layers.0.mlp.up_proj"].zero_points() == 0).any() and checkpoint_format == "gptq":
         pytest.skip("a zero point of 0 has no v1 form")
     loaded = read_checkpoint(folder)
@@ -270,3 +272,20 @@ def test_a_calibrated_act_order_run_writes_gptq_that_loads_like_its_compressed_t
                  "--quiet"]) == 0
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "gptq")(TOKENS).logits, load_model(tmp_path / "ct")(TOKENS).logits)
+
+
+def test_an_autogptq_folder_with_quantize_config_json_inspects_and_converts(tiny_llama, tmp_path, capsys):
+    from qtool.cli.app import main
+
+    result = quantize_model(tiny_llama, Recipe(scheme=Scheme(4, 32, True)), scale_dtype=torch.float16)
+    tiny_llama.tie_weights()
+    folder = tmp_path / "autogptq"
+    folder.mkdir()
+    write_as_gptq_tools_do(folder, tiny_llama, result, "gptq", False, "quantize_config.json")
+    assert main(["inspect", str(folder), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["format"] == "gptq" and {layer["scheme"] for layer in summary["layers"]} == {"W4 g32 sym"}
+    assert main(["convert", str(folder), "-o", str(tmp_path / "ct"), "--format", "compressed-tensors", "--quiet"]) == 0
+    assert not (tmp_path / "ct" / "quantize_config.json").exists()
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["quant_method"] == (
+        "compressed-tensors")
