@@ -34,7 +34,8 @@ def vllm_plans(summary: ModelSummary, tp: int) -> list[vllm.LayerPlan]:
     if summary.format is None:
         raise QtoolError("--tp checks quantized checkpoints; this folder has no quantization_config")
     layers = [vllm.Layer(layer.name, layer.shape, layer.spec, layer.act_order) for layer in summary.layers]
-    return vllm.plan(summary.format, layers, tp, vllm.base_scheme(summary.format, summary.quantization_config))
+    base = vllm.base_scheme(summary.format, summary.quantization_config)
+    return vllm.plan(summary.format, layers, tp, base, tuple(summary.dense_linears))
 
 
 def print_table(checkpoint: Path, summary: ModelSummary, plans: list[vllm.LayerPlan] | None) -> None:

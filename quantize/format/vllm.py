@@ -120,13 +120,15 @@ def gptq_uses_marlin(base: Scheme) -> bool:
     return base.symmetric and base.bits in (4, 8) and base.group_size in MARLIN_GROUPS
 
 
-def plan(format_name: str, layers: list[Layer], tp: int, base: Scheme | None = None) -> list[LayerPlan]:
+def plan(format_name: str, layers: list[Layer], tp: int, base: Scheme | None = None,
+         dense: tuple[str, ...] = ()) -> list[LayerPlan]:
     """Each layer's per-rank shape, the tensor-parallel rules it breaks and its kernel per GPU class.
-    `base`: the model-wide scheme of gptq and awq checkpoints (vLLM picks their Marlin path from it)."""
-    schemes_of_fused: dict[str, set[Scheme]] = {}
-    for layer in layers:
-        if fused_name(layer.name):
-            schemes_of_fused.setdefault(fused_name(layer.name), set()).add(layer.scheme)
+    `base`: the model-wide scheme of gptq and awq checkpoints (vLLM picks their Marlin path from it);
+    `dense`: the linears left unquantized (None stands for them among a fused layer's schemes)."""
+    schemes_of_fused: dict[str, set[Scheme | None]] = {}
+    for name, scheme in [*((layer.name, layer.scheme) for layer in layers), *((name, None) for name in dense)]:
+        if fused_name(name):
+            schemes_of_fused.setdefault(fused_name(name), set()).add(scheme)
     plans = []
     for layer in layers:
         parallel, rank = _rank_shape(layer, tp)
@@ -134,7 +136,8 @@ def plan(format_name: str, layers: list[Layer], tp: int, base: Scheme | None = N
         warnings = _split_warnings(layer, parallel, rank, tp)
         fused = fused_name(layer.name)
         if fused and len(schemes_of_fused[fused]) > 1:
-            warnings.append(f"vLLM fuses it into {fused.rpartition('.')[2]}, whose parts have different schemes")
+            warnings.append(f"vLLM fuses it into {fused.rpartition('.')[2]}, whose parts have different schemes "
+                            f"(or are not all quantized)")
         kernels = {gpu: _kernel(format_name, layer, rank, row_split, gpu, base) for gpu in GPUS}
         warnings += [f"no vLLM kernel runs it on {gpu}" for gpu, kernel in kernels.items() if kernel == "none"]
         plans.append(LayerPlan(layer.name, parallel, rank, kernels, warnings))

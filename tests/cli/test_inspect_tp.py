@@ -92,12 +92,19 @@ def test_each_format_gets_the_kernels_vllm_has_for_it(llama_256, tmp_path, capsy
     assert kernels(inspect(capsys, native, 1), "mlp.up_proj") == ("none", "none")
 
 
+FUSED_WARNING = "vLLM fuses it into qkv_proj, whose parts have different schemes (or are not all quantized)"
+
+
 def test_fused_layers_with_different_schemes_are_warned_about(llama_256, tmp_path, capsys):
     recipe = Recipe(scheme=Scheme(4, 64, True), overrides=(Override("k_proj", Scheme(8, -1, True)),))
     layers = inspect(capsys, checkpoint(llama_256, tmp_path / "mixed", recipe), 1)
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-        assert layers[name]["warnings"] == ["vLLM fuses it into qkv_proj, whose parts have different schemes"]
+        assert layers[name]["warnings"] == [FUSED_WARNING]
     assert layers["mlp.up_proj"]["warnings"] == []
+    recipe = Recipe(scheme=Scheme(4, 64, True), overrides=(Override("gate_proj", None),))
+    layers = inspect(capsys, checkpoint(llama_256, tmp_path / "skip", recipe, "gptq"), 1)
+    assert layers["mlp.up_proj"]["warnings"] == [FUSED_WARNING.replace("qkv_proj", "gate_up_proj")]
+    assert layers["self_attn.q_proj"]["warnings"] == []
 
 
 def test_the_table_lists_kernels_and_warnings(llama_256, tmp_path, capsys):
