@@ -62,10 +62,10 @@ def machete(layer: Layer, rank: tuple[int, int], row_split: bool) -> str | None:
 
 
 def marlin(layer: Layer, rank: tuple[int, int]) -> str | None:
-    """Why Marlin cannot run the layer, or None (zero points only with 4 bits)."""
+    """Why Marlin cannot run the layer, or None."""
     scheme = layer.scheme
-    if scheme.bits not in ((4, 8) if scheme.symmetric else (4,)):
-        return f"{scheme.describe()}"
+    if scheme.bits not in (4, 8):
+        return f"W{scheme.bits}"
     if scheme.group_size not in MARLIN_GROUPS:
         return f"group size {scheme.group_size}"
     if rank[0] % 64 or rank[1] % 128:

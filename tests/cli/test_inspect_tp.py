@@ -80,6 +80,8 @@ def test_layers_no_vllm_kernel_runs_are_warned_about(llama_256, tmp_path, capsys
 
 
 def test_each_format_gets_the_kernels_vllm_has_for_it(llama_256, tmp_path, capsys):
+    w8_asym = checkpoint(llama_256, tmp_path / "w8", Recipe(scheme=Scheme(8, -1, False)))
+    assert kernels(inspect(capsys, w8_asym, 2), "mlp.down_proj") == ("Machete", "Marlin")  # zero points: uint8
     gptq_w4 = checkpoint(llama_256, tmp_path / "gptq4", Recipe(scheme=Scheme(4, 64, True)), "gptq")
     assert kernels(inspect(capsys, gptq_w4, 1), "mlp.up_proj") == ("Machete", "Marlin")
     gptq_w3 = checkpoint(llama_256, tmp_path / "gptq3", Recipe(scheme=Scheme(3, 64, False)), "gptq")
