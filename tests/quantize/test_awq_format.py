@@ -80,3 +80,15 @@ def test_a_checkpoint_laid_out_as_autoawq_writes_it_loads_with_its_weights(tiny_
     write_checkpoint(tmp_path / "ct", tiny_llama, result.weights, result.skipped, "compressed-tensors", {})
     with torch.no_grad():
         assert torch.equal(load_model(folder)(TOKENS).logits, load_model(tmp_path / "ct")(TOKENS).logits)
+
+
+def test_a_calibrated_awq_run_writes_the_awq_layout(tiny_llama_dir, tiny_text_file, tmp_path):
+    """Calibrated runs hold finished layers as placeholders (meta tensors) until the writer reads
+    them back; the layout's checks must wait for the real values."""
+    from qtool.cli.app import main
+
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "awq"), "--method", "awq", "--format", "awq",
+                 "--group-size", "32", "--calib", str(tiny_text_file), "--nsamples", "4", "--seqlen", "64", "--quiet"]) == 0
+    config = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["version"], config["group_size"]) == ("awq", "gemm", 32)
+    assert len(read_checkpoint(tmp_path / "awq").weights) == 14
