@@ -42,7 +42,7 @@ def quantize(
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric (the default)."),
     skip: list[str] = typer.Option([], help="Regex of layer names to leave unquantized (repeatable)."),
     mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="Search each group's scale for the least rounding error (shrinking its min-max range up to 80%) instead of min-max."),
-    format: Optional[str] = typer.Option(None, "--format", help="Checkpoint format: compressed-tensors (vLLM, transformers; the default), awq (AutoAWQ gemm layout: 4 bits, a group size) or qtool (look-up tables and outliers; the default for squeezellm)."),
+    format: Optional[str] = typer.Option(None, "--format", help="Checkpoint format: compressed-tensors (vLLM, transformers; the default), gptq (AutoGPTQ/GPTQModel v1: 2, 3, 4 or 8 bits), awq (AutoAWQ gemm layout: 4 bits, a group size) or qtool (look-up tables and outliers; the default for squeezellm)."),
     calib: Optional[str] = typer.Option(None, help="Calibration text: wikitext2, wiki-leads (the default) or a .txt/.jsonl/.parquet file."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default: 128; 100 for squeezellm)."),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default 512)."),
@@ -196,12 +196,29 @@ def recipe_show(
 @app.command()
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint folder."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Check vLLM's tensor-parallel rules for this many GPUs and name each layer's vLLM kernel."),
     json_output: bool = JSON_OUTPUT,
 ):
-    """Per-layer schemes, shapes, sizes and bits per weight of a checkpoint."""
+    """Per-layer schemes, shapes, sizes and bits per weight of a checkpoint; with --tp, what vLLM makes of it."""
     from qtool.cli.inspect_cmd import run_inspect
 
-    run_inspect(checkpoint, json_output)
+    run_inspect(checkpoint, tp, json_output)
+
+
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="Quantized checkpoint folder (any format qtool reads)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the converted checkpoint to."),
+    format: str = typer.Option(..., "--format", help="Target format: compressed-tensors, gptq, awq or qtool."),
+    overwrite: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
+    json_output: bool = JSON_OUTPUT,
+    quiet: bool = QUIET,
+):
+    """Rewrite CHECKPOINT in another format; refused, with the reason, where that would change a weight."""
+    from qtool.cli.convert_cmd import run_convert
+
+    run_convert(checkpoint, output, format, overwrite, trust_remote_code, json_output, quiet)
 
 
 @app.command()

@@ -91,7 +91,7 @@ class QuantizedWeight:
 
     def split_rows(self, sizes: list[int]) -> list["QuantizedWeight"]:
         """Split along the output dimension: layers quantized together (one shared input) come
-        apart into their own weights."""
+        apart into their own weights (each with its own copy of g_idx: stores refuse shared memory)."""
         def part(tensor, start, size):
             return None if tensor is None else tensor[start : start + size].contiguous()
 
@@ -99,7 +99,8 @@ class QuantizedWeight:
         for size in sizes:
             parts.append(QuantizedWeight(
                 part(self.packed, start, size), part(self.scales, start, size), part(self.zeros, start, size),
-                self.scheme, (size, self.in_features), self.g_idx, part(self.lut, start, size),
+                self.scheme, (size, self.in_features), None if self.g_idx is None else self.g_idx.clone(),
+                part(self.lut, start, size),
                 None if self.outliers is None else self.outliers.rows(start, size),
             ))
             start += size

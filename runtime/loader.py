@@ -16,7 +16,7 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.quantize.format import QuantizedCheckpoint, read_checkpoint
-from qtool.quantize.format.checkpoint import load_tensors, read_json, tensor_infos
+from qtool.quantize.format.checkpoint import load_tensors, model_config, tensor_infos
 from qtool.runtime.lazy import LazyWeights, build_skeleton, read_config
 from qtool.runtime.quant_linear import QuantLinear
 
@@ -47,7 +47,7 @@ def load_model(
 ) -> nn.Module:
     """The model in `folder` in eval mode on `device`; dense tensors in `dtype` (None: as stored).
     `native`: qtool's runtime model code (the Llama family) instead of transformers'."""
-    config = read_json(folder / "config.json")
+    config = model_config(folder)
     stored = stored_dtype(folder)  # reads the file headers: refuses pickle-only or empty folders
     dtype = dtype or stored
     if "quantization_config" in config:
@@ -78,7 +78,7 @@ def load_lazily(
     layers' weights in `linear_dtype`, default `dtype`); a folder that stores them under other
     names than the model's (transformers renames legacy keys while loading) is loaded whole
     instead, in `dtype`, with None for the lazy weights."""
-    if "quantization_config" in read_json(folder / "config.json"):
+    if "quantization_config" in model_config(folder):
         raise QtoolError(f"{folder} is already quantized; quantize its original model instead")
     model = build_skeleton(folder, dtype, trust_remote_code)
     weights = LazyWeights(model, folder, dtype, linear_dtype)

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qtool.quantize.format import format_for
-from qtool.quantize.format.checkpoint import read_json, tensor_infos
+from qtool.quantize.format.checkpoint import model_config, tensor_infos
+from qtool.quantize.scheme import Scheme
 
 
 @dataclass
@@ -16,6 +17,8 @@ class LayerSummary:
     shape: tuple[int, int]
     scheme: str
     bytes: int
+    act_order: bool = False
+    spec: Scheme | None = field(default=None, repr=False)  # the scheme itself (`scheme` describes it)
 
     @property
     def bits_per_weight(self) -> float:
@@ -30,6 +33,8 @@ class ModelSummary:
     layers: list[LayerSummary] = field(default_factory=list)
     dense_linears: list[str] = field(default_factory=list)
     dense_layers: list[LayerSummary] = field(default_factory=list)  # the dense linears stored in the folder
+    format: str | None = None
+    quantization_config: dict = field(default_factory=dict, repr=False)
 
     @property
     def quantized_bits_per_weight(self) -> float | None:
@@ -46,25 +51,30 @@ class ModelSummary:
             "total_bytes": self.total_bytes,
             "quantized_bits_per_weight": self.quantized_bits_per_weight,
             "block_bits_per_weight": self.block_bits_per_weight,
-            "layers": [{**asdict(layer), "bits_per_weight": layer.bits_per_weight} for layer in self.layers],
+            "format": self.format,
+            "layers": [{**{key: value for key, value in asdict(layer).items() if key != "spec"},
+                        "bits_per_weight": layer.bits_per_weight} for layer in self.layers],
             "dense_linears": self.dense_linears,
         }
 
 
 def summarize(folder: Path) -> ModelSummary:
-    config = read_json(folder / "config.json")
+    config = model_config(folder)
     infos = tensor_infos(folder)
     summary = ModelSummary(total_bytes=sum(info.nbytes for info in infos.values()))
     if "quantization_config" not in config:
         return summary
     fmt = format_for(config)
+    quantization_config = config["quantization_config"]
     names = fmt.layer_names(infos)
-    schemes = fmt.layer_schemes(config["quantization_config"], names)
+    schemes = fmt.layer_schemes(quantization_config, names)
     shapes = fmt.layer_shapes(folder, names, infos)
     for name in names:
         stored = [infos[f"{name}.{suffix}"] for suffix in fmt.layer_suffixes if f"{name}.{suffix}" in infos]
-        summary.layers.append(LayerSummary(name, shapes[name], schemes[name].describe(), sum(s.nbytes for s in stored)))
-    summary.dense_linears = fmt.dense_linears(config["quantization_config"])
+        summary.layers.append(LayerSummary(name, shapes[name], schemes[name].describe(), sum(s.nbytes for s in stored),
+                                           fmt.act_order(quantization_config, name, infos), schemes[name]))
+    summary.dense_linears = fmt.dense_linears(quantization_config)
+    summary.format, summary.quantization_config = fmt.name, quantization_config
     for name in summary.dense_linears:
         info = infos.get(f"{name}.weight")
         if info is not None:

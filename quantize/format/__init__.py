@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from qtool.errors import FAILURE, QtoolError
-from qtool.quantize.format import awq, compressed_tensors, native
+from qtool.quantize.format import awq, compressed_tensors, gptq, native
 from qtool.quantize.format.checkpoint import (
     PendingTensor,
     load_tensors,
-    read_json,
+    model_config,
     save_tensors,
     unique_tensors,
     write_folder_atomically,
@@ -45,8 +45,18 @@ class Format:
     layer_suffixes: tuple[str, ...]
     layer_shapes: Callable[[Path, list[str], dict], dict[str, tuple[int, int]]]  # from headers (+ small tensors)
     dense_linears: Callable[[dict], list[str]]  # the linears quantization_config leaves dense
+    act_order: Callable[[dict, str, object], bool]  # act_order(config, layer, tensor names): groups follow a g_idx
     check: Callable[[object], None] | None = None  # check(recipe): refuse what the format cannot hold, up front
+    misfit: Callable[[str, QuantizedWeight], str | None] | None = None  # why a layer cannot be stored unchanged
     scale_dtype: torch.dtype | None = None  # the dtype the format stores scales in (None: the model's)
+
+    def tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """The tensors stored for one layer; one the format cannot hold unchanged is a failure
+        (placeholders, whose values are not in memory, are checked when they are read back)."""
+        reason = None if self.misfit is None or weight.packed.is_meta else self.misfit(name, weight)
+        if reason is not None:
+            raise QtoolError(reason, FAILURE)
+        return self.layer_tensors(name, weight)
 
     def layer_names(self, tensor_names) -> list[str]:
         """Quantized layers, named by the tensor every one of them stores first in `layer_suffixes`."""
@@ -69,12 +79,14 @@ def _format_of(name: str, module) -> Format:
         layer_suffixes=module.LAYER_SUFFIXES,
         layer_shapes=module.layer_shapes,
         dense_linears=module.dense_linears,
+        act_order=module.act_order,
         check=getattr(module, "check", None),
+        misfit=getattr(module, "misfit", None),
         scale_dtype=getattr(module, "SCALE_DTYPE", None),
     )
 
 
-for _name, _module in (("compressed-tensors", compressed_tensors), ("awq", awq), ("qtool", native)):
+for _name, _module in (("compressed-tensors", compressed_tensors), ("awq", awq), ("gptq", gptq), ("qtool", native)):
     FORMATS.register(_name)(_format_of(_name, _module))
 
 
@@ -141,7 +153,7 @@ class _PlaceholderReader:
         self.tensors: dict[str, torch.Tensor] = {}
 
     def entries(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor | PendingTensor]:
-        tensors = self.fmt.layer_tensors(name, weight)
+        tensors = self.fmt.tensors(name, weight)
         if not weight.packed.is_meta:
             return tensors
         if self.read_weight is None:
@@ -152,7 +164,7 @@ class _PlaceholderReader:
     def read(self, name: str, key: str) -> torch.Tensor:
         if self.layer != name:
             self.layer, self.tensors = None, {}  # drop the last layer before reading the next
-            self.tensors, self.layer = self.fmt.layer_tensors(name, self.read_weight(name)), name
+            self.tensors, self.layer = self.fmt.tensors(name, self.read_weight(name)), name
         return self.tensors[key]
 
 
@@ -181,7 +193,7 @@ def format_for(config: dict) -> Format:
 
 
 def read_checkpoint(folder: Path) -> QuantizedCheckpoint:
-    config = read_json(folder / "config.json")
+    config = model_config(folder)
     fmt = format_for(config)
     weights, dense = fmt.read_layers(load_tensors(folder), config["quantization_config"])
     return QuantizedCheckpoint(config=config, weights=weights, dense=dense)

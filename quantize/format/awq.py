@@ -23,6 +23,7 @@ import torch
 from qtool.errors import FAILURE, QtoolError
 from qtool.quantize import packing
 from qtool.quantize.format.checkpoint import dense_tensors
+from qtool.quantize.format.layout import float16_misfit, nonuniform_misfit
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -54,24 +55,29 @@ def _deinterleave(words: torch.Tensor, out_features: int) -> torch.Tensor:
     return ordered[..., torch.argsort(torch.tensor(AWQ_ORDER))].reshape(words.shape[0], out_features)
 
 
-def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-    if weight.g_idx is not None or weight.scheme.bits != 4 or weight.scheme.group_size == -1 or weight.scheme.lut:
-        raise QtoolError(f"{name}: {weight.scheme.describe()} does not fit --format awq", FAILURE)
+def misfit(name: str, weight: QuantizedWeight) -> str | None:
+    """Why `weight` cannot be stored in this layout without changing it, or None."""
+    return nonuniform_misfit(name, weight, "awq") or _grid_misfit(name, weight) or float16_misfit(name, weight.scales)
+
+
+def _grid_misfit(name: str, weight: QuantizedWeight) -> str | None:
+    if weight.scheme.bits != 4 or weight.scheme.group_size == -1:
+        return f"{name}: {weight.scheme.describe()} does not fit --format awq (4 bits with a group size); " \
+               f"use --format compressed-tensors"
+    if weight.g_idx is not None:
+        return f"{name}: act-order groups (g_idx) do not fit --format awq; use --format gptq or compressed-tensors"
     if weight.out_features % 8:
-        raise QtoolError(f"{name}: {weight.out_features} output channels do not fill AWQ's words of 8", FAILURE)
+        return f"{name}: {weight.out_features} output channels do not fill AWQ's words of 8; " \
+               f"use --format compressed-tensors"
+    return None
+
+
+def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
     return {
         f"{name}.qweight": _interleave(weight.codes().t().contiguous()),
         f"{name}.qzeros": _interleave(weight.zero_points().t().contiguous()),
-        f"{name}.scales": _half(name, weight.scales).t().contiguous(),
+        f"{name}.scales": weight.scales.to(SCALE_DTYPE).t().contiguous(),
     }
-
-
-def _half(name: str, scales: torch.Tensor) -> torch.Tensor:
-    """Scales in float16 (qtool fits them in float16 for this format; others must convert exactly)."""
-    half = scales.to(torch.float16)
-    if not torch.equal(half.to(scales.dtype), scales):
-        raise QtoolError(f"{name}: scales do not fit float16 exactly; use --format compressed-tensors", FAILURE)
-    return half
 
 
 def quantization_config(weights: dict[str, QuantizedWeight], dense_linears: list[str]) -> dict:
@@ -119,6 +125,10 @@ def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[st
 def layer_shapes(folder: Path, names: list[str], infos: dict) -> dict[str, tuple[int, int]]:
     """(out, in) of each quantized layer, from the shape of its qweight [in, out/8]."""
     return {name: (8 * infos[f"{name}.qweight"].shape[1], infos[f"{name}.qweight"].shape[0]) for name in names}
+
+
+def act_order(config: dict, name: str, tensor_names) -> bool:
+    return False  # the layout has no g_idx
 
 
 def dense_linears(config: dict) -> list[str]:

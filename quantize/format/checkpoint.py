@@ -165,6 +165,18 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+AUTOGPTQ_CONFIG = "quantize_config.json"  # where AutoGPTQ kept its settings before config.json held them
+
+
+def model_config(folder: Path) -> dict:
+    """A model folder's config.json; an AutoGPTQ folder's quantize_config.json becomes its
+    quantization_config when config.json has none."""
+    config = read_json(folder / "config.json")
+    if "quantization_config" not in config and (folder / AUTOGPTQ_CONFIG).is_file():
+        config["quantization_config"] = {"quant_method": "gptq", **read_json(folder / AUTOGPTQ_CONFIG)}
+    return config
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qtool.errors import FAILURE, QtoolError
+from qtool.errors import QtoolError
 from qtool.quantize import packing
 from qtool.quantize.format.checkpoint import dense_tensors, weight_files
+from qtool.quantize.format.layout import nonuniform_misfit
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -44,10 +45,13 @@ def check(recipe) -> None:
                          f"use --format qtool")
 
 
+def misfit(name: str, weight: QuantizedWeight) -> str | None:
+    """Why `weight` cannot be stored in this layout, or None."""
+    return nonuniform_misfit(name, weight, "compressed-tensors")
+
+
 def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The tensors stored for one quantized layer."""
-    if weight.scheme.lut or weight.outliers is not None:
-        raise QtoolError(f"{name}: look-up tables and sparse outliers do not fit compressed-tensors", FAILURE)
     tensors = {
         f"{name}.weight_packed": weight.packed,
         f"{name}.weight_scale": weight.scales,
@@ -202,6 +206,11 @@ def layer_shapes(folder: Path, names: list[str], infos: dict) -> dict[str, tuple
                 out_features, in_features = reader.get_tensor(key).tolist()
                 shapes[wanted[key]] = (int(out_features), int(in_features))
     return shapes
+
+
+def act_order(config: dict, name: str, tensor_names) -> bool:
+    """Whether layer `name` has act-order groups: it stores a g_idx."""
+    return f"{name}.weight_g_idx" in tensor_names
 
 
 def dense_linears(config: dict) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.quantize import packing
 from qtool.quantize.format.checkpoint import dense_tensors
-from qtool.quantize.format.compressed_tensors import layer_shapes  # noqa: F401 (the same `weight_shape` tensor)
+from qtool.quantize.format.compressed_tensors import act_order, layer_shapes  # noqa: F401 (the same tensors)
 from qtool.quantize.qweight import OUTLIER_FIELDS, QuantizedWeight, SparseOutliers
 from qtool.quantize.scheme import Scheme
 

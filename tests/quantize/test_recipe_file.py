@@ -57,7 +57,7 @@ def test_every_shipped_recipe_validates_and_runs_on_a_tiny_model(path, tiny_llam
     ("scheme:\n  bits: 9\n", "R.yaml:1: scheme: bits must be an integer from 2 to 8, got 9"),
     ("method: magic\n", "R.yaml:1: method: unknown method 'magic'; choose one of: awq, awq+gptq, gptq, rtn, squeezellm"),
     ("output: {format: gguf}\n", "R.yaml:1: output.format: unknown format 'gguf'; choose one of: awq, "
-                                 "compressed-tensors, qtool"),
+                                 "compressed-tensors, gptq, qtool"),
     ("overrides:\n  - match: '(mlp'\n    skip: true\n", "R.yaml:2: overrides.0.match: layer pattern '(mlp' is not a "
                                                       "valid regular expression: missing ), unterminated subpattern "
                                                       "at position 0"),

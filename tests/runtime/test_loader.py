@@ -81,3 +81,20 @@ def test_corrupt_safetensors_is_a_clear_error(tiny_llama, tmp_path):
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(QtoolError, match="not a readable safetensors file"):
         load_model(tmp_path / "ckpt")
+
+
+def test_transformers_loads_mixed_config_groups_with_qtools_logits(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(tiny_llama_dir, dtype=None)
+    recipe = Recipe(scheme=Scheme(4, 32, False), overrides=(
+        Override(r"mlp\.(gate|up)_proj", Scheme(8, -1, True)), Override(r"layers\.1\.self_attn\.o_proj", Scheme(4, 64, True)),
+        Override(r"layers\.0\.mlp\.down", None)))
+    quantized_checkpoint(model, tmp_path / "ckpt", recipe)
+    ours = load_model(tmp_path / "ckpt", dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert isinstance(ours.model.layers[0].mlp.up_proj, QuantLinear) and not isinstance(ours.model.layers[0].mlp.down_proj,
+                                                                                          QuantLinear)
+    tokens = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        assert (ours(tokens).logits - theirs(tokens).logits).abs().max().item() < 1e-3
