@@ -73,7 +73,7 @@ def test_overrides_match_each_layer_exactly():
     assert overrides[1].scheme is None
 
 
-@pytest.mark.parametrize("format_name", ["compressed-tensors", "qtool"])
+@pytest.mark.parametrize("format_name", ["compressed-tensors", "gptq", "qtool"])
 @pytest.mark.parametrize("scheme", [Scheme(3, 64), Scheme(4, 32, True), Scheme(8, -1, True), Scheme(2, 16)])
 def test_stored_bytes_are_the_bytes_the_format_writes(format_name, scheme):
     weight = torch.randn(48, 128)
