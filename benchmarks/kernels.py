@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from qtool.kernels.quant_matmul import KernelWeight, quant_matmul
+from qtool.kernels.quant_matmul import _TUNER, KernelWeight, quant_matmul
 from qtool.quantize import packing
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192)]  # (in K, out N)
@@ -101,7 +101,7 @@ def int4pack(n: int, k: int):
     return packed, scales_zeros
 
 
-def measure_shape(k: int, n: int, tokens: list[int], bandwidth: float) -> list[dict]:
+def measure_shape(k: int, n: int, tokens: list[int], bandwidth: float, variants: list[str]) -> list[dict]:
     rows = []
     dense_bytes = n * k * 2
     copies = copies_for(dense_bytes)
@@ -112,7 +112,8 @@ def measure_shape(k: int, n: int, tokens: list[int], bandwidth: float) -> list[d
     except (RuntimeError, AttributeError) as error:
         print(f"torch int4 kernel unavailable: {error}")
     built = {}
-    for name, make in VARIANTS.items():
+    for name in variants:
+        make = VARIANTS[name]
         first = make(n, k)
         built[name] = [first] + [make(n, k) for _ in range(copies_for(weight_bytes(first)) - 1)]
     for m in tokens:
@@ -144,20 +145,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     rows = []
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))
-        rows += measure_shape(k, n, args.tokens, bandwidth)
+        rows += measure_shape(k, n, args.tokens, bandwidth, args.variants)
     gpu = torch.cuda.get_device_name()
     result = {
         "benchmark": "qtool quantized matmul vs fp16 F.linear and aten._weight_int4pack_mm (group 128)",
         "date": date.today().isoformat(), "gpu": gpu, "copy_bandwidth_GBps": bandwidth / 1e9,
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
         "method": "median replay of a CUDA graph over copies of the inputs larger than L2 (triton.testing.do_bench)",
-        "rows": rows,
+        "rows": rows, "tuning": tuning(),
     }
     slug = gpu.split()[-1].lower() if gpu.startswith("NVIDIA") else "gpu"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +167,14 @@ def main() -> None:
     (args.out / f"kernels_{slug}.md").write_text(markdown(result))
     plot(result, args.out / f"kernels_{slug}.png")
     print(markdown(result))
+    for line in result["tuning"]:
+        print(line)
+
+
+def tuning() -> list[str]:
+    """The tuner's three fastest configurations per key, one line each."""
+    return [f"{key}: " + "; ".join(f"{ms * 1e3:.1f}us {config}" for ms, config in timed[:3])
+            for key, timed in _TUNER.timings.items()]
 
 
 def markdown(result: dict) -> str:

@@ -1,28 +1,31 @@
 """y = x @ W^T for quantized weights: uniform 4/8-bit grids per group, or look-up tables
 (SqueezeLLM) with optional sparse outliers.
 
-The weight comes as a `KernelWeight`: codes packed along K into int32 words [N, K * bits / 32]
-(code i of a word at bits [bits*i, bits*(i+1)), qtool's canonical packing), and either
-- scales [N, G] and integer zero points [N, G] (None: symmetric, zero 2**(bits-1)):
-  W[n, k] = (q - z[n, g]) * s[n, g], g = k // group_size (-1: one group per row); or
-- a table lut [N, G, L]: W[n, k] = lut[n, g, q];
+The weight comes as a `KernelWeight`: codes packed along K into int32 words (code i of a word at
+bits [bits*i, bits*(i+1)), qtool's canonical packing), and either
+- scales [G, N] and integer zero points [G, N] (None: symmetric, zero 2**(bits-1)):
+  W[n, k] = (q - z[g, n]) * s[g, n], g = k // group_size (-1: one group per row); or
+- a table lut [G, L, N]: W[n, k] = lut[g, q, n];
 plus, optionally, sparse outliers in CSR form (values, columns, row offsets) added to W.
 
 Three things, as every kernel here:
 - `reference`: the plain-torch definition (W dequantized in float32 and rounded to the
   activations' dtype; products accumulated in float32; outliers added to W before rounding);
   it runs anywhere.
-- `triton_matmul`: one Triton kernel for every M. Each program computes a [BLOCK_M, BLOCK_N]
-  tile of y over its share of K (split-K: the programs along K add their partial sums atomically
-  into a float32 buffer), unpacking [BLOCK_N, BLOCK_K] codes from their words in registers,
-  applying scales and zeros or looking the codes up in the rows' tables (`tl.gather`), and
-  multiplying on the tensor cores (`tl.dot`; a few tokens are padded to the 16 rows a dot
-  needs: the kernel is bound by reading the weights there anyway). The program that owns the
-  first share of K also adds its rows' outliers. Block shapes and the split are chosen per
-  shape by timing candidates once on the device (`_Tuner`).
+- `triton_matmul`: a [BLOCK_M, BLOCK_N] tile of y a program, over its shares of K. A tile of
+  words [BLOCK_K / per word, BLOCK_N] is loaded once (16-byte loads along N, software-pipelined
+  through shared memory). One token multiplies on the CUDA cores, code position by position
+  (code j of every word, taken out with a shift and a mask, is a [BLOCK_K / per word, BLOCK_N]
+  tile of weights for the inputs k = per word * row + j: no reshape; it lands in an fp32
+  mantissa as 1 + q / 2**bits, so there is no int-to-float conversion, and the scale and zero
+  apply once per word). More tokens dequantize the tile exactly to the activations' dtype (codes
+  [rows, per word, N] merged into K) and multiply on the tensor cores (`tl.dot`). K is
+  split among many programs so that every multiprocessor streams weights; they add into a float32
+  workspace and the last to arrive writes y (one launch; no zeroing, no cast). Many tokens may
+  instead dequantize W once (a Triton kernel) and call cuBLAS. Block shapes, the split and the
+  path are chosen per shape by timing candidates once on the device (`_Tuner`).
 - `quant_matmul`: the dispatcher: the kernel on CUDA for 4/8-bit codes and power-of-two groups,
-  dequantize-then-cuBLAS for very many tokens, the reference elsewhere or when
-  QTOOL_KERNELS=reference.
+  the reference elsewhere or when QTOOL_KERNELS=reference.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ except ImportError:  # no Triton (macOS, or a stripped install): the reference p
     triton = None
 
 KERNEL_BITS = (4, 8)
-DEQUANTIZE_FROM_TOKENS = 4096  # from here on, dequantizing once and calling cuBLAS is as fast
 
 
 @dataclass
@@ -50,8 +52,8 @@ class KernelWeight:
 
     packed: int32 [ceil(K * bits / 32), N], the canonical words transposed (word j of column n
     holds that row's codes of inputs [j * 32/bits, (j + 1) * 32/bits)). scales [G, N] and zeros
-    [G, N] (uniform grids; zeros None when symmetric), or lut [G, L, N] (tables of L entries).
-    Outliers stay in CSR by output row n. `from_rows` takes qtool's row-major tensors."""
+    [G, N] as bytes (uniform grids; zeros None when symmetric), or lut [G, L, N] (tables of L
+    entries). Outliers stay in CSR by output row n. `from_rows` takes qtool's row-major tensors."""
 
     packed: torch.Tensor
     bits: int
@@ -66,8 +68,11 @@ class KernelWeight:
 
     def __post_init__(self):
         self.max_row_outliers = 0
+        self.outlier_rows = None
         if self.outlier_row_offsets is not None:
-            self.max_row_outliers = int((self.outlier_row_offsets[1:] - self.outlier_row_offsets[:-1]).max())
+            counts = (self.outlier_row_offsets[1:] - self.outlier_row_offsets[:-1]).long()
+            self.max_row_outliers = int(counts.max())
+            self.outlier_rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
 
     @classmethod
     def from_rows(cls, packed: torch.Tensor, bits: int, in_features: int, group_size: int,
@@ -78,8 +83,8 @@ class KernelWeight:
             return None if tensor is None else tensor.t().contiguous()
 
         table = None if lut is None else lut.permute(1, 2, 0).contiguous()
-        return cls(transposed(packed), bits, in_features, group_size, transposed(scales), transposed(zeros), table,
-                   **outliers)
+        zero_bytes = None if zeros is None else transposed(zeros).to(torch.uint8)  # codes of at most 8 bits
+        return cls(transposed(packed), bits, in_features, group_size, transposed(scales), zero_bytes, table, **outliers)
 
     @property
     def out_features(self) -> int:
@@ -103,12 +108,11 @@ class KernelWeight:
         if self.lut is not None:
             weight = self.lut.float()[groups, codes, torch.arange(self.out_features, device=codes.device)[:, None]]
         else:
-            zero = (2 ** (self.bits - 1)) if self.zeros is None else self.zeros.t()[:, groups]
+            zero = (2 ** (self.bits - 1)) if self.zeros is None else self.zeros.t()[:, groups].long()
             weight = (codes - zero).float() * self.scales.t().float()[:, groups]
         if self.outlier_values is not None:
-            counts = (self.outlier_row_offsets[1:] - self.outlier_row_offsets[:-1]).long()
-            rows = torch.repeat_interleave(torch.arange(self.out_features, device=codes.device), counts)
-            weight.index_put_((rows, self.outlier_columns.long()), self.outlier_values.float(), accumulate=True)
+            weight.index_put_((self.outlier_rows, self.outlier_columns.long()), self.outlier_values.float(),
+                              accumulate=True)
         return weight
 
 
@@ -120,9 +124,9 @@ def reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
 
 def quant_matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N], by the fastest path this device and weight allow."""
-    rows = x.reshape(-1, weight.in_features)
-    if not kernel_fits(x, weight) or rows.shape[0] >= DEQUANTIZE_FROM_TOKENS:
+    if not kernel_fits(x, weight):
         return F.linear(x, weight.dequantize().to(x.dtype))
+    rows = x.reshape(-1, weight.in_features)
     return triton_matmul(rows, weight).reshape(*x.shape[:-1], weight.out_features)
 
 
@@ -143,141 +147,339 @@ def m_bucket(m: int) -> int:
 
 
 def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T -> [M, N] in x's dtype through the Triton kernel. `config` fixes BLOCK_M,
-    BLOCK_N, BLOCK_K, SPLIT_K (and num_warps / num_stages on a GPU) instead of the tuned choice:
-    tests under TRITON_INTERPRET=1 use it."""
+    """x [M, K] @ W^T -> [M, N] in x's dtype through the Triton kernels. `config` fixes BLOCK_M,
+    BLOCK_N, BLOCK_K, SPLIT_K (0: one program per BLOCK_K rows of K), or DEQUANTIZE, and
+    num_warps / num_stages on a GPU, instead of the tuned choice: tests under TRITON_INTERPRET=1
+    use it."""
     x = x.contiguous()
+    if config is None:
+        key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype,
+               weight.outlier_values is not None, *_meta(weight).values())
+        config = _TUNER.choose(key, lambda chosen: _launch(x, weight, chosen), candidates(x.shape[0], weight.bits))
+    return _launch(x, weight, config)
+
+
+def _meta(weight: KernelWeight) -> dict:
+    """The kernels' compile-time description of a weight."""
+    group = triton.next_power_of_2(weight.in_features) if weight.group_size == -1 else weight.group_size
+    return dict(BITS=weight.bits, GROUP=group, HAS_ZEROS=weight.zeros is not None, HAS_LUT=weight.lut is not None,
+                LUT_SIZE=1 if weight.lut is None else weight.lut.shape[1])
+
+
+def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor:
+    """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel on a
+    grid of N tiles x M tiles x shares of K."""
+    if config.get("DEQUANTIZE"):
+        return x @ dequantize_t(weight, x.dtype, config)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
-    lut = weight.lut
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
+            config["SPLIT_K"] or triton.cdiv(k, config["BLOCK_K"]))
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    split = grid[2] > 1
+    workspace, arrivals = _workspace(x.device, m * n if split else 1, grid[0] * grid[1] if split else 1)
     dummy = weight.packed
-    args = (x, weight.packed, weight.scales if lut is None else dummy, dummy if weight.zeros is None else weight.zeros,
-            dummy if lut is None else lut,
-            *(dummy if weight.outlier_values is None else tensor
-              for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)))
-    sizes = dict(M=m, N=n, K=k, GROUPS=weight.groups, MAX_ROW_OUTLIERS=weight.max_row_outliers)
-    meta = dict(BITS=weight.bits, GROUP=triton.next_power_of_2(k) if weight.group_size == -1 else weight.group_size,
-                HAS_ZEROS=weight.zeros is not None, HAS_LUT=lut is not None,
-                LUT_SIZE=1 if lut is None else lut.shape[1], HAS_OUTLIERS=weight.outlier_values is not None)
+    outliers = [dummy if tensor is None else tensor
+                for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)]
+    _matmul_kernel[grid](
+        x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups, weight.max_row_outliers,
+        **_meta(weight), HAS_OUTLIERS=weight.outlier_values is not None, SPLIT=split, **_even(n, k, config),
+        **{key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, STAGES=config.get("num_stages", 1),
+        **_launch_options(config))
+    return out
 
-    def launch(chosen: dict) -> torch.Tensor:
-        split = chosen.get("SPLIT_K", 1)
-        if split > 1:
-            out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-        else:
-            out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(n, chosen["BLOCK_N"]), triton.cdiv(m, chosen["BLOCK_M"]), split)
-        blocks = {key: chosen[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-        launch_options = {key: value for key, value in chosen.items() if key in ("num_warps", "num_stages")}
-        _kernel[grid](*args, out, **sizes, **meta, **blocks, SPLIT_K=split, **launch_options)
-        return out.to(x.dtype)
 
-    if config is not None:
-        return launch(config)
-    key = (m_bucket(m), n, k, x.dtype, *meta.values())
-    return launch(_TUNER.choose(key, launch, meta["GROUP"], m))
+def dequantize_t(weight: KernelWeight, dtype: torch.dtype, config: dict) -> torch.Tensor:
+    """W^T [K, N] in `dtype` through the Triton dequantization kernel, outliers added."""
+    n, k = weight.out_features, weight.in_features
+    out = torch.empty(k, n, device=weight.packed.device, dtype=dtype)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(k, config["BLOCK_K"]))
+    _dequantize_kernel[grid](
+        *_weight_args(weight), out, n, k, weight.groups, **_meta(weight), **_even(n, k, config),
+        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], **_launch_options(config))
+    if weight.outlier_values is not None:
+        out.index_put_((weight.outlier_columns.long(), weight.outlier_rows), weight.outlier_values.to(dtype),
+                       accumulate=True)
+    return out
+
+
+def _weight_args(weight: KernelWeight) -> tuple:
+    dummy = weight.packed
+    return tuple(dummy if tensor is None else tensor for tensor in (weight.packed, weight.scales, weight.zeros,
+                                                                      weight.lut))
+
+
+def _even(n: int, k: int, config: dict) -> dict:
+    return dict(EVEN_N=n % config["BLOCK_N"] == 0, EVEN_K=k % config["BLOCK_K"] == 0)
+
+
+def _launch_options(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key in ("num_warps", "num_stages")}
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, size: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 partial sums and per-tile arrival counts for split-K, one pair per device and stream,
+    all zero between launches (the last program of each tile sets its part back to zero)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    held = _WORKSPACES.get(key)
+    if held is None or held[0].numel() < size or held[1].numel() < tiles:
+        sizes = (size, tiles) if held is None else (max(size, held[0].numel()), max(tiles, held[1].numel()))
+        held = _WORKSPACES[key] = (torch.zeros(sizes[0], device=device, dtype=torch.float32),
+                                   torch.zeros(sizes[1], device=device, dtype=torch.int32))
+    return held
 
 
 class _Tuner:
-    """The fastest candidate configuration per key, timed once on the device (median of
-    `triton.testing.do_bench`) the first time the key is seen, and kept for the process."""
+    """The fastest candidate configuration per key, timed once on the device (median replay of a
+    CUDA graph of one launch) the first time the key is seen, and kept for the process; `timings`
+    keeps every candidate's time for the benchmark's notes."""
 
     def __init__(self):
         self.best: dict[tuple, dict] = {}
+        self.timings: dict[tuple, list[tuple[float, dict]]] = {}
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
 
-    def choose(self, key: tuple, launch, group: int, m: int) -> dict:
+    def choose(self, key: tuple, launch, candidates: list[dict]) -> dict:
         if key not in self.best:
-            candidates = [c for c in CANDIDATES if (c["BLOCK_M"] == 1) == (m == 1) and c["BLOCK_M"] <= max(16, 2 * m)
-                          and (group >= c["BLOCK_K"] or c["BLOCK_K"] % group == 0)]
-            timings = {}
-            for index, candidate in enumerate(candidates):
+            timings = []
+            for candidate in candidates:
                 try:
-                    timings[index] = triton.testing.do_bench(lambda: launch(candidate), warmup=5, rep=20,
-                                                             return_mode="median")
+                    milliseconds = self.milliseconds(lambda: launch(candidate))
                 except triton.runtime.errors.OutOfResources:
                     continue
-            self.best[key] = candidates[min(timings, key=timings.get)]
+                timings.append((milliseconds, candidate))
+            self.timings[key] = sorted(timings, key=lambda timed: timed[0])
+            self.best[key] = self.timings[key][0][1]
         return self.best[key]
+
+    def milliseconds(self, call) -> float:
+        """Median time of a CUDA graph of one call, the L2 cache flushed before each replay: neither
+        Python's launch overhead (longer than a one-token product) nor a warm cache counts."""
+        device = torch.device("cuda", torch.cuda.current_device())
+        stream = self.streams.setdefault(device, torch.cuda.Stream(device))
+        with torch.cuda.stream(stream):
+            call()  # compiles, and sizes this stream's workspace outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            call()
+        return triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median")
 
 
 _TUNER = _Tuner()
-CANDIDATES = [
-    dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages)
-    for block_m, block_n, block_k, split, warps, stages in (
-        # one token: products on the CUDA cores; many programs, K split among them, so the weights
-        # stream at full bandwidth
-        (1, 128, 64, 1, 4, 4), (1, 128, 64, 4, 4, 4), (1, 64, 128, 4, 4, 4), (1, 256, 32, 4, 4, 4),
-        (1, 128, 128, 2, 8, 3), (1, 128, 128, 8, 8, 3), (1, 256, 64, 4, 8, 3), (1, 64, 128, 8, 4, 4),
-        # a few tokens: a 16-row dot, K split
-        (16, 64, 128, 1, 4, 4), (16, 64, 128, 4, 4, 4), (16, 128, 128, 2, 4, 4), (16, 128, 64, 4, 4, 4),
-        (16, 64, 256, 2, 4, 3), (16, 256, 64, 2, 8, 3), (16, 32, 256, 4, 4, 3),
-        # many tokens: large tiles for the tensor cores
-        (32, 128, 128, 1, 4, 4), (64, 128, 64, 1, 4, 4), (64, 128, 128, 1, 8, 3), (64, 256, 64, 1, 8, 3),
-        (128, 128, 64, 1, 8, 4), (128, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3),
-    )
-]
+
+
+def candidates(m: int, bits: int) -> list[dict]:
+    """The configurations worth timing for m tokens: CUDA-core tiles of one token, 16-row dots for a
+    few, larger dots and dequantize-then-cuBLAS for many. A dot needs 16 rows of words."""
+    def tiles(*shapes):
+        return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
+                     num_stages=stages)
+                for block_m, block_n, block_k, split, warps, stages in shapes
+                if block_m == 1 or block_k * bits // 32 >= 16]
+
+    one = tiles((1, 64, 256, 8, 4, 3), (1, 64, 256, 16, 4, 3), (1, 128, 256, 8, 4, 3), (1, 64, 512, 0, 4, 1),
+                (1, 128, 128, 16, 4, 4), (1, 256, 128, 8, 8, 3), (1, 64, 128, 32, 4, 3), (1, 256, 128, 0, 4, 1),
+                (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
+    few = tiles((16, 64, 256, 8, 4, 3), (16, 128, 128, 8, 4, 3), (16, 64, 128, 16, 4, 3), (16, 128, 256, 4, 8, 3),
+                (16, 32, 256, 16, 4, 3))
+    some = tiles((32, 64, 256, 8, 4, 3), (64, 64, 128, 8, 4, 3), (64, 128, 128, 4, 8, 3), (32, 128, 128, 8, 4, 3),
+                 (64, 128, 256, 4, 8, 2))
+    many = tiles((64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3),
+                 (64, 256, 128, 1, 8, 3), (128, 128, 128, 2, 8, 3))
+    dequantize = [dict(DEQUANTIZE=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
+                  dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
+    by_bucket = {1: one, 4: one + few, 16: few, 64: few + some, 256: some + many + dequantize}
+    return by_bucket.get(m_bucket(m), many + dequantize)
 
 
 if triton is not None:
 
     @triton.jit
-    def _kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, ov_ptr, oc_ptr, oo_ptr, y_ptr,
-                M, N, K, GROUPS, MAX_ROW_OUTLIERS,
-                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
-                LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _below(index, bound, EVEN: tl.constexpr):
+        """index < bound; all true when the shape divides evenly into tiles, so that the loads and
+        stores go unmasked (fewer instructions)."""
+        if EVEN:
+            below = tl.full(index.shape, True, tl.int1)
+        else:
+            below = index < bound
+        return below
+
+    @triton.jit
+    def _code(words, j: tl.constexpr, BITS: tl.constexpr):
+        return (words >> (BITS * j)) & ((1 << BITS) - 1)
+
+    @triton.jit
+    def _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
+                   LUT_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """The words of inputs [start, start + BLOCK_K) for columns cols_n, and what turns their codes
+        into weights, per word row: the scale and the zero point in float32 (uniform grids), or the
+        tile's tables and each row's offset into them (look-up tables; a tile may span several
+        groups)."""
         PER_WORD: tl.constexpr = 32 // BITS
-        WORDS_PER_TILE: tl.constexpr = BLOCK_K // PER_WORD
-        # groups a tile spans: one when the group is at least the tile (the tile lies inside it)
-        TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP if GROUP < BLOCK_K else 1
-        SPAN: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
-        WORDS = tl.cdiv(K, PER_WORD)
+        rows = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        mask = _below(rows, tl.cdiv(K, PER_WORD), EVEN_K)[:, None] & in_n[None, :]
+        words = tl.load(w_ptr + rows[:, None] * N + cols_n[None, :], mask=mask, other=0, eviction_policy="evict_first")
+        group = rows * PER_WORD // GROUP
+        if HAS_LUT:
+            TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP if GROUP < BLOCK_K else 1
+            first = start // GROUP
+            entries = tl.arange(0, TILE_GROUPS * LUT_SIZE)
+            present = _below(first + entries // LUT_SIZE, GROUPS, EVEN_K)[:, None] & in_n[None, :]
+            a = tl.load(lut_ptr + (first * LUT_SIZE + entries)[:, None] * N + cols_n[None, :], mask=present, other=0.0)
+            b = ((group - first) * LUT_SIZE)[:, None]
+        else:
+            a = tl.load(s_ptr + group[:, None] * N + cols_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:  # the byte under the exponent of 2**23, less 2**23: exact, no int-to-float conversion
+                zero = tl.load(z_ptr + group[:, None] * N + cols_n[None, :], mask=mask, other=0).to(tl.int32)
+                b = (zero | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            else:
+                b = tl.full(words.shape, 1 << (BITS - 1), tl.float32)
+        return words, a, b
+
+    @triton.jit
+    def _lookup(words, j: tl.constexpr, table, offsets, BITS: tl.constexpr):
+        """Code j of each word looked up in its row's table, in float32."""
+        return tl.gather(table, _code(words, j, BITS) + offsets, axis=0).to(tl.float32)
+
+    @triton.jit
+    def _input(row_ptr, k, K, EVEN_K: tl.constexpr):
+        """x[k] of one token in float32, as a column [rows, 1]."""
+        return tl.load(row_ptr + k[:, None], mask=_below(k, K, EVEN_K)[:, None], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _biased(words, j: tl.constexpr, BITS: tl.constexpr):
+        """Code j of each word as the float 1 + q / 2**BITS, exactly: the code moved to the top of
+        an fp32 mantissa under exponent 0 by one shift, then masked and given the exponent by one
+        LOP3 (no int-to-float conversion)."""
+        SHIFT: tl.constexpr = 23 - BITS - BITS * j
+        if SHIFT >= 0:
+            moved = words << SHIFT
+        else:
+            moved = words >> -SHIFT
+        mantissa: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+        return (moved & mantissa | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _one_token(row_ptr, words, ks, K, BITS: tl.constexpr, EVEN_K: tl.constexpr):
+        """Per word, sum_j x[k_j] (1 + q_j / 2**BITS) over its codes j (k_j = ks + j), and per word
+        row, sum_j x[k_j]; then sum_j x[k_j] (q_j - z) s = s 2**BITS (products - (1 + z / 2**BITS) sums),
+        so the scale and zero apply once per word, and each code costs a shift, a LOP3 and an FMA."""
+        products = tl.zeros(words.shape, tl.float32)
+        sums = tl.zeros((words.shape[0], 1), tl.float32)
+        for j in tl.static_range(32 // BITS):
+            xj = _input(row_ptr, ks + j, K, EVEN_K)
+            products += xj * _biased(words, j, BITS)
+            sums += xj
+        return products, sums
+
+    @triton.jit
+    def _tile_weights(words, a, b, BITS: tl.constexpr, HAS_LUT: tl.constexpr, dtype: tl.constexpr):
+        """All the words' codes as weights [BLOCK_K, BLOCK_N] in `dtype`, exactly the reference's, in
+        input order: codes [rows, per word, N] merged into rows of K. A table entry, or (q - z) * s
+        with q as the float 2**23 + q (the code under that exponent: no int-to-float conversion)."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        codes = (words[:, None, :] >> (tl.arange(0, PER_WORD) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+        if HAS_LUT:
+            index = tl.reshape(codes + b[:, :, None], (words.shape[0] * PER_WORD, words.shape[1]))
+            weights = tl.gather(a, index, axis=0)
+        else:
+            biased = (codes | 0x4B000000).to(tl.float32, bitcast=True) - (b + 8388608.0)[:, None, :]
+            weights = tl.reshape(biased * a[:, None, :], (words.shape[0] * PER_WORD, words.shape[1]))
+        return weights.to(dtype)
+
+    @triton.jit
+    def _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, in_m, cols_n, in_n, K, MAX_ROW_OUTLIERS,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's share of sum_j x[m, column_j] * value_j over its rows' outliers: slots
+        pid_k, pid_k + splits, ..., so the split programs share the serial loads."""
+        first = tl.load(oo_ptr + cols_n, mask=in_n, other=0)
+        count = tl.load(oo_ptr + cols_n + 1, mask=in_n, other=0) - first
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in range(tl.program_id(2), MAX_ROW_OUTLIERS, tl.num_programs(2)):
+            present = in_n & (j < count)
+            column = tl.load(oc_ptr + first + j, mask=present, other=0)
+            value = tl.load(ov_ptr + first + j, mask=present, other=0.0).to(x_ptr.dtype.element_ty)
+            xs = tl.load(x_ptr + rows_m[:, None] * K + column[None, :], mask=in_m[:, None] & present[None, :],
+                         other=0.0)
+            total += xs.to(tl.float32) * value.to(tl.float32)[None, :]
+        return total
+
+    @triton.jit
+    def _write(y_ptr, ws_ptr, arrivals_ptr, acc, rows_m, in_m, cols_n, in_n, N, SPLIT: tl.constexpr):
+        """y = acc; split along K, the programs of a tile add into the float32 workspace and the last to
+        arrive writes y and zeroes the workspace and its counter for the next launch."""
+        offsets = rows_m[:, None] * N + cols_n[None, :]
+        mask = in_m[:, None] & in_n[None, :]
+        if SPLIT:
+            tl.atomic_add(ws_ptr + offsets, acc, mask=mask, sem="relaxed")
+            tl.debug_barrier()  # every thread's share is in before one thread moves the count (acq_rel)
+            counter = arrivals_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+            if tl.atomic_add(counter, 1) == tl.num_programs(2) - 1:
+                words = ws_ptr.to(tl.pointer_type(tl.int32)) + offsets  # exchanged as words: any Triton does that
+                total = tl.atomic_xchg(words, tl.zeros(acc.shape, tl.int32), mask=mask, sem="relaxed")
+                total = total.to(tl.float32, bitcast=True)
+                tl.store(y_ptr + offsets, total.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(counter, 0)
+        else:
+            tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, ov_ptr, oc_ptr, oo_ptr, y_ptr, ws_ptr, arrivals_ptr,
+                       M, N, K, GROUPS, MAX_ROW_OUTLIERS,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
+                       LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
+                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        PER_WORD: tl.constexpr = 32 // BITS
+        ROWS: tl.constexpr = BLOCK_K // PER_WORD
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_m, in_n = rows_m < M, cols_n < N
-        shifts = tl.arange(0, PER_WORD) * BITS
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-            ks = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows_m[:, None] * K + ks[None, :], mask=in_m[:, None] & (ks < K)[None, :], other=0.0)
-            word_rows = start // PER_WORD + tl.arange(0, WORDS_PER_TILE)
-            words = tl.load(w_ptr + word_rows[:, None] * N + cols_n[None, :],
-                            mask=(word_rows < WORDS)[:, None] & in_n[None, :], other=0)
-            codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [words, per word, N]
-            codes = tl.reshape(codes, (TILE_GROUPS, SPAN, BLOCK_N))
-            group = start // GROUP + tl.arange(0, TILE_GROUPS)
-            mask = (group < GROUPS)[:, None] & in_n[None, :]
-            if HAS_LUT:
-                entries = tl.arange(0, LUT_SIZE)
-                table = tl.load(lut_ptr + ((group[:, None] * LUT_SIZE + entries[None, :]) * N)[:, :, None]
-                                + cols_n[None, None, :], mask=mask[:, None, :], other=0.0)
-                weight = tl.gather(table, codes, axis=1).to(tl.float32)
-            else:
-                scale = tl.load(s_ptr + group[:, None] * N + cols_n[None, :], mask=mask, other=0.0)
-                if HAS_ZEROS:
-                    zero = tl.load(z_ptr + group[:, None] * N + cols_n[None, :], mask=mask, other=0)
-                else:
-                    zero = tl.full((TILE_GROUPS, BLOCK_N), 1 << (BITS - 1), tl.int32)
-                weight = (codes - zero[:, None, :]).to(tl.float32) * scale[:, None, :].to(tl.float32)
-            weight = tl.reshape(weight, (BLOCK_K, BLOCK_N)).to(x.dtype)
-            if BLOCK_M == 1:  # one token: products on the CUDA cores, no padding to a 16-row dot
-                acc += tl.sum(weight.to(tl.float32) * tl.reshape(x, (BLOCK_K, 1)).to(tl.float32), axis=0)[None, :]
-            else:
-                acc = tl.dot(x, weight, acc)
-        if HAS_OUTLIERS:
-            if pid_k == 0:  # each row's outliers, added once: sum_j x[m, column_j] * value_j
-                first = tl.load(oo_ptr + cols_n, mask=in_n, other=0)
-                count = tl.load(oo_ptr + cols_n + 1, mask=in_n, other=0) - first
-                for j in range(0, MAX_ROW_OUTLIERS):
-                    present = in_n & (j < count)
-                    column = tl.load(oc_ptr + first + j, mask=present, other=0)
-                    value = tl.load(ov_ptr + first + j, mask=present, other=0.0).to(x_ptr.dtype.element_ty)
-                    xs = tl.load(x_ptr + rows_m[:, None] * K + column[None, :], mask=in_m[:, None] & present[None, :],
-                                 other=0.0)
-                    acc += xs.to(tl.float32) * value.to(tl.float32)[None, :]
-        out = y_ptr + rows_m[:, None] * N + cols_n[None, :]
-        mask = in_m[:, None] & in_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        in_m, in_n = rows_m < M, _below(cols_n, N, EVEN_N)
+        if BLOCK_M == 1:  # CUDA cores: products kept per word row, summed over rows at the end
+            acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         else:
-            tl.atomic_add(out, acc, mask=mask)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # software-pipelined: STAGES - 1 tiles' loads in flight (through shared memory) during the arithmetic
+        for start in tl.range(pid_k * BLOCK_K, K, BLOCK_K * tl.num_programs(2), num_stages=STAGES):
+            words, a, b = _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
+                                     BITS, GROUP, HAS_ZEROS, HAS_LUT, LUT_SIZE, BLOCK_K, EVEN_K)
+            ks = start + tl.arange(0, ROWS) * PER_WORD  # the input of code 0 of each word row
+            if BLOCK_M == 1:
+                if HAS_LUT:
+                    for j in tl.static_range(PER_WORD):
+                        acc += _input(x_ptr + pid_m * K, ks + j, K, EVEN_K) * _lookup(words, j, a, b, BITS)
+                else:
+                    products, sums = _one_token(x_ptr + pid_m * K, words, ks, K, BITS, EVEN_K)
+                    acc += (a * (1 << BITS)) * (products - (1.0 + b * (1.0 / (1 << BITS))) * sums)
+            else:
+                inputs = start + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + rows_m[:, None] * K + inputs[None, :],
+                             mask=in_m[:, None] & _below(inputs, K, EVEN_K)[None, :], other=0.0)
+                acc = tl.dot(xs, _tile_weights(words, a, b, BITS, HAS_LUT, xs.dtype), acc)
+        if BLOCK_M == 1:
+            acc = tl.sum(acc, axis=0)[None, :]
+        if HAS_OUTLIERS:
+            acc += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, in_m, cols_n, in_n, K, MAX_ROW_OUTLIERS,
+                             BLOCK_M, BLOCK_N)
+        _write(y_ptr, ws_ptr, arrivals_ptr, acc, rows_m, in_m, cols_n, in_n, N, SPLIT)
+
+    @triton.jit
+    def _dequantize_kernel(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, GROUPS,
+                           BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
+                           LUT_SIZE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W^T [K, N] in out's dtype, a [BLOCK_K, BLOCK_N] tile a program."""
+        cols_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = _below(cols_n, N, EVEN_N)
+        start = tl.program_id(1) * BLOCK_K
+        words, a, b = _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
+                                 BITS, GROUP, HAS_ZEROS, HAS_LUT, LUT_SIZE, BLOCK_K, EVEN_K)
+        inputs = start + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + inputs[:, None] * N + cols_n[None, :],
+                 _tile_weights(words, a, b, BITS, HAS_LUT, out_ptr.dtype.element_ty),
+                 mask=_below(inputs, K, EVEN_K)[:, None] & in_n[None, :])

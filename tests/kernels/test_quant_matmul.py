@@ -8,8 +8,9 @@ from qtool.kernels.quant_matmul import KernelWeight, quant_matmul, reference, tr
 from qtool.quantize import packing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)  # small tiles keep the interpreter quick
-ONE_TOKEN = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32)  # the CUDA-core path
+SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)  # small tiles keep the interpreter quick; a dot
+ONE_TOKEN = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=0)  # the CUDA-core path, one program per 32 inputs
+DEQUANTIZE = dict(DEQUANTIZE=True, BLOCK_N=16, BLOCK_K=32)  # W^T by the Triton kernel, then cuBLAS
 
 
 def uniform_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool, dtype=torch.float16) -> KernelWeight:
@@ -61,6 +62,7 @@ def test_codes_are_read_in_the_canonical_packing():
 def test_uniform_grids_match_the_reference(bits, group_size, symmetric, m):
     check(uniform_weight(48, 192, bits, group_size, symmetric), m)  # N, K not powers of two
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=ONE_TOKEN)
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=DEQUANTIZE)
 
 
 @pytest.mark.parametrize("entries", [16, 8])  # 4-bit tables, and 3-bit ones with their codes in 4-bit slots
@@ -69,6 +71,7 @@ def test_uniform_grids_match_the_reference(bits, group_size, symmetric, m):
 def test_lookup_tables_match_the_reference(entries, group_size, m):
     check(lut_weight(40, 192, entries, group_size), m)
     check(lut_weight(40, 192, entries, group_size), m, config=ONE_TOKEN)
+    check(lut_weight(40, 192, entries, group_size), m, config=DEQUANTIZE)
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -76,17 +79,21 @@ def test_sparse_outliers_are_added_once(m):
     weight = lut_weight(40, 192, 16, -1, outliers=0.02)
     assert weight.max_row_outliers > 1
     check(weight, m)
-    check(weight, m, config=dict(SMALL, SPLIT_K=3))  # only the first share of K adds them
+    check(weight, m, config=dict(SMALL, SPLIT_K=3))  # each slot added by one share of K; one share empty
     check(weight, m, config=dict(ONE_TOKEN, SPLIT_K=2))
+    check(weight, m, config=DEQUANTIZE)
 
 
-@pytest.mark.parametrize("split_k, block_k", [(2, 32), (3, 64)])
-def test_split_k_adds_every_share_once(split_k, block_k):
-    check(uniform_weight(40, 320, 4, 64, False), 3, config=dict(SMALL, BLOCK_K=block_k, SPLIT_K=split_k))
+@pytest.mark.parametrize("config", [dict(SMALL, SPLIT_K=2), dict(SMALL, SPLIT_K=0), dict(ONE_TOKEN, SPLIT_K=3)])
+def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
+    weight = uniform_weight(40, 640, 4, 64, False)
+    for _ in range(3):  # the last program of each tile resets the workspace for the next launch
+        check(weight, 3, config=config)
 
 
 def test_a_tail_of_columns_is_masked():
-    check(uniform_weight(24, 96 + 64, 4, 32, False), 2, config=dict(SMALL, BLOCK_K=64))  # K not a multiple of 64
+    check(uniform_weight(24, 128 + 32, 4, 32, False), 2)  # K not a multiple of 128
+    check(uniform_weight(24, 128 + 32, 4, 32, False), 1, config=ONE_TOKEN)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 tiles as integers (tl.dot)")
