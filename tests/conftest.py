@@ -95,3 +95,9 @@ def tiny_llama():
 def seeded():
     """Every test draws the same random numbers on every run."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def calibration_flags(tiny_text_file):
+    """A short calibration set for the command-line tests: enough for every method on the tiny model."""
+    return ["--calib", str(tiny_text_file), "--nsamples", "6", "--seqlen", "48", "--quiet"]
