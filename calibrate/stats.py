@@ -79,3 +79,14 @@ class ActivationStat(HessianStat):
         total = self.count + rows.shape[0]
         self.mean_abs.mul_(self.count / total).add_(rows.abs().sum(dim=0, dtype=self.mean_abs.dtype), alpha=1.0 / total)
         super().update(inputs)
+
+
+class ChannelMaxStat:
+    """The largest magnitude each input channel of a linear layer takes (SmoothQuant's statistic)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_abs = torch.zeros(in_features, dtype=dtype, device=device)
+
+    def update(self, inputs: torch.Tensor) -> None:
+        torch.maximum(self.max_abs, inputs.reshape(-1, inputs.shape[-1]).abs().amax(dim=0).to(self.max_abs.dtype),
+                      out=self.max_abs)

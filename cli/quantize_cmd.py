@@ -39,7 +39,8 @@ FLAG_PATHS = {  # flag -> where it goes in a recipe's data
     "seqlen": ("calibration", "seqlen"), "seed": ("calibration", "seed"), "format": ("output", "format"),
     "mse": ("mse",), "block_size": ("gptq", "block_size"), "damp": ("gptq", "damp"),
     "act_order": ("gptq", "act_order"), "true_sequential": ("gptq", "true_sequential"),
-    "duo_scaling": ("awq", "duo_scaling"), "clip": ("awq", "clip"),
+    "duo_scaling": ("awq", "duo_scaling"), "clip": ("awq", "clip"), "act_bits": ("scheme", "activation_bits"),
+    "alpha": ("smoothquant", "alpha"),
 }
 
 

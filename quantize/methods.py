@@ -20,6 +20,7 @@ from qtool.quantize.gptq import gptq, output_error
 from qtool.quantize.grid import dequantize_codes, fit_grid, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Recipe, Scheme
+from qtool.quantize.smoothquant import smooth_block
 from qtool.quantize.squeezellm import squeeze
 from qtool.registry import Registry
 
@@ -157,3 +158,15 @@ def squeezellm_method(weight: torch.Tensor, scheme: Scheme, *, stats: torch.Tens
 
 
 METHODS.register("awq+gptq")(Method("awq+gptq", gptq_method, hessian_statistic, prepare_block))
+
+W8A8 = {"scheme": {"bits": 8, "group_size": -1, "symmetric": True, "activation_bits": 8}, "output": {"format": "qtool"}}
+
+
+@method("smoothquant", prepare=smooth_block, defaults=W8A8)
+def smoothquant_method(weights: list[torch.Tensor], scheme: Scheme, *, stats, recipe: Recipe,
+                       scale_dtype: torch.dtype | None = None) -> list[MethodResult]:
+    """Round each weight, smoothed by SmoothQuant's `smooth_block`, to nearest on its grid."""
+    return [round_to_nearest(weight, scheme, recipe=recipe, scale_dtype=scale_dtype) for weight in weights]
+
+
+METHODS.register("smoothquant+gptq")(Method("smoothquant+gptq", gptq_method, hessian_statistic, smooth_block, defaults=W8A8))

@@ -1,7 +1,7 @@
 """Recipes as data: a YAML file (or the command line's flags) describing one `Recipe` and its
 quality gates, checked strictly, every error naming the file, line and key.
 
-    method: awq                      # rtn | gptq | awq | awq+gptq | squeezellm
+    method: awq                      # rtn | gptq | awq | awq+gptq | squeezellm | smoothquant | smoothquant+gptq
     scheme: {bits: 4, group_size: 64, symmetric: false}
     overrides:                       # first match wins
       - {match: "mlp\\.down_proj", scheme: {bits: 8, group_size: -1, symmetric: true}}
@@ -12,6 +12,7 @@ quality gates, checked strictly, every error naming the file, line and key.
     gptq: {block_size: 128, damp: 0.01, act_order: static, true_sequential: true}
     awq: {duo_scaling: true, grid: 20, clip: true, max_shrink: 0.5}
     squeezellm: {outliers: 0.0045, sensitive_fraction: 0.0005, fisher: true, max_iterations: 100}
+    smoothquant: {alpha: 0.8}
     gates: {max_ppl_increase_pct: 15, dataset: wikitext, seqlen: 2048, max_windows: 8}
 
 Every section and key is optional; what is left out takes the method's defaults (SqueezeLLM: one
@@ -28,11 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.errors import QtoolError
-from qtool.quantize.scheme import AWQOptions, CalibrationSpec, GPTQOptions, Override, Recipe, Scheme, SqueezeLLMOptions
+from qtool.quantize.scheme import (
+    AWQOptions, CalibrationSpec, GPTQOptions, Override, Recipe, Scheme, SmoothQuantOptions, SqueezeLLMOptions,
+)
 
 SECTIONS = {"scheme": Scheme, "calibration": CalibrationSpec, "gptq": GPTQOptions, "awq": AWQOptions,
-            "squeezellm": SqueezeLLMOptions}
-TOP_LEVEL = ("method", "scheme", "overrides", "calibration", "output", "mse", "gptq", "awq", "squeezellm", "gates")
+            "squeezellm": SqueezeLLMOptions, "smoothquant": SmoothQuantOptions}
+TOP_LEVEL = ("method", "scheme", "overrides", "calibration", "output", "mse", "gptq", "awq", "squeezellm", "smoothquant",
+             "gates")
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ def build(data: dict, source: str = "the command line", lines: dict | None = Non
         raise fail(("mse",), f"must be true or false, got {mse!r}")
     recipe = Recipe(method=method_name, scheme=sections["scheme"], overrides=overrides,
                     calibration=sections["calibration"], format=format_name, gptq=sections["gptq"], mse=mse,
-                    awq=sections["awq"], squeezellm=sections["squeezellm"])
+                    awq=sections["awq"], squeezellm=sections["squeezellm"], smoothquant=sections["smoothquant"])
     fmt = FORMATS.get(format_name)
     if fmt.check is not None:
         try:

@@ -21,6 +21,7 @@ class Scheme:
     group_size: int = 64
     symmetric: bool = False
     lut: bool = False
+    activation_bits: int | None = None
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -33,13 +34,19 @@ class Scheme:
             raise QtoolError(f"symmetric must be true or false, got {self.symmetric!r}")
         if not isinstance(self.lut, bool):
             raise QtoolError(f"lut must be true or false, got {self.lut!r}")
+        if self.activation_bits is not None and (self.activation_bits != 8 or isinstance(self.activation_bits, bool)):
+            raise QtoolError(f"activation bits must be 8 (int8 per token) or left out, got {self.activation_bits!r}")
+        if self.activation_bits is not None and (self.bits, self.group_size, self.symmetric, self.lut) != (8, -1, True, False):
+            raise QtoolError("8-bit activations (W8A8) go with 8-bit symmetric per-channel weights: "
+                             "--bits 8 --group-size -1 --sym")
 
     def group_count(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
 
     def describe(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"W{self.bits} {group} {'lut' if self.lut else 'sym' if self.symmetric else 'asym'}"
+        activations = f"A{self.activation_bits}" if self.activation_bits else ""
+        return f"W{self.bits}{activations} {group} {'lut' if self.lut else 'sym' if self.symmetric else 'asym'}"
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,18 @@ class SqueezeLLMOptions:
 
 
 @dataclass(frozen=True)
+class SmoothQuantOptions:
+    """SmoothQuant's migration strength: how much of the activations' range moves into the weights
+    (0: none, 1: all)."""
+
+    alpha: float = 0.8
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise QtoolError(f"SmoothQuant alpha must be a number from 0 to 1, got {self.alpha!r}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that decides a quantized checkpoint: method, default scheme, per-layer overrides,
     calibration data and output format. The first matching override wins. Method and format names
@@ -159,6 +178,7 @@ class Recipe:
     mse: bool = False
     awq: AWQOptions = field(default_factory=AWQOptions)
     squeezellm: SqueezeLLMOptions = field(default_factory=SqueezeLLMOptions)
+    smoothquant: SmoothQuantOptions = field(default_factory=SmoothQuantOptions)
 
     def schemes(self) -> list[Scheme]:
         """Every scheme the recipe can give a layer: the default's and the overrides'."""
@@ -186,4 +206,5 @@ class Recipe:
             "gptq": options(self.gptq),
             "awq": options(self.awq),
             "squeezellm": options(self.squeezellm),
+            "smoothquant": options(self.smoothquant),
         }

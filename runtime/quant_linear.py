@@ -8,7 +8,8 @@ first; for 3-bit (and 2-bit) tables with the codes in 4-bit slots (4/3 of their 
 for act-order weights whose groups do not follow column order (`g_idx`), with the columns sorted
 by group, the activations being permuted the same way at each call. Elsewhere, and for what the
 kernel does not hold, the reference path dequantizes the weight to the activation dtype and
-calls `F.linear`.
+calls `F.linear`. W8A8 weights (8-bit activations) quantize each token's activations to int8 and
+multiply integers (`qtool.kernels.int8_matmul`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtool.kernels import int8_matmul
 from qtool.kernels.quant_matmul import KERNEL_BITS, KernelWeight, kernel_fits, quant_matmul
 from qtool.quantize import packing
 from qtool.quantize.qweight import OUTLIER_FIELDS, QuantizedWeight, SparseOutliers
@@ -43,6 +45,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(f"outlier_{field}", None if outliers is None else getattr(outliers, field))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._kernel: tuple[torch.device, KernelLayout | None] | None = None
+        self._int8: torch.Tensor | None = None
 
     def quantized_weight(self) -> QuantizedWeight:
         outliers = None
@@ -53,6 +56,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.scheme.activation_bits:
+            out = int8_matmul.reference(x, self._int8_weight(), self.scales[:, 0])
+            return out if bias is None else out + bias
         layout = self._kernel_layout(x.device) if x.is_cuda else None
         if layout is None or not kernel_fits(x, layout.weight):
             return F.linear(x, self.quantized_weight().dequantize(x.dtype), bias)
@@ -60,6 +66,12 @@ class QuantLinear(nn.Module):
             x = x.index_select(-1, layout.columns)
         out = quant_matmul(x, layout.weight)
         return out if bias is None else out + bias
+
+    def _int8_weight(self) -> torch.Tensor:
+        """The codes as signed int8 [out, in] (unsigned codes less their fixed zero), made once."""
+        if self._int8 is None or self._int8.device != self.packed.device:
+            self._int8 = (self.quantized_weight().codes() - 128).to(torch.int8)
+        return self._int8
 
     def _kernel_layout(self, device: torch.device) -> KernelLayout | None:
         if self._kernel is None or self._kernel[0] != device:

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from qtool.errors import QtoolError
 from qtool.quantize import packing
 from qtool.quantize.format.checkpoint import dense_tensors, weight_files
-from qtool.quantize.format.layout import nonuniform_misfit
+from qtool.quantize.format.layout import nonuniform_misfit, refuse_activations
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -43,6 +43,7 @@ def check(recipe) -> None:
     if any(scheme.lut for scheme in recipe.schemes()):
         raise QtoolError(f"{recipe.method} writes look-up-table weights, which compressed-tensors cannot hold; "
                          f"use --format qtool")
+    refuse_activations(recipe)
 
 
 def misfit(name: str, weight: QuantizedWeight) -> str | None:

@@ -33,7 +33,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.quantize import packing
 from qtool.quantize.format.checkpoint import dense_tensors, model_config
-from qtool.quantize.format.layout import float16_misfit, fused_name, nonuniform_misfit
+from qtool.quantize.format.layout import float16_misfit, fused_name, nonuniform_misfit, refuse_activations
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -46,6 +46,7 @@ ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # what v1 subtracts from zero points be
 
 def check(recipe) -> None:
     """Refuse, before any work, a recipe whose layers this layout cannot hold."""
+    refuse_activations(recipe)
     for scheme in recipe.schemes():
         if scheme.lut:
             raise QtoolError(f"{recipe.method} writes look-up-table weights, which --format gptq cannot hold; "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qtool.errors import QtoolError
+
 VLLM_FUSED = {  # vLLM loads these linears of one block as one layer, so they must share a scheme
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
@@ -20,10 +22,22 @@ def fused_name(name: str) -> str | None:
 
 
 def nonuniform_misfit(name: str, weight, format_name: str) -> str | None:
-    """Why an integer-grid layout cannot hold `weight`: look-up tables or sparse outliers (or None)."""
+    """Why a weight-only integer-grid layout cannot hold `weight`: look-up tables, sparse outliers
+    or quantized activations (or None)."""
     if weight.scheme.lut or weight.outliers is not None:
         return f"{name}: look-up tables and sparse outliers do not fit --format {format_name}; use --format qtool"
+    if weight.scheme.activation_bits:
+        return f"{name}: {ACTIVATIONS_REFUSAL}"
     return None
+
+
+ACTIVATIONS_REFUSAL = "8-bit activations (W8A8) are written in qtool's format for now; use --format qtool"
+
+
+def refuse_activations(recipe) -> None:
+    """Refuse, up front, a recipe that quantizes activations (the weight-only layouts' `check`)."""
+    if any(scheme.activation_bits for scheme in recipe.schemes()):
+        raise QtoolError(ACTIVATIONS_REFUSAL)
 
 
 def float16_misfit(name: str, scales: torch.Tensor) -> str | None:

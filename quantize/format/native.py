@@ -51,7 +51,8 @@ def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]
 
 
 def _scheme_entry(scheme: Scheme) -> dict:
-    return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric, "lut": scheme.lut}
+    entry = {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric, "lut": scheme.lut}
+    return {**entry, "activation_bits": scheme.activation_bits} if scheme.activation_bits else entry
 
 
 def quantization_config(weights: dict[str, QuantizedWeight], dense_linears: list[str]) -> dict:
@@ -74,7 +75,8 @@ def layer_schemes(config: dict, layer_names: list[str]) -> dict[str, Scheme]:
     schemes = {}
     for entry in config.get("schemes") or []:
         try:
-            scheme = Scheme(int(entry["bits"]), int(entry["group_size"]), bool(entry["symmetric"]), bool(entry["lut"]))
+            scheme = Scheme(int(entry["bits"]), int(entry["group_size"]), bool(entry["symmetric"]), bool(entry["lut"]),
+                            entry.get("activation_bits"))
             schemes.update(dict.fromkeys(entry["layers"], scheme))
         except (KeyError, TypeError, ValueError) as error:
             raise QtoolError(f"quantization_config has a malformed scheme entry {entry!r}: {error}") from None

@@ -48,14 +48,14 @@ def test_every_shipped_recipe_validates_and_runs_on_a_tiny_model(path, tiny_llam
 
 @pytest.mark.parametrize("text, message", [
     ("methd: gptq\n", "R.yaml:1: methd: unknown key 'methd'; known here: method, scheme, overrides, calibration, "
-                      "output, mse, gptq, awq, squeezellm, gates"),
+                      "output, mse, gptq, awq, squeezellm, smoothquant, gates"),
     ("method: gptq\nscheme:\n  bits: 4\n  groupsize: 64\n", "R.yaml:4: scheme.groupsize: unknown key 'groupsize'; "
-                                                           "known here: bits, group_size, symmetric, lut"),
+                                                           "known here: bits, group_size, symmetric, lut, activation_bits"),
     ("scheme: {bits: '4'}\n", "R.yaml:1: scheme.bits: must be an int, got '4'"),
     ("scheme:\n  symmetric: 1\n", "R.yaml:2: scheme.symmetric: must be a bool, got 1"),
     ("calibration:\n  nsamples: 1.5\n", "R.yaml:2: calibration.nsamples: must be an int, got 1.5"),
     ("scheme:\n  bits: 9\n", "R.yaml:1: scheme: bits must be an integer from 2 to 8, got 9"),
-    ("method: magic\n", "R.yaml:1: method: unknown method 'magic'; choose one of: awq, awq+gptq, gptq, rtn, squeezellm"),
+    ("method: magic\n", "R.yaml:1: method: unknown method 'magic'; choose one of: awq, awq+gptq, gptq, rtn, smoothquant, smoothquant+gptq, squeezellm"),
     ("output: {format: gguf}\n", "R.yaml:1: output.format: unknown format 'gguf'; choose one of: awq, "
                                  "compressed-tensors, gptq, qtool"),
     ("overrides:\n  - match: '(mlp'\n    skip: true\n", "R.yaml:2: overrides.0.match: layer pattern '(mlp' is not a "

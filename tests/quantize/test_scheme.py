@@ -49,12 +49,14 @@ def test_recipe_serialises_every_setting_in_the_shape_of_a_recipe_file():
     recipe = Recipe(overrides=(Override("lm_head", Scheme(8, -1, True)), Override("gate", None)))
     data = recipe.to_dict()
     assert data["method"] == "rtn" and data["output"] == {"format": "compressed-tensors"}
-    assert data["scheme"] == {"bits": 4, "group_size": 64, "symmetric": False, "lut": False}
+    assert data["scheme"] == {"bits": 4, "group_size": 64, "symmetric": False, "lut": False, "activation_bits": None}
     assert data["overrides"] == [
-        {"match": "lm_head", "scheme": {"bits": 8, "group_size": -1, "symmetric": True, "lut": False}},
+        {"match": "lm_head", "scheme": {"bits": 8, "group_size": -1, "symmetric": True, "lut": False,
+                                        "activation_bits": None}},
         {"match": "gate", "skip": True},
     ]
     assert data["squeezellm"] == {"outliers": 0.0, "sensitive_fraction": 0.0005, "fisher": True, "max_iterations": 100}
+    assert data["smoothquant"] == {"alpha": 0.8}
     assert build(data).recipe == recipe  # qtool.json's recipe is a recipe file
 
 
