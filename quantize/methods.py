@@ -159,7 +159,7 @@ def squeezellm_method(weight: torch.Tensor, scheme: Scheme, *, stats: torch.Tens
 
 METHODS.register("awq+gptq")(Method("awq+gptq", gptq_method, hessian_statistic, prepare_block))
 
-W8A8 = {"scheme": {"bits": 8, "group_size": -1, "symmetric": True, "activation_bits": 8}, "output": {"format": "qtool"}}
+W8A8 = {"scheme": {"bits": 8, "group_size": -1, "symmetric": True, "activation_bits": 8}}
 
 
 @method("smoothquant", prepare=smooth_block, defaults=W8A8)

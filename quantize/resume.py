@@ -95,7 +95,8 @@ class BlockStore:
         for name, weight in weights.items():
             self.block_of[name] = index
             layouts[name] = {"bits": weight.scheme.bits, "group_size": weight.scheme.group_size,
-                             "symmetric": weight.scheme.symmetric, "shape": list(weight.shape)}
+                             "symmetric": weight.scheme.symmetric, "activation_bits": weight.scheme.activation_bits,
+                             "shape": list(weight.shape)}
             for field in ("packed", "scales", "zeros", "g_idx"):
                 if getattr(weight, field) is not None:
                     tensors[f"{name}.{field}"] = getattr(weight, field).contiguous().cpu()
@@ -113,7 +114,7 @@ class BlockStore:
 
 
 def _from_tensors(name: str, tensors: dict[str, torch.Tensor], layout: dict) -> QuantizedWeight:
-    scheme = Scheme(layout["bits"], layout["group_size"], layout["symmetric"])
+    scheme = Scheme(layout["bits"], layout["group_size"], layout["symmetric"], activation_bits=layout["activation_bits"])
     return QuantizedWeight(
         tensors[f"{name}.packed"], tensors[f"{name}.scales"], tensors.get(f"{name}.zeros"), scheme,
         tuple(layout["shape"]), tensors.get(f"{name}.g_idx"),

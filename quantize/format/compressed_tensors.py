@@ -12,6 +12,10 @@ Per quantized linear `NAME` (all packed along the last dimension of the stored t
 
 Dequantization: w = (q - zp) * scale with q, zp signed; qtool's unsigned codes and zero points
 differ from them by the same 2**(bits-1), so (code - zero) * scale is the same number.
+
+W8A8 layers (activations quantized to int8 per token at run time, the scheme vLLM runs as
+INT8_W8A8) are `int-quantized` instead: `NAME.weight` int8 [out, in] (signed codes) and
+`NAME.weight_scale` [out, 1], with the group's `input_activations` saying dynamic int8 per token.
 `config.json` carries `quantization_config` with one `config_group` per distinct scheme and the
 names of the linear layers left dense in `ignore`.
 """
@@ -27,15 +31,18 @@ from safetensors import safe_open
 from qtool.errors import QtoolError
 from qtool.quantize import packing
 from qtool.quantize.format.checkpoint import dense_tensors, weight_files
-from qtool.quantize.format.layout import nonuniform_misfit, refuse_activations
+from qtool.quantize.format.layout import nonuniform_misfit
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
 QUANT_METHOD = "compressed-tensors"
 PACKED_FORMAT = "pack-quantized"
+INT_FORMAT = "int-quantized"
+MIXED_FORMAT = "mixed-precision"
+PER_TOKEN_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
 COMPRESSED_TENSORS_VERSION = "0.19.0"
 DENSE_STREAM_SINCE = (0, 18)  # earlier versions packed 32 // bits whole codes per word
-LAYER_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+LAYER_SUFFIXES = ("weight_scale", "weight_packed", "weight_zero_point", "weight_shape", "weight_g_idx", "weight")
 
 
 def check(recipe) -> None:
@@ -43,7 +50,6 @@ def check(recipe) -> None:
     if any(scheme.lut for scheme in recipe.schemes()):
         raise QtoolError(f"{recipe.method} writes look-up-table weights, which compressed-tensors cannot hold; "
                          f"use --format qtool")
-    refuse_activations(recipe)
 
 
 def misfit(name: str, weight: QuantizedWeight) -> str | None:
@@ -53,6 +59,8 @@ def misfit(name: str, weight: QuantizedWeight) -> str | None:
 
 def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The tensors stored for one quantized layer."""
+    if weight.scheme.activation_bits:
+        return {f"{name}.weight": (weight.codes() - 128).to(torch.int8), f"{name}.weight_scale": weight.scales}
     tensors = {
         f"{name}.weight_packed": weight.packed,
         f"{name}.weight_scale": weight.scales,
@@ -67,6 +75,8 @@ def layer_tensors(name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]
 
 def read_layer(name: str, tensors: dict[str, torch.Tensor], scheme: Scheme) -> QuantizedWeight:
     """The `QuantizedWeight` of one layer from its stored tensors."""
+    if f"{name}.weight_packed" not in tensors:
+        return _read_int8_layer(name, tensors, scheme)
     try:
         packed = tensors[f"{name}.weight_packed"]
         scales = tensors[f"{name}.weight_scale"]
@@ -88,6 +98,16 @@ def read_layer(name: str, tensors: dict[str, torch.Tensor], scheme: Scheme) -> Q
         )
     g_idx = tensors.get(f"{name}.weight_g_idx")
     return QuantizedWeight(packed, scales, zeros, scheme, (out_features, in_features), g_idx)
+
+
+def _read_int8_layer(name: str, tensors: dict[str, torch.Tensor], scheme: Scheme) -> QuantizedWeight:
+    """An `int-quantized` layer: signed int8 codes [out, in] and a scale per output channel."""
+    weight, scales = tensors.get(f"{name}.weight"), tensors[f"{name}.weight_scale"]
+    if weight is None or weight.dtype != torch.int8 or scales.shape != (weight.shape[0], 1) or scheme.bits != 8:
+        raise QtoolError(f"{name}: an int-quantized layer needs an int8 weight and a weight_scale per output "
+                         f"channel under an 8-bit scheme")
+    codes = weight.to(torch.int32) + 128
+    return QuantizedWeight(packing.pack(codes, 8), scales, None, scheme, tuple(weight.shape))
 
 
 def _weights_args(scheme: Scheme, act_order: bool) -> dict:
@@ -115,13 +135,14 @@ def quantization_config(weights: dict[str, QuantizedWeight], dense_linears: list
         groups[f"group_{index}"] = {
             "targets": ["Linear"] if single else sorted(names),
             "weights": _weights_args(scheme, act_order),
-            "input_activations": None,
+            "input_activations": dict(PER_TOKEN_INT8) if scheme.activation_bits else None,
             "output_activations": None,
-            "format": PACKED_FORMAT,
+            "format": INT_FORMAT if scheme.activation_bits else PACKED_FORMAT,
         }
+    formats = {group["format"] for group in groups.values()}
     return {
         "quant_method": QUANT_METHOD,
-        "format": PACKED_FORMAT,
+        "format": formats.pop() if len(formats) == 1 else MIXED_FORMAT,
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": sorted(dense_linears),
@@ -164,11 +185,15 @@ def layer_schemes(config: dict, layer_names: list[str]) -> dict[str, Scheme]:
     groups = {}
     for group, body in (config.get("config_groups") or {}).items():
         body_format = body.get("format") or config.get("format")
-        if body_format != PACKED_FORMAT:
-            raise QtoolError(f"config group {group}: format {body_format!r} is not supported (only {PACKED_FORMAT})")
-        if body.get("input_activations"):
-            raise QtoolError(f"config group {group}: activation quantization is not supported yet")
+        if body_format not in (PACKED_FORMAT, INT_FORMAT):
+            raise QtoolError(f"config group {group}: format {body_format!r} is not supported "
+                             f"({PACKED_FORMAT} or {INT_FORMAT})")
         scheme = _scheme_from_args(body.get("weights") or {}, group)
+        activations = body.get("input_activations")
+        if activations:
+            if {key: activations.get(key) for key in PER_TOKEN_INT8} != PER_TOKEN_INT8:
+                raise QtoolError(f"config group {group}: only dynamic int8 per-token activations are supported")
+            scheme = Scheme(scheme.bits, scheme.group_size, scheme.symmetric, activation_bits=8)
         if 32 % scheme.bits and _version(config) < DENSE_STREAM_SINCE:
             raise QtoolError(
                 f"config group {group}: {scheme.bits}-bit weights written by compressed-tensors "
@@ -184,23 +209,24 @@ def layer_schemes(config: dict, layer_names: list[str]) -> dict[str, Scheme]:
                 if rank is not None and (best is None or rank < best[0]):
                     best = (rank, scheme)
         if best is None:
-            raise QtoolError(f"{name} has packed weights but no config group targets it")
+            raise QtoolError(f"{name} has quantized weights but no config group targets it")
         schemes[name] = best[1]
     return schemes
 
 
 def read_layers(tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
     """Split stored tensors into quantized layers and the dense tensors beside them."""
-    names = sorted(key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed"))
+    names = sorted(key.removesuffix(".weight_scale") for key in tensors if key.endswith(".weight_scale"))
     schemes = layer_schemes(config, names)
     weights = {name: read_layer(name, tensors, schemes[name]) for name in names}
     return weights, dense_tensors(tensors, weights, LAYER_SUFFIXES)
 
 
 def layer_shapes(folder: Path, names: list[str], infos: dict) -> dict[str, tuple[int, int]]:
-    """The (out, in) shape of each quantized layer, read from its small `weight_shape` tensor."""
+    """The (out, in) shape of each quantized layer, read from its small `weight_shape` tensor
+    (int-quantized layers: their int8 weight's shape)."""
     wanted = {f"{name}.weight_shape": name for name in names}
-    shapes = {}
+    shapes = {name: tuple(infos[f"{name}.weight"].shape) for name in names if f"{name}.weight" in infos}
     for file in weight_files(folder):
         with safe_open(file, framework="pt") as reader:
             for key in wanted.keys() & set(reader.keys()):

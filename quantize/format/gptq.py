@@ -33,7 +33,9 @@ import torch
 from qtool.errors import QtoolError
 from qtool.quantize import packing
 from qtool.quantize.format.checkpoint import dense_tensors, model_config
-from qtool.quantize.format.layout import float16_misfit, fused_name, nonuniform_misfit, refuse_activations
+from qtool.quantize.format.layout import (
+    activations_misfit, float16_misfit, fused_name, nonuniform_misfit, refuse_activations,
+)
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
@@ -58,7 +60,8 @@ def check(recipe) -> None:
 
 def misfit(name: str, weight: QuantizedWeight) -> str | None:
     """Why `weight` cannot be stored in this layout without changing it, or None."""
-    return nonuniform_misfit(name, weight, "gptq") or _grid_misfit(name, weight) or float16_misfit(name, weight.scales)
+    return (nonuniform_misfit(name, weight, "gptq") or activations_misfit(name, weight) or _grid_misfit(name, weight)
+            or float16_misfit(name, weight.scales))
 
 
 def _grid_misfit(name: str, weight: QuantizedWeight) -> str | None:

@@ -22,16 +22,19 @@ def fused_name(name: str) -> str | None:
 
 
 def nonuniform_misfit(name: str, weight, format_name: str) -> str | None:
-    """Why a weight-only integer-grid layout cannot hold `weight`: look-up tables, sparse outliers
-    or quantized activations (or None)."""
+    """Why an integer-grid layout cannot hold `weight`: look-up tables or sparse outliers (or None)."""
     if weight.scheme.lut or weight.outliers is not None:
         return f"{name}: look-up tables and sparse outliers do not fit --format {format_name}; use --format qtool"
-    if weight.scheme.activation_bits:
-        return f"{name}: {ACTIVATIONS_REFUSAL}"
     return None
 
 
-ACTIVATIONS_REFUSAL = "8-bit activations (W8A8) are written in qtool's format for now; use --format qtool"
+ACTIVATIONS_REFUSAL = ("8-bit activations (W8A8) are written in compressed-tensors (int-quantized) or qtool's "
+                       "format; use --format compressed-tensors")
+
+
+def activations_misfit(name: str, weight) -> str | None:
+    """Why a weight-only layout cannot hold `weight`: its activations are quantized too (or None)."""
+    return f"{name}: {ACTIVATIONS_REFUSAL}" if weight.scheme.activation_bits else None
 
 
 def refuse_activations(recipe) -> None:

@@ -147,6 +147,8 @@ def plan(format_name: str, layers: list[Layer], tp: int, base: Scheme | None = N
 def _kernel(format_name: str, layer: Layer, rank, row_split: bool, gpu: str, base: Scheme | None) -> str:
     if layer.scheme.lut or format_name == "qtool":
         return "none"
+    if format_name == "compressed-tensors" and layer.scheme.activation_bits:
+        return "CUTLASS scaled_mm (int8 W8A8)"
     if format_name == "compressed-tensors":
         return _mixed_precision_kernel(layer, rank, row_split, gpu)
     if format_name == "gptq":

@@ -12,16 +12,20 @@ from qtool.quantize.scheme import Override, Recipe, Scheme
 
 GROUPS = (32, -1)
 HOLDS = {  # format -> the uniform schemes it holds
-    "compressed-tensors": [Scheme(b, g, s) for b in range(2, 9) for g in GROUPS for s in (True, False)],
+    "compressed-tensors": [Scheme(b, g, s) for b in range(2, 9) for g in GROUPS for s in (True, False)]
+                          + [Scheme(8, -1, True, activation_bits=8)],
     "gptq": [Scheme(b, g, s) for b in (2, 3, 4, 8) for g in GROUPS for s in (True, False)],
     "awq": [Scheme(4, 32, s) for s in (True, False)],
-    "qtool": [Scheme(b, g, s) for b in range(2, 9) for g in GROUPS for s in (True, False)],
+    "qtool": [Scheme(b, g, s) for b in range(2, 9) for g in GROUPS for s in (True, False)]
+             + [Scheme(8, -1, True, activation_bits=8)],
 }
 ACT_ORDER = ("compressed-tensors", "gptq", "qtool")
 MIXED = {
     "awq": (Override("mlp", Scheme(4, 32, True)), Override(r"layers\.1\.self_attn\.o_proj", None)),
-    "other": (Override("mlp", Scheme(8, -1, True)), Override(r"layers\.0\.self_attn\.v", Scheme(3, 32, True)),
+    "gptq": (Override("mlp", Scheme(8, -1, True)), Override(r"layers\.0\.self_attn\.v", Scheme(3, 32, True)),
               Override(r"layers\.1\.self_attn\.o_proj", None)),
+    "other": (Override("mlp", Scheme(8, -1, True, activation_bits=8)),
+              Override(r"layers\.0\.self_attn\.v", Scheme(3, 32, True)), Override(r"layers\.1\.self_attn\.o_proj", None)),
 }
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_awq import correlated, tiny
 
 from qtool.calibrate.pipeline import calibrate_sequentially
@@ -15,6 +16,7 @@ from qtool.quantize.apply import plan_layers
 from qtool.quantize.grid import fit_minmax, quantize_to_codes
 from qtool.quantize.scheme import Recipe, Scheme, SmoothQuantOptions
 from qtool.quantize.smoothquant import smooth_block, smoothing_scales
+from qtool.quantize.format import read_checkpoint
 from qtool.runtime.loader import load_model
 
 W8A8 = Scheme(8, -1, True, activation_bits=8)
@@ -82,19 +84,32 @@ def test_impossible_activation_schemes_are_refused(scheme_args, message):
         SmoothQuantOptions(alpha=1.5)
 
 
-def test_smoothquant_writes_w8a8_weights_that_load_and_run_with_int8_activations(tiny_llama_dir, tmp_path, calibration_flags, capsys):
+def test_smoothquant_writes_w8a8_compressed_tensors_that_load_and_run_with_int8_activations(
+        tiny_llama_dir, tmp_path, calibration_flags, capsys):
     out = tmp_path / "sq"
     assert main(["quantize", str(tiny_llama_dir), "-o", str(out), "--method", "smoothquant", "--alpha", "0.5",
                  *calibration_flags]) == 0
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert [(s["bits"], s["activation_bits"], s["group_size"], s["symmetric"]) for s in config["schemes"]] == [(8, 8, -1, True)]
+    (group,) = config["config_groups"].values()  # vLLM's INT8_W8A8: int8 channel weights, dynamic int8 tokens
+    assert config["format"] == group["format"] == "int-quantized"
+    assert {k: group["weights"][k] for k in ("num_bits", "type", "symmetric", "strategy")} == \
+        {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                          "dynamic": True}
     assert json.loads((out / "qtool.json").read_text())["recipe"]["smoothquant"] == {"alpha": 0.5}
+    stored = load_file(out / "model.safetensors")
+    checkpoint = read_checkpoint(out)
+    for name, weight in checkpoint.weights.items():  # the layout decoded as published: int8 times the row's scale
+        assert weight.scheme == W8A8 and stored[f"{name}.weight"].dtype == torch.int8
+        decoded = stored[f"{name}.weight"].float() * stored[f"{name}.weight_scale"].float()
+        torch.testing.assert_close(decoded, weight.dequantize(), rtol=0, atol=0)
     model, original = load_model(out), load_model(tiny_llama_dir, torch.float32)
     tokens = torch.tensor([[5, 17, 99, 3, 250, 7]])
     with torch.no_grad():
         got, want = model(tokens).logits, original(tokens).logits
     assert (got - want).abs().max() < 0.02 * want.abs().max()
     capsys.readouterr()
-    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "ct"), "--method", "smoothquant",
-                 "--format", "compressed-tensors", *calibration_flags]) == 2
-    assert "8-bit activations (W8A8) are written in qtool's format for now; use --format qtool" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_llama_dir), "-o", str(tmp_path / "gptq"), "--method", "smoothquant",
+                 "--format", "gptq", *calibration_flags]) == 2
+    assert ("8-bit activations (W8A8) are written in compressed-tensors (int-quantized) or qtool's format; "
+            "use --format compressed-tensors") in capsys.readouterr().err
