@@ -28,7 +28,8 @@ def test_quantize_writes_a_complete_checkpoint(tiny_checkpoint):
     names = {p.name for p in tiny_checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "qtool.json", "tokenizer.json", "generation_config.json"} <= names
     record = json.loads((tiny_checkpoint / "qtool.json").read_text())
-    assert record["recipe"]["scheme"] == {"bits": 4, "group_size": 32, "symmetric": False, "lut": False}
+    assert record["recipe"]["scheme"] == {"bits": 4, "group_size": 32, "symmetric": False, "lut": False,
+                                         "activation_bits": None}
     assert record["skipped"] == ["lm_head"]
     assert len(record["layers"]) == 14
     assert record["versions"]["qtool"] and record["wall_seconds"] > 0
