@@ -49,6 +49,13 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)
 
 
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers inside the decoder blocks, by full name (the head and embeddings left out)."""
+    prefix, _ = decoder_blocks(model)
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(prefix + ".")}
+
+
 def _to(value, device):
     return map_tensors(value, lambda tensor: tensor.to(device))
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtool.calibrate.pipeline import block_linears
 from qtool.errors import QtoolError
 from qtool.quantize.methods import round_to_nearest
 from qtool.quantize.scheme import Recipe, Scheme
@@ -98,12 +99,10 @@ def kl_costs(model: nn.Module, windows: torch.Tensor, candidates: list[Scheme | 
              scale_dtype: torch.dtype, on_layer: Callable[[str], None] | None = None) -> dict[str, dict[str, float]]:
     """{layer: {candidate name: mean KL(original || layer quantized) per token}} on `windows`
     [n, seqlen] of a fully loaded `model`, each layer quantized alone and restored after."""
-    from qtool.quantize.apply import linear_layers
-
     with torch.no_grad():
         reference = F.log_softmax(model(windows).logits.float(), dim=-1)
         costs = {}
-        for name, linear in _block_linears(model, linear_layers(model)).items():
+        for name, linear in block_linears(model).items():
             original = linear.weight.data
             costs[name] = {}
             for scheme in candidates:
@@ -117,13 +116,6 @@ def kl_costs(model: nn.Module, windows: torch.Tensor, candidates: list[Scheme | 
             if on_layer is not None:
                 on_layer(name)
     return costs
-
-
-def _block_linears(model: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
-    from qtool.calibrate.pipeline import decoder_blocks
-
-    prefix, _ = decoder_blocks(model)
-    return {name: linear for name, linear in linears.items() if name.startswith(prefix + ".")}
 
 
 def _mean_kl(reference_log_probs: torch.Tensor, logits: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qtool.cache import cache_dir
-from qtool.calibrate.pipeline import decoder_blocks
+from qtool.calibrate.pipeline import block_linears
 from qtool.calibrate.sensitivity import (
     DEFAULT_CANDIDATES, KL_WINDOWS, SENSITIVITIES, candidate_name, fisher_costs, kl_costs, parse_candidates,
 )
@@ -21,7 +21,6 @@ from qtool.cli import console
 from qtool.cli.devices import parse_size
 from qtool.errors import QtoolError
 from qtool.quantize.allocate import Allocation, allocate, layer_options
-from qtool.quantize.apply import linear_layers
 from qtool.quantize.format import FORMATS
 from qtool.quantize.resume import run_fingerprint
 from qtool.quantize.scheme import Recipe
@@ -83,28 +82,29 @@ def allocation_request(options: dict) -> tuple[int | None, AllocationRequest | N
         if given:
             raise QtoolError(f"{given[0]} goes with a budget: --bits auto:B or --max-size S")
         return bits, None
-    return None, AllocationRequest(budget, options["candidates"] or DEFAULT_CANDIDATES,
-                                   options["sensitivity"] or "fisher")
+    sensitivity = options["sensitivity"] or "fisher"
+    if sensitivity not in SENSITIVITIES:
+        raise QtoolError(f"unknown --sensitivity {sensitivity!r}; choose one of: {', '.join(SENSITIVITIES)}")
+    candidates = options["candidates"] or DEFAULT_CANDIDATES
+    parse_candidates(candidates)  # a bad list is refused before the model is loaded
+    return None, AllocationRequest(budget, candidates, sensitivity)
 
 
 def plan_mixed(request: AllocationRequest, model, lazy, folder: Path, recipe: Recipe, calibration: torch.Tensor,
                fisher, device: str, stored: torch.dtype, show: bool) -> Allocation:
     """The allocation of candidate schemes to the blocks' linear layers within the budget; a
     layer the recipe's overrides name keeps the scheme they give it."""
-    if request.sensitivity not in SENSITIVITIES:
-        raise QtoolError(f"unknown --sensitivity {request.sensitivity!r}; choose one of: {', '.join(SENSITIVITIES)}")
     candidates = parse_candidates(request.candidates)
-    prefix, _ = decoder_blocks(model)
-    shapes = {name: (linear.out_features, linear.in_features)
-              for name, linear in linear_layers(model).items() if name.startswith(prefix + ".")}
+    shapes = {name: (linear.out_features, linear.in_features) for name, linear in block_linears(model).items()}
     fixed = {name: recipe.scheme_for(name) for name in shapes if any(o.matches(name) for o in recipe.overrides)}
+    weights = {name: out * inp for name, (out, inp) in shapes.items()}
+    budget_bytes = _budget_bytes(request.budget, folder, sum(weights.values()), stored)  # refuse before the costs
     fmt = FORMATS.get(recipe.format)
     scale_dtype = fmt.scale_dtype or stored
     costs = _cached_costs(request, candidates, model, lazy, folder, recipe, calibration, fisher, device, scale_dtype,
                           list(shapes), show)
     options = layer_options(shapes, costs, candidates, fmt, scale_dtype, stored.itemsize, fixed)
-    weights = {name: out * inp for name, (out, inp) in shapes.items()}
-    return allocate(options, _budget_bytes(request.budget, folder, sum(weights.values()), stored), weights)
+    return allocate(options, budget_bytes, weights)
 
 
 def _budget_bytes(budget: Budget, folder: Path, weights: int, stored: torch.dtype) -> int:

@@ -22,7 +22,7 @@ DEFAULT_UNIFORM = "3g64,3g32s,4g64s,4g64,4g32"
 def run_pareto(model: str, output: Path, budgets: str, uniform: str, candidates: str | None, method: str,
                seqlen: int, max_windows: int, extra: list[str], overwrite: bool, quiet: bool) -> None:
     targets = _budgets(budgets)
-    schemes = [scheme for scheme in parse_candidates(uniform)]
+    schemes = parse_candidates(uniform)
     if any(scheme is None for scheme in schemes):
         raise QtoolError("--uniform lists quantized schemes; the original model is measured anyway")
     parse_candidates(candidates or DEFAULT_CANDIDATES)

@@ -17,7 +17,7 @@ from qtool.cache import cache_dir
 from qtool.calibrate.data import calibration_windows, load_text, tokenize
 from qtool.calibrate.data import fingerprint as data_fingerprint
 from qtool.calibrate.fisher import StoredFisher, diagonal_fisher, save_fisher
-from qtool.calibrate.pipeline import decoder_blocks
+from qtool.calibrate.pipeline import block_linears
 from qtool.cli import console
 from qtool.cli.allocation import allocated_recipe, allocation_request, plan_mixed, print_plan, report_plan
 from qtool.cli.devices import calibration_dtypes, choose_device, limit_device_memory
@@ -207,8 +207,7 @@ def cached_fisher(model, lazy, folder: Path, calibration: torch.Tensor, device: 
     key = run_fingerprint(folder, {"statistic": "diagonal-fisher", "matmul_dtype": calib_matmul}, calibration)
     path = path or cache_dir() / "fisher" / f"{key[:24]}.safetensors"
     if not path.exists():
-        prefix, _ = decoder_blocks(model)  # every linear of the blocks: one file serves any recipe
-        targets = [name for name in linear_layers(model) if name.startswith(prefix + ".")]
+        targets = list(block_linears(model))  # every linear of the blocks: one file serves any recipe
         with console.progress(show) as bar:
             task = bar.add_task("Fisher information", total=len(calibration), detail="")
             fisher = diagonal_fisher(model, calibration, targets, device, matmul_dtype=matmul_dtype, weights=lazy,
