@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qtool.calibrate.pipeline import BlockRun, call_block, first_sample
+from qtool.calibrate.stats import statistic_dtype
 from qtool.calibrate.trace import map_tensors
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,24 @@ def scaling_groups(run: BlockRun) -> list[ScalingGroup]:
             continue
         groups.append(group)
     return groups
+
+
+def collect_group_stats(run: BlockRun, plan: dict, make_stat) -> tuple[dict, dict]:
+    """One pass collecting `make_stat(in_features, device, dtype)` for each input group that has a
+    quantized linear: the statistics keyed by each group's first linear, and by every linear."""
+    planned = [names for names in run.input_groups() if any(plan.get(run.full_name(n)) for n in names)]
+    stats = run.collect([names[0] for names in planned],
+                        lambda linear: make_stat(linear.in_features, run.device, statistic_dtype(linear)))
+    return stats, {name: stats[names[0]] for names in planned for name in names}
+
+
+def quantized_scaling_groups(run: BlockRun, plan: dict):
+    """Each scaling group of the block with the names of its linears that `plan` quantizes (groups
+    with none are left out)."""
+    for group in scaling_groups(run):
+        quantized = [name for name in group.linears if plan.get(run.full_name(name))]
+        if quantized:
+            yield group, quantized
 
 
 def _channel_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -18,9 +18,9 @@ import re
 
 import torch
 
-from qtool.calibrate.folding import ScalingGroup, fold_scales, scaling_groups
+from qtool.calibrate.folding import ScalingGroup, collect_group_stats, fold_scales, quantized_scaling_groups
 from qtool.calibrate.pipeline import BlockRun
-from qtool.calibrate.stats import ActivationStat, statistic_dtype
+from qtool.calibrate.stats import ActivationStat
 from qtool.quantize.grid import dequantize_codes, fit_minmax, grouped, quantize_to_codes
 from qtool.quantize.scheme import AWQOptions, Scheme
 
@@ -106,13 +106,8 @@ def prepare_block(run: BlockRun, plan: dict, recipe, scale_dtype: torch.dtype | 
     searched group by group in forward order and folded at once (folding changes no function, so
     the statistics stay valid, with X / s in place of X for a scaled group)."""
     options: AWQOptions = recipe.awq
-    planned = [names for names in run.input_groups() if any(plan.get(run.full_name(n)) for n in names)]
-    stats = run.collect([names[0] for names in planned], lambda linear: ActivationStat(linear.in_features, run.device, statistic_dtype(linear)))
-    stat_of = {name: stats[names[0]] for names in planned for name in names}
-    for group in scaling_groups(run):
-        quantized = [name for name in group.linears if plan.get(run.full_name(name))]
-        if not quantized:
-            continue
+    stats, stat_of = collect_group_stats(run, plan, ActivationStat)
+    for group, quantized in quantized_scaling_groups(run, plan):
         scheme, stat = plan[run.full_name(quantized[0])], stat_of[group.linears[0]]
         weight = torch.cat([run.linears[name].weight.data for name in quantized])
         scales, ratio = search_scales(weight, stat, scheme, options, scale_dtype or weight.dtype)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from qtool.calibrate.folding import fold_scales, scaling_groups
+from qtool.calibrate.folding import collect_group_stats, fold_scales, quantized_scaling_groups
 from qtool.calibrate.pipeline import BlockRun
-from qtool.calibrate.stats import ChannelMaxStat, statistic_dtype
+from qtool.calibrate.stats import ChannelMaxStat
 
 SCALE_FLOOR = 1e-5
 
@@ -31,14 +31,8 @@ def smooth_block(run: BlockRun, plan: dict, recipe, scale_dtype: torch.dtype | N
     take them. Returns each input group's channel maxima (keyed by its first linear), divided by
     its scales, i.e. as the smoothed block sees them."""
     alpha = recipe.smoothquant.alpha
-    planned = [names for names in run.input_groups() if any(plan.get(run.full_name(n)) for n in names)]
-    stats = run.collect([names[0] for names in planned],
-                        lambda linear: ChannelMaxStat(linear.in_features, run.device, statistic_dtype(linear)))
-    stat_of = {name: stats[names[0]] for names in planned for name in names}
-    for group in scaling_groups(run):
-        quantized = [name for name in group.linears if plan.get(run.full_name(name))]
-        if not quantized:
-            continue
+    stats, stat_of = collect_group_stats(run, plan, ChannelMaxStat)
+    for group, quantized in quantized_scaling_groups(run, plan):
         stat = stat_of[group.linears[0]]
         weight = torch.cat([run.linears[name].weight.data for name in quantized])
         scales = smoothing_scales(stat.max_abs, weight, alpha)
