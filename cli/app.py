@@ -25,6 +25,7 @@ DTYPE = typer.Option(None, help="float32, float16 or bfloat16 (default: float32 
 TRUST_REMOTE_CODE = typer.Option(False, help="Allow model code from the checkpoint folder.")
 JSON_OUTPUT = typer.Option(False, "--json", help="Print one JSON object on stdout and nothing else there.")
 QUIET = typer.Option(False, "--quiet", help="No progress output.")
+KV_CACHE_DTYPE = typer.Option("auto", help="KV cache: auto (the activations' dtype) or fp8 (float8 e4m3 with per-head scales: twice the tokens; the checkpoint's scales, else measured at load).")
 
 
 @app.command()
@@ -57,6 +58,7 @@ def quantize(
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="AWQ: search each group's clipping range for the least output error."),
     act_bits: Optional[int] = typer.Option(None, help="Quantize activations too: 8 for int8 per token, at run time (W8A8; 8-bit symmetric per-channel weights; the default of smoothquant)."),
     alpha: Optional[float] = typer.Option(None, help="SmoothQuant: how much of the activations' range moves into the weights, 0 to 1 (default 0.8)."),
+    kv_cache_dtype: Optional[str] = typer.Option(None, help="fp8: also measure per-head float8 KV-cache scales on the calibration data and write them (compressed-tensors kv_cache_scheme, as vLLM reads it)."),
     outliers: Optional[str] = typer.Option(None, help="SqueezeLLM: fraction of each layer's weights kept exactly as sparse outliers, e.g. 0.45% (0: dense only)."),
     no_sensitivity: bool = typer.Option(False, "--no-sensitivity", help="SqueezeLLM: k-means with all weights alike (not weighted by Fisher information)."),
     fisher: Optional[Path] = typer.Option(None, help="SqueezeLLM: file for the Fisher information: read when it exists (and matches model and data), else computed and written there (default: a cache keyed by both)."),
@@ -90,6 +92,7 @@ def evaluate(
     generate: Optional[str] = typer.Option(None, help="Instead of perplexity: print the greedy completion of this prompt."),
     max_tokens: int = typer.Option(64, help="With --generate: new tokens at most."),
     gates: Optional[Path] = typer.Option(None, help="Evaluate this recipe's gates against the original (--compare, else the model qtool.json names); exit 1 when one fails."),
+    kv_cache_dtype: str = KV_CACHE_DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     json_output: bool = JSON_OUTPUT,
     quiet: bool = QUIET,
@@ -112,6 +115,7 @@ def bench(
     synthetic: Optional[str] = typer.Option(None, help="A random-weight model of this config (llama3-8b, llama3-1b or a config.json) instead of a checkpoint."),
     bits: int = typer.Option(4, help="With --synthetic: bits of the quantized linears."),
     group_size: int = typer.Option(64, help="With --synthetic: their group size."),
+    kv_cache_dtype: str = KV_CACHE_DTYPE,
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
@@ -133,6 +137,7 @@ def serve_command(
     api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1 requests (or $QTOOL_API_KEY)."),
     smoke: bool = typer.Option(False, "--smoke", help="Start, fire concurrent chat and completion requests (whole and streamed), check them, report, exit 0 or 1."),
     smoke_requests: int = typer.Option(8, help="With --smoke: requests of each kind."),
+    kv_cache_dtype: str = KV_CACHE_DTYPE,
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,

@@ -8,20 +8,23 @@ import platform
 
 import torch
 
+from qtool.calibrate.kv_scales import kv_cache_dtype as kv_cache_dtype_of
 from qtool.cli import console
 from qtool.cli.devices import choose_device, choose_dtype
 from qtool.errors import QtoolError
 from qtool.runtime.bench import LoadResult, run_load, synthetic_config, synthetic_model
 from qtool.runtime.engine import Engine
+from qtool.runtime.kv_cache import use_kv_cache_dtype
 
 
 def run_bench(checkpoint: str | None, batch_sizes: list[int], prompt_len: int, output_len: int, compare: str | None,
               synthetic: str | None, bits: int, group_size: int, device: str | None, dtype: str | None,
-              trust_remote_code: bool, json_output: bool, quiet: bool) -> None:
+              trust_remote_code: bool, json_output: bool, quiet: bool, kv_cache_dtype: str = "auto") -> None:
     if (checkpoint is None) == (synthetic is None):
         raise QtoolError("give a checkpoint, or --synthetic CONFIG for a random-weight model, not both")
     if not batch_sizes or min(batch_sizes) < 1 or prompt_len < 1 or output_len < 1:
         raise QtoolError("--batch-sizes, --prompt-len and --output-len must be positive")
+    kv_cache_dtype_of(kv_cache_dtype)
     device = choose_device(device)
     torch_dtype = choose_dtype(dtype, device)
     show = not (quiet or json_output)
@@ -33,7 +36,7 @@ def run_bench(checkpoint: str | None, batch_sizes: list[int], prompt_len: int, o
     for index, target in enumerate(targets):
         with console.working("loading", target, show):
             engine = _engine(checkpoint if index == 0 else compare, synthetic, bits if index == 0 else None, group_size,
-                             device, torch_dtype, max(batch_sizes), trust_remote_code)
+                             device, torch_dtype, max(batch_sizes), trust_remote_code, kv_cache_dtype)
         for size in batch_sizes:  # warm up: kernels compile and tune for these token counts outside the measurement
             run_load(engine, size, prompt_len, 2)
         with console.working("measuring", target, show):
@@ -43,7 +46,8 @@ def run_bench(checkpoint: str | None, batch_sizes: list[int], prompt_len: int, o
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     summary = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
-               "dtype": str(torch_dtype).removeprefix("torch."), "prompt_len": prompt_len, "output_len": output_len,
+               "dtype": str(torch_dtype).removeprefix("torch."), "kv_cache_dtype": kv_cache_dtype,
+               "prompt_len": prompt_len, "output_len": output_len,
                "results": rows}
     if json_output:
         console.print_json(summary)
@@ -51,13 +55,14 @@ def run_bench(checkpoint: str | None, batch_sizes: list[int], prompt_len: int, o
         _table(summary)
 
 
-def _engine(source, synthetic, bits, group_size, device, dtype, sequences, trust_remote_code) -> Engine:
+def _engine(source, synthetic, bits, group_size, device, dtype, sequences, trust_remote_code, kv_cache_dtype) -> Engine:
     if synthetic is not None:
         model = synthetic_model(synthetic_config(synthetic), bits, group_size, dtype, device)
+        use_kv_cache_dtype(model, kv_cache_dtype)  # random weights: scales measured on random tokens
         return Engine(model, None, device, dtype, max_sequences=sequences)
     from qtool.runtime.engine import LLM
 
-    return LLM(source, device, dtype, trust_remote_code, max_sequences=sequences).engine
+    return LLM(source, device, dtype, trust_remote_code, kv_cache_dtype, max_sequences=sequences).engine
 
 
 def _table(summary: dict) -> None:

@@ -12,6 +12,8 @@ from qtool.cli.devices import choose_device, choose_dtype
 from qtool.errors import QtoolError
 from qtool.quantize.format import RECORD_FILE
 from qtool.quantize.format.checkpoint import read_json
+from qtool.calibrate.kv_scales import kv_cache_dtype as kv_cache_dtype_of
+from qtool.runtime.kv_cache import use_kv_cache_dtype
 from qtool.runtime.loader import load_model, load_tokenizer, supports_native
 from qtool.runtime.perplexity import PROTOCOL, Perplexity, perplexity, split_windows
 from qtool.runtime.resolve import resolve_model
@@ -32,9 +34,12 @@ def run_eval(
     generate: str | None = None,
     max_tokens: int = 64,
     gates: Path | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> None:
+    kv_cache_dtype_of(kv_cache_dtype)  # refuse a bad value before anything loads
     if generate is not None:
-        return run_generate(model, generate, max_tokens, device, dtype, trust_remote_code, json_output, quiet)
+        return run_generate(model, generate, max_tokens, device, dtype, trust_remote_code, json_output, quiet,
+                            kv_cache_dtype)
     if gates is not None:
         return run_gates(model, gates, compare, device, dtype, data_dir, json_output, quiet)
     if seqlen < 2:
@@ -51,7 +56,9 @@ def run_eval(
         text = load_text(ppl, data_dir)
         native = supports_native(folder, trust_remote_code)
         evaluated = load_model(folder, torch_dtype, device, trust_remote_code, native)
-        tokens = tokenize(load_tokenizer(folder, trust_remote_code), text)
+        tokenizer = load_tokenizer(folder, trust_remote_code)
+        use_kv_cache_dtype(evaluated, kv_cache_dtype, tokenizer, data_dir)
+        tokens = tokenize(tokenizer, text)
         base = None
         if base_folder is not None:
             base = load_model(base_folder, torch_dtype, device, trust_remote_code,
@@ -68,6 +75,7 @@ def run_eval(
         "device": device,
         "dtype": str(torch_dtype).removeprefix("torch."),
         "runtime": "qtool" if native else "transformers",
+        "kv_cache_dtype": kv_cache_dtype,
         "model": model,
         "size_bytes": sizes.total_bytes,
         "quantized_bits_per_weight": sizes.quantized_bits_per_weight,
@@ -114,7 +122,7 @@ def print_table(summary: dict, result: Perplexity, folder: Path) -> None:
 
 
 def run_generate(model: str, prompt: str, max_tokens: int, device: str | None, dtype: str | None,
-                 trust_remote_code: bool, json_output: bool, quiet: bool) -> None:
+                 trust_remote_code: bool, json_output: bool, quiet: bool, kv_cache_dtype: str = "auto") -> None:
     """A greedy completion of `prompt` through qtool's runtime."""
     from qtool.runtime.engine import LLM, SamplingParams
 
@@ -123,7 +131,7 @@ def run_generate(model: str, prompt: str, max_tokens: int, device: str | None, d
     device = choose_device(device)
     console.quiet_libraries()
     with console.working("loading", model, not (quiet or json_output)):
-        llm = LLM(model, device, choose_dtype(dtype, device), trust_remote_code)
+        llm = LLM(model, device, choose_dtype(dtype, device), trust_remote_code, kv_cache_dtype)
     output = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
     if json_output:
         console.print_json({"prompt": prompt, "text": output.text, "token_ids": output.token_ids,

@@ -15,6 +15,8 @@ import torch
 from qtool import __version__
 from qtool.cache import cache_dir
 from qtool.calibrate.data import calibration_windows, load_text, tokenize
+from qtool.calibrate.kv_scales import observing_transformers_kv
+from qtool.calibrate.pipeline import calibrate_sequentially
 from qtool.calibrate.data import fingerprint as data_fingerprint
 from qtool.calibrate.fisher import StoredFisher, diagonal_fisher, save_fisher
 from qtool.calibrate.pipeline import block_linears
@@ -40,7 +42,7 @@ FLAG_PATHS = {  # flag -> where it goes in a recipe's data
     "mse": ("mse",), "block_size": ("gptq", "block_size"), "damp": ("gptq", "damp"),
     "act_order": ("gptq", "act_order"), "true_sequential": ("gptq", "true_sequential"),
     "duo_scaling": ("awq", "duo_scaling"), "clip": ("awq", "clip"), "act_bits": ("scheme", "activation_bits"),
-    "alpha": ("smoothquant", "alpha"),
+    "alpha": ("smoothquant", "alpha"), "kv_cache_dtype": ("output", "kv_cache_dtype"),
 }
 
 
@@ -109,7 +111,8 @@ def run_quantize(**options) -> None:
     stored = stored_dtype(folder)
     weights_dtype, linear_dtype, matmul_dtype = calibration_dtypes(options["calib_dtype"], device, stored)
     calibrated = method.needs_calibration(recipe)
-    needs_data = calibrated or request is not None
+    kv_scales = recipe.kv_cache_dtype != "auto"
+    needs_data = calibrated or request is not None or kv_scales
     if not needs_data:
         weights_dtype, linear_dtype, matmul_dtype = stored, stored, None
     calib_matmul = str(matmul_dtype or weights_dtype).removeprefix("torch.") if needs_data else None
@@ -141,7 +144,7 @@ def run_quantize(**options) -> None:
         store = BlockStore(work, run_fingerprint(folder, decisive, calibration), options["resume"])
     scale_dtype = FORMATS.get(recipe.format).scale_dtype or stored
     cap = f"the {options['max_device_memory']} of --max-device-memory" if device_cap else "what the device has"
-    with out_of_device_memory_as_failure(device, cap):
+    with out_of_device_memory_as_failure(device, cap), observing_kv(model, kv_scales) as kv_amax:
         with console.progress(show) as bar:
             task = bar.add_task(f"quantizing ({recipe.method})", total=None, detail="")
             quantized = quantize_model(
@@ -152,6 +155,10 @@ def run_quantize(**options) -> None:
                 on_block=lambda index, count: bar.update(
                     task, description=f"quantizing ({recipe.method}) block {index + 1}/{count}"),
             )
+        if kv_scales and not method.sequential:  # no calibration pass ran: one for the KV cache alone
+            with console.working("measuring KV-cache scales", str(folder), show):
+                calibrate_sequentially(model, calibration, lambda run: None, device, matmul_dtype=matmul_dtype,
+                                       offload_activations=options["offload_activations"], weights=lazy)
     record = {
         "recipe": recipe.to_dict(),
         "model": {"source": options["model"], "folder": str(folder)},
@@ -175,7 +182,8 @@ def run_quantize(**options) -> None:
         record["wall_seconds"] = round(time.perf_counter() - started, 3)
         write_checkpoint(output, model, quantized.weights, quantized.skipped, recipe.format, record, tokenizer,
                          options["overwrite"], dtype=stored, lazy=lazy,
-                         read_weight=store.read if store is not None else None)
+                         read_weight=store.read if store is not None else None,
+                         kv_scales=kv_amax.scale_tensors() if kv_scales else None)
     if store is not None:
         store.clear()
     gates = None
@@ -185,6 +193,16 @@ def run_quantize(**options) -> None:
     report(folder, output, record, options["json_output"], gates)
     if gates is not None and not gates["passed"]:
         raise SystemExit(FAILURE)
+
+
+@contextmanager
+def observing_kv(model, wanted: bool):
+    """The K and V amax of every attention call while inside, when `wanted` (else nothing)."""
+    if not wanted:
+        yield None
+        return
+    with observing_transformers_kv(model) as amax:
+        yield amax
 
 
 @contextmanager

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
+from qtool.calibrate.kv_scales import kv_cache_dtype as kv_cache_dtype_of
 from qtool.cli import console
 from qtool.cli.devices import choose_device, choose_dtype
 from qtool.errors import FAILURE, QtoolError
 
 
 def run_serve(checkpoint: str, host: str, port: int, api_key: str | None, smoke: bool, smoke_requests: int,
-              device: str | None, dtype: str | None, trust_remote_code: bool, quiet: bool) -> None:
+              device: str | None, dtype: str | None, trust_remote_code: bool, quiet: bool,
+              kv_cache_dtype: str = "auto") -> None:
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -21,6 +23,7 @@ def run_serve(checkpoint: str, host: str, port: int, api_key: str | None, smoke:
         raise QtoolError(f"--port must be from 1 to 65535, got {port}")
     if smoke_requests < 1:
         raise QtoolError(f"--smoke-requests must be at least 1, got {smoke_requests}")
+    kv_cache_dtype_of(kv_cache_dtype)
     from qtool.runtime.async_engine import AsyncEngine
     from qtool.runtime.engine import LLM
     from qtool.runtime.server import create_app, serve
@@ -29,7 +32,7 @@ def run_serve(checkpoint: str, host: str, port: int, api_key: str | None, smoke:
     device = choose_device(device)
     console.quiet_libraries()
     with console.working("loading", checkpoint, not quiet):
-        llm = LLM(checkpoint, device, choose_dtype(dtype, device), trust_remote_code)
+        llm = LLM(checkpoint, device, choose_dtype(dtype, device), trust_remote_code, kv_cache_dtype)
     engine = AsyncEngine(llm.engine)
     app = create_app(engine, llm.tokenizer, checkpoint, api_key)
     try:

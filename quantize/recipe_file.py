@@ -7,7 +7,7 @@ quality gates, checked strictly, every error naming the file, line and key.
       - {match: "mlp\\.down_proj", scheme: {bits: 8, group_size: -1, symmetric: true}}
       - {match: "layers\\.0\\.", skip: true}
     calibration: {source: wiki-leads, nsamples: 128, seqlen: 512, seed: 0}
-    output: {format: compressed-tensors}
+    output: {format: compressed-tensors, kv_cache_dtype: auto}   # fp8: per-head KV-cache scales too
     mse: false
     gptq: {block_size: 128, damp: 0.01, act_order: static, true_sequential: true}
     awq: {duo_scaling: true, grid: 20, clip: true, max_shrink: 0.5}
@@ -28,6 +28,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qtool.calibrate.kv_scales import KV_CACHE_DTYPES
 from qtool.errors import QtoolError
 from qtool.quantize.scheme import (
     AWQOptions, CalibrationSpec, GPTQOptions, Override, Recipe, Scheme, SmoothQuantOptions, SqueezeLLMOptions,
@@ -156,15 +157,21 @@ def build(data: dict, source: str = "the command line", lines: dict | None = Non
     output = data.get("output", {})
     if not isinstance(output, dict):
         raise fail(("output",), f"must be a mapping, got {type(output).__name__}")
-    _known(output, ("format",), ("output",), fail)
+    _known(output, ("format", "kv_cache_dtype"), ("output",), fail)
     format_name = output.get("format", "compressed-tensors")
     if not isinstance(format_name, str) or format_name not in FORMATS:
         raise fail(("output", "format"), f"unknown format {format_name!r}; choose one of: {', '.join(FORMATS)}")
+    kv_dtype = output.get("kv_cache_dtype", "auto")
+    if kv_dtype not in KV_CACHE_DTYPES:
+        raise fail(("output", "kv_cache_dtype"), f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
+    if kv_dtype != "auto" and not FORMATS.get(format_name).kv_scales:
+        raise fail(("output", "kv_cache_dtype"), f"--format {format_name} has no place for KV-cache scales; "
+                                                 f"use --format compressed-tensors or qtool")
     mse = data.get("mse", False)
     if not isinstance(mse, bool):
         raise fail(("mse",), f"must be true or false, got {mse!r}")
     recipe = Recipe(method=method_name, scheme=sections["scheme"], overrides=overrides,
-                    calibration=sections["calibration"], format=format_name, gptq=sections["gptq"], mse=mse,
+                    calibration=sections["calibration"], format=format_name, kv_cache_dtype=kv_dtype, gptq=sections["gptq"], mse=mse,
                     awq=sections["awq"], squeezellm=sections["squeezellm"], smoothquant=sections["smoothquant"])
     fmt = FORMATS.get(format_name)
     if fmt.check is not None:

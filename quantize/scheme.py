@@ -174,6 +174,7 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     format: str = "compressed-tensors"
+    kv_cache_dtype: str = "auto"  # fp8: the checkpoint carries per-head KV-cache scales (qtool.calibrate.kv_scales)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     mse: bool = False
     awq: AWQOptions = field(default_factory=AWQOptions)
@@ -201,7 +202,7 @@ class Recipe:
             "overrides": [{"match": o.pattern, **({"skip": True} if o.scheme is None else {"scheme": options(o.scheme)})}
                           for o in self.overrides],
             "calibration": options(self.calibration),
-            "output": {"format": self.format},
+            "output": {"format": self.format, "kv_cache_dtype": self.kv_cache_dtype},
             "mse": self.mse,
             "gptq": options(self.gptq),
             "awq": options(self.awq),

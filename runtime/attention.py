@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qtool.kernels.paged_attention import gather_context, paged_decode, store_kv
+from qtool.kernels.paged_attention import KVScales, from_cache, gather_context, paged_decode, store_kv
 
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer: [layers, blocks, block_size, kv_heads, head_dim] each."""
+    """Keys and values of every layer: [layers, blocks, block_size, kv_heads, head_dim] each, in
+    the activations' dtype or in float8 (`qtool.kernels.paged_attention`: one byte per element,
+    with each attention layer's per-head scales)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -71,18 +73,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, layer: int,
-                    scale: float) -> torch.Tensor:
+                    scale: float, scales: KVScales | None = None) -> torch.Tensor:
+    """`scales`: the layer's per-head scales, for a float8 cache."""
     k_cache, v_cache = batch.cache.keys[layer], batch.cache.values[layer]
-    store_kv(k, v, k_cache, v_cache, batch.slots)
+    store_kv(k, v, k_cache, v_cache, batch.slots, scales)
     if batch.decode:
-        return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+        return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, scales)
+    keys_scale, values_scale = scales if scales is not None else (None, None)
     heads = q.shape[1]
     out = torch.empty_like(q)
     starts = batch.query_starts
     for s, length in enumerate(batch.context_lens.tolist()):
         first, last = starts[s], starts[s + 1]
-        keys = repeat_kv(gather_context(k_cache, batch.block_tables[s], length), heads).transpose(0, 1)
-        values = repeat_kv(gather_context(v_cache, batch.block_tables[s], length), heads).transpose(0, 1)
+        keys = from_cache(gather_context(k_cache, batch.block_tables[s], length), keys_scale)
+        values = from_cache(gather_context(v_cache, batch.block_tables[s], length), values_scale)
+        keys, values = repeat_kv(keys, heads).transpose(0, 1), repeat_kv(values, heads).transpose(0, 1)
         new = last - first  # the queries are the last `new` positions of the context
         mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length, device=q.device)[:, None]
         attended = F.scaled_dot_product_attention(q[first:last].transpose(0, 1), keys.to(q.dtype), values.to(q.dtype),

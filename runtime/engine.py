@@ -19,6 +19,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.runtime.attention import KVCache, PagedBatch
 from qtool.runtime.cache import BlockPool
+from qtool.runtime.kv_cache import attention_layers, use_kv_cache_dtype
 from qtool.runtime.sampling import SamplingParams, sample
 from qtool.runtime.scheduler import Scheduled, Scheduler, Sequence, Status
 
@@ -53,11 +54,13 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = torch.device(device), dtype
         spec = model.spec
-        per_block = KVCache.bytes_per_block(spec.layers, block_size, spec.kv_heads, spec.head_dim, dtype)
+        cache_dtype = next(iter(attention_layers(model).values())).kv_cache_dtype or dtype  # float8 if the model uses it
+        per_block = KVCache.bytes_per_block(spec.layers, block_size, spec.kv_heads, spec.head_dim, cache_dtype)
         blocks = (cache_bytes or self._cache_budget(memory_utilization)) // per_block
         if blocks < 1:
             raise QtoolError("no memory is left for the KV cache; lower the model's footprint or allow more memory")
-        self.cache = KVCache.allocate(spec.layers, blocks, block_size, spec.kv_heads, spec.head_dim, dtype, self.device)
+        self.cache = KVCache.allocate(spec.layers, blocks, block_size, spec.kv_heads, spec.head_dim, cache_dtype,
+                                      self.device)
         self.pool = BlockPool(blocks, block_size)
         self.scheduler = Scheduler(self.pool, max_batched_tokens, max_sequences, spec.max_positions)
         self.eos = _eos_ids(model, tokenizer)
@@ -162,7 +165,8 @@ class LLM:
     """A model folder, checkpoint, alias or hub id ready to generate: `LLM(path).generate(prompts)`."""
 
     def __init__(self, model: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
-                 trust_remote_code: bool = False, **engine_options):
+                 trust_remote_code: bool = False, kv_cache_dtype: str = "auto", **engine_options):
+        """`kv_cache_dtype`: "auto" (the activations' dtype) or "fp8" (`qtool.runtime.kv_cache`)."""
         from qtool.runtime.loader import load_model, load_tokenizer, supports_native
         from qtool.runtime.resolve import resolve_model
 
@@ -174,6 +178,7 @@ class LLM:
         dtype = dtype or (torch.float32 if device == "cpu" else torch.float16)
         self.tokenizer = load_tokenizer(folder, trust_remote_code)
         self.model = load_model(folder, dtype, device, trust_remote_code, native=True)
+        use_kv_cache_dtype(self.model, kv_cache_dtype, self.tokenizer)
         self.engine = Engine(self.model, self.tokenizer, device, dtype, **engine_options)
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:

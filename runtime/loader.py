@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qtool.errors import QtoolError
+from qtool.calibrate.kv_scales import split_scale_tensors
 from qtool.quantize.format import QuantizedCheckpoint, read_checkpoint
 from qtool.quantize.format.checkpoint import load_tensors, model_config, tensor_infos
 from qtool.runtime.lazy import LazyWeights, build_skeleton, read_config
@@ -108,7 +109,10 @@ def _load_quantized(
 
 def _load_into(model: nn.Module, folder: Path, weights: dict, dense: dict[str, torch.Tensor],
                dtype: torch.dtype) -> nn.Module:
-    """Fill an empty model: quantized linears become `QuantLinear`s, every other tensor is assigned."""
+    """Fill an empty model: quantized linears become `QuantLinear`s, every other tensor is assigned.
+    KV-cache scales set no parameter: the model keeps them as `stored_kv_scales` for
+    `qtool.runtime.kv_cache`."""
+    model.stored_kv_scales = split_scale_tensors(dense)
     for name, weight in weights.items():
         _replace_linear(model, name, weight, dense.pop(f"{name}.bias", None))
     dense = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in dense.items()}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from qtool.calibrate.kv_scales import KV_CACHE_SCHEME
 from qtool.errors import FAILURE, QtoolError
 from qtool.quantize.format import awq, compressed_tensors, gptq, native
 from qtool.quantize.format.checkpoint import (
@@ -49,6 +50,7 @@ class Format:
     check: Callable[[object], None] | None = None  # check(recipe): refuse what the format cannot hold, up front
     misfit: Callable[[str, QuantizedWeight], str | None] | None = None  # why a layer cannot be stored unchanged
     scale_dtype: torch.dtype | None = None  # the dtype the format stores scales in (None: the model's)
+    kv_scales: bool = False  # whether it stores a float8 KV cache's scales (compressed-tensors' kv_cache_scheme)
 
     def tensors(self, name: str, weight: QuantizedWeight) -> dict[str, torch.Tensor]:
         """The tensors stored for one layer; one the format cannot hold unchanged is a failure
@@ -83,6 +85,7 @@ def _format_of(name: str, module) -> Format:
         check=getattr(module, "check", None),
         misfit=getattr(module, "misfit", None),
         scale_dtype=getattr(module, "SCALE_DTYPE", None),
+        kv_scales=getattr(module, "KV_SCALES", False),
     )
 
 
@@ -111,11 +114,14 @@ def write_checkpoint(
     dtype: torch.dtype | None = None,
     lazy: LazyWeights | None = None,
     read_weight: Callable[[str], QuantizedWeight] | None = None,
+    kv_scales: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write `model` with `weights` replacing its quantized linears' weights, atomically. Dense
     floating-point tensors are stored in `dtype` (default: as they are in the model); those a
     lazily loaded model holds empty are read from disk one at a time as they are written, and so
-    are quantized layers held as placeholders (meta tensors), through `read_weight(name)`."""
+    are quantized layers held as placeholders (meta tensors), through `read_weight(name)`.
+    `kv_scales`: a float8 KV cache's scale tensors (`qtool.calibrate.kv_scales`), stored as they
+    are, with the `kv_cache_scheme` that announces them."""
     fmt = FORMATS.get(format_name)
     placeholders = _PlaceholderReader(fmt, read_weight)
 
@@ -127,11 +133,13 @@ def write_checkpoint(
         }
         for name, weight in weights.items():
             tensors.update(placeholders.entries(name, weight))
-        save_tensors(folder, tensors)
+        save_tensors(folder, {**tensors, **(kv_scales or {})})
         config = model.config.to_dict()
         if dtype is not None:
             config["dtype"] = str(dtype).removeprefix("torch.")
         config["quantization_config"] = fmt.quantization_config(weights, dense_linears)
+        if kv_scales:
+            config["quantization_config"]["kv_cache_scheme"] = dict(KV_CACHE_SCHEME)
         write_json(folder / "config.json", config)
         if getattr(model, "generation_config", None) is not None:
             write_json(folder / "generation_config.json", model.generation_config.to_diff_dict())

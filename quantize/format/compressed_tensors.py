@@ -36,6 +36,7 @@ from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
 
 QUANT_METHOD = "compressed-tensors"
+KV_SCALES = True  # kv_cache_scheme (vLLM: --kv-cache-dtype fp8 reads the scales)
 PACKED_FORMAT = "pack-quantized"
 INT_FORMAT = "int-quantized"
 MIXED_FORMAT = "mixed-precision"

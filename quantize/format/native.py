@@ -31,6 +31,7 @@ from qtool.quantize.qweight import OUTLIER_FIELDS, QuantizedWeight, SparseOutlie
 from qtool.quantize.scheme import Scheme
 
 QUANT_METHOD = "qtool"
+KV_SCALES = True  # kv_cache_scheme and <attention>.k_scale / .v_scale, as compressed-tensors has them
 VERSION = 1
 LAYER_SUFFIXES = ("weight_packed", "weight_shape", "weight_lut", "weight_scale", "weight_zero_point", "weight_g_idx",
                   "outlier_values", "outlier_columns", "outlier_row_offsets")

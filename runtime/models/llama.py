@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.errors import QtoolError
+from qtool.kernels.paged_attention import KVScales, round_trip
 from qtool.runtime.attention import PagedBatch, causal_attention, paged_attention
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -134,6 +135,14 @@ class Attention(nn.Module):
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        self.kv_cache_dtype: torch.dtype | None = None  # float8: the cache holds K / k_scale, V / v_scale
+        self.register_buffer("k_scale", torch.ones(spec.kv_heads), persistent=False)
+        self.register_buffer("v_scale", torch.ones(spec.kv_heads), persistent=False)
+        self.kv_observer = None  # called with (keys, values) [T, kv_heads, head_dim] as they would enter the cache
+
+    @property
+    def kv_scales(self) -> KVScales | None:
+        return None if self.kv_cache_dtype is None else KVScales(self.k_scale, self.v_scale)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch | None,
                 lengths: int | None) -> torch.Tensor:
@@ -144,11 +153,14 @@ class Attention(nn.Module):
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if self.kv_observer is not None:
+            self.kv_observer(k, v)
         scale = spec.head_dim**-0.5
-        if batch is None:
+        if batch is None:  # attention reads K and V as a cache of kv_cache_dtype would give them back
+            k, v = round_trip(k, self.kv_cache_dtype, self.k_scale), round_trip(v, self.kv_cache_dtype, self.v_scale)
             out = causal_attention(q, k, v, lengths, scale)
         else:
-            out = paged_attention(q, k, v, batch, self.index, scale)
+            out = paged_attention(q, k, v, batch, self.index, scale, self.kv_scales)
         return self.o_proj(out.reshape(-1, spec.heads * spec.head_dim))
 
 

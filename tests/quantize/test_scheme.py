@@ -48,7 +48,7 @@ def test_recipe_serialises_every_setting_in_the_shape_of_a_recipe_file():
 
     recipe = Recipe(overrides=(Override("lm_head", Scheme(8, -1, True)), Override("gate", None)))
     data = recipe.to_dict()
-    assert data["method"] == "rtn" and data["output"] == {"format": "compressed-tensors"}
+    assert data["method"] == "rtn" and data["output"] == {"format": "compressed-tensors", "kv_cache_dtype": "auto"}
     assert data["scheme"] == {"bits": 4, "group_size": 64, "symmetric": False, "lut": False, "activation_bits": None}
     assert data["overrides"] == [
         {"match": "lm_head", "scheme": {"bits": 8, "group_size": -1, "symmetric": True, "lut": False,
