@@ -90,3 +90,21 @@ class ChannelMaxStat:
     def update(self, inputs: torch.Tensor) -> None:
         torch.maximum(self.max_abs, inputs.reshape(-1, inputs.shape[-1]).abs().amax(dim=0).to(self.max_abs.dtype),
                       out=self.max_abs)
+
+
+class ChannelSampleStat(ChannelMaxStat):
+    """Channel maxima, and every `stride`-th input row kept as it is (a sample of the tokens to
+    measure a per-token quantization's error on: SmoothQuant's alpha search)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 stride: int = 64):
+        super().__init__(in_features, device, dtype)
+        self.stride = stride
+        self.rows: list[torch.Tensor] = []
+
+    def update(self, inputs: torch.Tensor) -> None:
+        super().update(inputs)
+        self.rows.append(inputs.reshape(-1, inputs.shape[-1])[:: self.stride].to(self.max_abs.dtype))
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)

@@ -57,7 +57,7 @@ def quantize(
     duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling", help="AWQ: scales from activation and weight magnitudes (else activations alone)."),
     clip: Optional[bool] = typer.Option(None, "--clip/--no-clip", help="AWQ: search each group's clipping range for the least output error."),
     act_bits: Optional[int] = typer.Option(None, help="Quantize activations too: 8 for int8 per token, at run time (W8A8; 8-bit symmetric per-channel weights; the default of smoothquant)."),
-    alpha: Optional[float] = typer.Option(None, help="SmoothQuant: how much of the activations' range moves into the weights, 0 to 1 (default 0.8)."),
+    alpha: Optional[str] = typer.Option(None, help="SmoothQuant: how much of the activations' range moves into the weights, 0 to 1 (default 0.8), or auto: searched for each group of linears for the least int8 output error on the calibration data."),
     kv_cache_dtype: Optional[str] = typer.Option(None, help="fp8: also measure per-head float8 KV-cache scales on the calibration data and write them (compressed-tensors kv_cache_scheme, as vLLM reads it)."),
     outliers: Optional[str] = typer.Option(None, help="SqueezeLLM: fraction of each layer's weights kept exactly as sparse outliers, e.g. 0.45% (0: dense only)."),
     no_sensitivity: bool = typer.Option(False, "--no-sensitivity", help="SqueezeLLM: k-means with all weights alike (not weighted by Fisher information)."),

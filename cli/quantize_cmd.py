@@ -55,7 +55,7 @@ def build_recipe(options: dict) -> RecipeFile:
             section = flags
             for key in path[:-1]:
                 section = section.setdefault(key, {})
-            section[path[-1]] = options[flag]
+            section[path[-1]] = parse_alpha(options[flag]) if flag == "alpha" else options[flag]
     if options.get("no_sensitivity"):
         flags.setdefault("squeezellm", {})["fisher"] = False
     if options.get("outliers") is not None:
@@ -69,6 +69,16 @@ def build_recipe(options: dict) -> RecipeFile:
         lines = {(path[0], path[1] + len(skips), *path[2:]) if path[:1] == ("overrides",) and len(path) > 1 else path: line
                  for path, line in lines.items()}
     return build(merge(data, flags), str(options["recipe"]), lines)
+
+
+def parse_alpha(text: str) -> float | str:
+    """--alpha: a number, or auto (searched per group of linears)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise QtoolError(f"--alpha must be a number from 0 to 1 or auto, got {text!r}") from None
 
 
 def parse_fraction(text: str, flag: str) -> float:

@@ -12,7 +12,7 @@ quality gates, checked strictly, every error naming the file, line and key.
     gptq: {block_size: 128, damp: 0.01, act_order: static, true_sequential: true}
     awq: {duo_scaling: true, grid: 20, clip: true, max_shrink: 0.5}
     squeezellm: {outliers: 0.0045, sensitive_fraction: 0.0005, fisher: true, max_iterations: 100}
-    smoothquant: {alpha: 0.8}
+    smoothquant: {alpha: 0.8}             # or auto: searched per group of linears
     gates: {max_ppl_increase_pct: 15, dataset: wikitext, seqlen: 2048, max_windows: 8}
 
 Every section and key is optional; what is left out takes the method's defaults (SqueezeLLM: one
@@ -222,14 +222,15 @@ def _construct(kind, values: dict, path: tuple, fail):
 def _typed(value, hint, path: tuple, fail):
     optional = type(None) in typing.get_args(hint)
     kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
-    kind = kinds[0]
     if value is None and optional:
         return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-        raise fail(path, f"must be {'a ' if kind is not int else 'an '}{kind.__name__}, got {value!r}")
-    return value
+    for kind in kinds:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, bool) == (kind is bool) and isinstance(value, kind):
+            return value
+    names = " or ".join(f"{'an' if kind is int else 'a'} {kind.__name__}" for kind in kinds)
+    raise fail(path, f"must be {names}, got {value!r}")
 
 
 def _override(item, index: int, lut: bool, fail) -> Override:

@@ -153,13 +153,15 @@ class SqueezeLLMOptions:
 @dataclass(frozen=True)
 class SmoothQuantOptions:
     """SmoothQuant's migration strength: how much of the activations' range moves into the weights
-    (0: none, 1: all)."""
+    (0: none, 1: all), or "auto": searched for each group of linears on the calibration data."""
 
-    alpha: float = 0.8
+    alpha: float | str = 0.8
 
     def __post_init__(self):
+        if self.alpha == "auto":
+            return
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise QtoolError(f"SmoothQuant alpha must be a number from 0 to 1, got {self.alpha!r}")
+            raise QtoolError(f"SmoothQuant alpha must be a number from 0 to 1 or auto, got {self.alpha!r}")
 
 
 @dataclass(frozen=True)
