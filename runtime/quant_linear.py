@@ -9,7 +9,9 @@ for act-order weights whose groups do not follow column order (`g_idx`), with th
 by group, the activations being permuted the same way at each call. Elsewhere, and for what the
 kernel does not hold, the reference path dequantizes the weight to the activation dtype and
 calls `F.linear`. W8A8 weights (8-bit activations) quantize each token's activations to int8 and
-multiply integers (`qtool.kernels.int8_matmul`).
+multiply integers (`qtool.kernels.int8_matmul`: Triton and cuBLAS int8 kernels on CUDA, the
+reference elsewhere); the first forward on a device makes the codes' int8 copy there once
+(N * K bytes, as large as the packed codes, plus the scales in float32).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(f"outlier_{field}", None if outliers is None else getattr(outliers, field))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self._kernel: tuple[torch.device, KernelLayout | None] | None = None
-        self._int8: torch.Tensor | None = None
+        self._int8: tuple[torch.device, int8_matmul.Int8Weight] | None = None
 
     def quantized_weight(self) -> QuantizedWeight:
         outliers = None
@@ -57,8 +59,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.scheme.activation_bits:
-            out = int8_matmul.reference(x, self._int8_weight(), self.scales[:, 0])
-            return out if bias is None else out + bias
+            return int8_matmul.int8_matmul(x, *self._int8_weight(x.device), bias)
         layout = self._kernel_layout(x.device) if x.is_cuda else None
         if layout is None or not kernel_fits(x, layout.weight):
             return F.linear(x, self.quantized_weight().dequantize(x.dtype), bias)
@@ -67,11 +68,13 @@ class QuantLinear(nn.Module):
         out = quant_matmul(x, layout.weight)
         return out if bias is None else out + bias
 
-    def _int8_weight(self) -> torch.Tensor:
-        """The codes as signed int8 [out, in] (unsigned codes less their fixed zero), made once."""
-        if self._int8 is None or self._int8.device != self.packed.device:
-            self._int8 = (self.quantized_weight().codes() - 128).to(torch.int8)
-        return self._int8
+    def _int8_weight(self, device: torch.device) -> int8_matmul.Int8Weight:
+        """The codes as signed int8 [out, in] (unsigned codes less their fixed zero) and the scales
+        in float32, made once per device."""
+        if self._int8 is None or self._int8[0] != device:
+            codes = (self.quantized_weight().codes() - 128).to(device=device, dtype=torch.int8)
+            self._int8 = (device, int8_matmul.Int8Weight(codes, self.scales[:, 0].to(device, torch.float32)))
+        return self._int8[1]
 
     def _kernel_layout(self, device: torch.device) -> KernelLayout | None:
         if self._kernel is None or self._kernel[0] != device:
