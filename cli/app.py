@@ -116,6 +116,7 @@ def bench(
     bits: int = typer.Option(4, help="With --synthetic: bits of the quantized linears."),
     group_size: int = typer.Option(64, help="With --synthetic: their group size."),
     kv_cache_dtype: str = KV_CACHE_DTYPE,
+    kv_cache_memory: Optional[str] = typer.Option(None, help="Memory for the KV cache, e.g. 4GiB (default: what the device has left, 90% in all)."),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,

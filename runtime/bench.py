@@ -7,7 +7,7 @@ and decode tokens per second (the tokens of steps that prefilled / only decoded,
 steps' time), overall output tokens per second, time to first token and inter-token latency
 (p50 / p99 over requests and tokens), peak device memory (or the process's resident memory on a
 CPU), KV-cache utilisation (tokens held over the tokens of the blocks in use, averaged over the
-decode steps) and preemptions.
+decode steps), preemptions, the most sequences running at once, and the tokens the cache holds.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class LoadResult:
     peak_memory_bytes: int
     kv_utilisation: float
     preemptions: int
+    max_running: int
+    cache_tokens: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,14 +70,15 @@ def run_load(engine: Engine, concurrency: int, prompt_len: int, output_len: int,
                  for _ in range(concurrency)]
     times: dict[int, list[float]] = {sequence.id: [] for sequence in sequences}
     prefill_tokens = prefill_seconds = decode_tokens = decode_seconds = 0.0
-    utilisation = []
+    utilisation, max_running = [], 0
     while not engine.scheduler.done:
         before = time.perf_counter()
         events = engine.step()
         after = time.perf_counter()
+        max_running = max(max_running, engine.last_step.sequences)
         for event in events:
             times[event.sequence.id].append(after)
-        tokens, decoding = engine.last_step
+        tokens, decoding = engine.last_step.tokens, engine.last_step.decoding
         if decoding:
             decode_tokens, decode_seconds = decode_tokens + tokens, decode_seconds + after - before
             utilisation.append(_held_fraction(engine))
@@ -90,7 +93,8 @@ def run_load(engine: Engine, concurrency: int, prompt_len: int, output_len: int,
         concurrency * output_len / seconds,
         *_percentiles(first), *_percentiles(gaps or [0.0]),
         _peak(engine.device), statistics.fmean(utilisation) if utilisation else 0.0,
-        engine.scheduler.preemptions - preempted_before,
+        engine.scheduler.preemptions - preempted_before, max_running,
+        engine.pool.total_blocks * engine.pool.block_size,
     )
 
 

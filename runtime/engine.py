@@ -19,6 +19,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.runtime.attention import KVCache, PagedBatch
 from qtool.runtime.cache import BlockPool
+from qtool.runtime.cuda_graphs import DecodeGraphs
 from qtool.runtime.kv_cache import attention_layers, use_kv_cache_dtype
 from qtool.runtime.sampling import SamplingParams, sample
 from qtool.runtime.scheduler import Scheduled, Scheduler, Sequence, Status
@@ -38,6 +39,15 @@ class RequestOutput:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """What the last step ran: its tokens, its sequences, and whether each only decoded one."""
+
+    tokens: int
+    sequences: int
+    decoding: bool
+
+
 @dataclass
 class StepEvent:
     """What one step did to one sequence: the token it sampled, and its output if it finished."""
@@ -50,22 +60,28 @@ class StepEvent:
 class Engine:
     def __init__(self, model, tokenizer, device: torch.device | str, dtype: torch.dtype, block_size: int = 16,
                  max_batched_tokens: int = 2048, max_sequences: int = 256, cache_bytes: int | None = None,
-                 memory_utilization: float = 0.9):
+                 memory_utilization: float = 0.9, cuda_graphs: bool = True):
+        """`cuda_graphs`: decode steps replay CUDA graphs on a GPU (`qtool.runtime.cuda_graphs`)."""
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = torch.device(device), dtype
         spec = model.spec
         cache_dtype = next(iter(attention_layers(model).values())).kv_cache_dtype or dtype  # float8 if the model uses it
         per_block = KVCache.bytes_per_block(spec.layers, block_size, spec.kv_heads, spec.head_dim, cache_dtype)
-        blocks = (cache_bytes or self._cache_budget(memory_utilization)) // per_block
+        graphs = cuda_graphs and self.device.type == "cuda"
+        blocks = (cache_bytes or self._cache_budget(memory_utilization)) // per_block - graphs  # one scratch block
         if blocks < 1:
             raise QtoolError("no memory is left for the KV cache; lower the model's footprint or allow more memory")
-        self.cache = KVCache.allocate(spec.layers, blocks, block_size, spec.kv_heads, spec.head_dim, cache_dtype,
-                                      self.device)
+        self.cache = KVCache.allocate(spec.layers, blocks + graphs, block_size, spec.kv_heads, spec.head_dim,
+                                      cache_dtype, self.device)
         self.pool = BlockPool(blocks, block_size)
+        self.graphs = None
+        if graphs:
+            self.graphs = DecodeGraphs(model, self.cache, blocks, max_sequences,
+                                       min(blocks, -(-spec.max_positions // block_size)))
         self.scheduler = Scheduler(self.pool, max_batched_tokens, max_sequences, spec.max_positions)
         self.eos = _eos_ids(model, tokenizer)
         self.ids = itertools.count()
-        self.last_step = (0, False)  # tokens the last step ran, and whether it only decoded
+        self.last_step = StepShape(0, 0, False)
 
     def _cache_budget(self, utilization: float) -> int:
         """On CUDA, `utilization` of the device's memory less what is in use and a margin for a
@@ -89,19 +105,30 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         plan = self.scheduler.schedule()
-        self.last_step = (sum(item.count for item in plan), bool(plan) and all(item.count == 1 for item in plan))
+        self.last_step = StepShape(sum(item.count for item in plan), len(plan),
+                                   bool(plan) and all(item.count == 1 for item in plan))
         if not plan:
             return []
-        hidden = self.model.forward_tokens(*self._inputs(plan))
-        ends = torch.tensor(list(itertools.accumulate(item.count for item in plan)), device=self.device) - 1
         sampling = [index for index, item in enumerate(plan) if item.samples]
-        self.scheduler.finish_step(plan)
-        if not sampling:
-            return []
-        logits = self.model.compute_logits(hidden[ends[sampling]])
+        ids, positions, batch = self._inputs(plan)
+        if self._replays_graph(plan, sampling):
+            logits = self.graphs.logits(ids, positions, batch.slots, batch.context_lens, batch.block_tables)
+            self.scheduler.finish_step(plan)
+        else:
+            hidden = self.model.forward_tokens(ids, positions, batch)
+            ends = torch.tensor(list(itertools.accumulate(item.count for item in plan)), device=self.device) - 1
+            self.scheduler.finish_step(plan)
+            if not sampling:
+                return []
+            logits = self.model.compute_logits(hidden[ends[sampling]])
         sequences = [plan[index].sequence for index in sampling]
         tokens = sample(logits, [s.params for s in sequences], [s.generator for s in sequences]).tolist()
         return [self._advance(sequence, token) for sequence, token in zip(sequences, tokens)]
+
+    def _replays_graph(self, plan: list[Scheduled], sampling: list[int]) -> bool:
+        """A step where every sequence decodes one token, at a batch size a graph is kept for."""
+        decoding = all(item.count == 1 for item in plan) and len(sampling) == len(plan)
+        return self.graphs is not None and decoding and self.graphs.size_for(len(plan)) is not None
 
     def _inputs(self, plan: list[Scheduled]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
         block_size = self.pool.block_size

@@ -295,6 +295,20 @@ def test_bench_measures_a_checkpoint_and_a_synthetic_model(capsys, tiny_checkpoi
     assert list(json.loads(out)["results"]) == [f"synthetic {config} W4 g64"]
 
 
+def test_bench_with_a_float8_cache_runs_more_sequences_in_the_same_memory(capsys, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                  "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 200}))
+    rows = {}
+    for kv in ("auto", "fp8"):  # 64 KiB: 8 blocks of 16 float32 tokens, or 32 of float8; a request needs 3
+        code, out, err = run(capsys, "bench", "--synthetic", config, "--batch-sizes", "4", "--prompt-len", "40",
+                             "--output-len", "4", "--kv-cache-dtype", kv, "--kv-cache-memory", "64KiB", "--json")
+        assert code == 0, err
+        (rows[kv],) = json.loads(out)["results"][f"synthetic {config} W4 g64"]
+    assert rows["fp8"]["cache_tokens"] == 4 * rows["auto"]["cache_tokens"] == 512
+    assert rows["auto"]["max_running"] == 2 and rows["fp8"]["max_running"] == 4
+
+
 @pytest.mark.parametrize("args, message", [
     (["--synthetic", "no-such-preset"], "--synthetic takes a preset"),
     ([], "give a checkpoint, or --synthetic"),

@@ -180,3 +180,28 @@ def test_sixty_four_requests_through_a_cache_for_eight_all_finish_right():
     roomy = engine_for(model, block_size=4)
     assert outputs(tight) == outputs(roomy)
     assert tight.scheduler.preemptions > 0 and tight.pool.free_blocks == tight.pool.total_blocks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kv_cache", ["auto", "fp8"])
+def test_decode_steps_replayed_from_cuda_graphs_give_the_eager_tokens(kv_cache):
+    """Requests finishing one after another: batches of 5, 4, 3, 2, 1 run padded in the graphs of
+    8, 4, 4, 2 and 1 sequences, and give the tokens of eager steps."""
+    from qtool.runtime.kv_cache import use_kv_cache_dtype
+
+    _, model = pair(std=0.5)
+    model = model.cuda()
+    use_kv_cache_dtype(model, kv_cache)
+
+    def outputs(graphs: bool):
+        engine = Engine(model, Tokens(), "cuda", torch.float32, block_size=4, cuda_graphs=graphs, cache_bytes=1 << 24)
+        sequences = [engine.add(prompt, SamplingParams(temperature=0, max_tokens=4 + 3 * index, ignore_eos=True))
+                     for index, prompt in enumerate(PROMPTS)]
+        finished = engine.run()
+        return engine, [finished[sequence.id].token_ids for sequence in sequences]
+
+    eager_engine, eager = outputs(False)
+    graph_engine, graphed = outputs(True)
+    assert graphed == eager and eager_engine.graphs is None
+    assert sorted(graph_engine.graphs.graphs) == [1, 2, 4, 8]
+    assert graph_engine.pool.free_blocks == graph_engine.pool.total_blocks
