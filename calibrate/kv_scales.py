@@ -7,7 +7,8 @@ the ones the cache would hold: after the rotary embedding (and q/k norms), which
 observers sit where attention reads K and V, not on k_proj's outputs:
 - `observing_transformers_kv`: around transformers' attention interface, while a model (e.g. one
   being quantized block by block) runs;
-- `observing_native_kv`: on qtool's runtime model (`qtool.runtime.models.llama`).
+- `observing_native_kv`: on qtool's runtime model (`qtool.runtime.models.llama`), which must
+  give the same scales (a test holds the two to it).
 
 Stored as compressed-tensors does (`kv_cache_scheme`, strategy `attn_head`): tensors
 `<attention module>.k_scale` and `.v_scale` of shape [kv_heads, 1, 1], float32.

@@ -110,9 +110,9 @@ def _load_quantized(
 def _load_into(model: nn.Module, folder: Path, weights: dict, dense: dict[str, torch.Tensor],
                dtype: torch.dtype) -> nn.Module:
     """Fill an empty model: quantized linears become `QuantLinear`s, every other tensor is assigned.
-    KV-cache scales set no parameter: the model keeps them as `stored_kv_scales` for
-    `qtool.runtime.kv_cache`."""
-    model.stored_kv_scales = split_scale_tensors(dense)
+    KV-cache scales (for vLLM and transformers) set no parameter: qtool's runtime measures its own
+    (`qtool.runtime.kv_cache`)."""
+    split_scale_tensors(dense)
     for name, weight in weights.items():
         _replace_linear(model, name, weight, dense.pop(f"{name}.bias", None))
     dense = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in dense.items()}

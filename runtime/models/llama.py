@@ -135,10 +135,21 @@ class Attention(nn.Module):
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
-        self.kv_cache_dtype: torch.dtype | None = None  # float8: the cache holds K / k_scale, V / v_scale
+        # a float8 cache (qtool.runtime.kv_cache) holds keys moved into `key_space`, over k_scale, and V / v_scale
+        self.kv_cache_dtype: torch.dtype | None = None
         self.register_buffer("k_scale", torch.ones(spec.kv_heads), persistent=False)
         self.register_buffer("v_scale", torch.ones(spec.kv_heads), persistent=False)
-        self.kv_observer = None  # called with (keys, values) [T, kv_heads, head_dim] as they would enter the cache
+        self.register_buffer("k_offset", torch.zeros(spec.kv_heads, spec.head_dim), persistent=False)
+        self.register_buffer("k_rotation", None, persistent=False)
+        self.kv_observer = None  # called with (keys, values) [T, kv_heads, head_dim] after the rotary embedding
+
+    def key_space(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys less their head's mean (a query's scores all shift alike, so softmax is unchanged),
+        queries and keys turned by one orthonormal matrix (dot products unchanged)."""
+        return self.turn(q), self.turn(k - self.k_offset.to(k.dtype))
+
+    def turn(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.k_rotation is None else x @ self.k_rotation.to(x.dtype)
 
     @property
     def kv_scales(self) -> KVScales | None:
@@ -155,6 +166,8 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.kv_observer is not None:
             self.kv_observer(k, v)
+        if self.kv_cache_dtype is not None:
+            q, k = self.key_space(q, k)
         scale = spec.head_dim**-0.5
         if batch is None:  # attention reads K and V as a cache of kv_cache_dtype would give them back
             k, v = round_trip(k, self.kv_cache_dtype, self.k_scale), round_trip(v, self.kv_cache_dtype, self.v_scale)

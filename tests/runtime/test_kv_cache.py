@@ -1,7 +1,9 @@
 """The float8 KV cache: what the cache stores and reads back, the decode kernel on a float8 cache
 against its reference, the engine on it against the model's own windows, per-head scales measured
 where the cache sees K (after the rotary embedding) alike in transformers and qtool's model code,
-and `--kv-cache-dtype fp8` from quantize (scales in the checkpoint) through eval and generate."""
+the runtime's key space (centred, rotated keys) changing nothing but the rounding, and
+`--kv-cache-dtype fp8` from quantize (scales in the checkpoint, as transformers reads them)
+through eval and generate."""
 
 import json
 
@@ -15,7 +17,7 @@ from qtool.errors import QtoolError
 from qtool.kernels.paged_attention import (
     FP8, FP8_MAX, KVScales, from_cache, gather_context, reference_decode, round_trip, store_kv, triton_decode,
 )
-from qtool.runtime.kv_cache import attention_layers, use_kv_cache_dtype
+from qtool.runtime.kv_cache import attention_layers, hadamard, use_kv_cache_dtype
 from qtool.runtime.sampling import SamplingParams
 from test_engine import PROMPTS, engine_for, pair
 
@@ -105,16 +107,25 @@ def test_a_float8_cache_holds_as_many_more_tokens_as_its_bytes_are_fewer():
     assert blocks[1] == 4 * blocks[0]  # float32 activations: four bytes a value against one
 
 
-def test_stored_scales_are_used_and_incomplete_ones_refused():
+def test_the_key_space_leaves_attention_unchanged_before_rounding():
+    """Keys less a per-head mean and queries and keys turned by the Hadamard matrix: the same
+    attention output (float32, no float8 rounding)."""
+    rotation = hadamard(16)
+    torch.testing.assert_close(rotation @ rotation.t(), torch.eye(16), atol=1e-6, rtol=0)
+    assert hadamard(24) is None  # not a power of two: keys are only centred
+    _, model = pair("qwen3")  # head_dim 16, two kv heads
+    ids = torch.randint(0, 300, (1, 23))
+    with torch.no_grad():
+        before = model(ids).logits
+        for attention in attention_layers(model).values():
+            attention.k_offset.normal_()
+            attention.k_rotation = rotation
+            attention.kv_cache_dtype = torch.float32  # no rounding: the transform alone
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_kv_cache_dtypes_are_refused():
     _, model = pair()
-    names = [f"{layer}.{which}" for layer in attention_layers(model) for which in ("k_scale", "v_scale")]
-    model.stored_kv_scales = {name: torch.full((2, 1, 1), 0.25) for name in names}
-    use_kv_cache_dtype(model, "fp8")
-    assert all(torch.equal(a.k_scale, torch.full((2,), 0.25)) for a in attention_layers(model).values())
-    _, model = pair()
-    model.stored_kv_scales = {name: torch.ones(1) for name in names[1:]}
-    with pytest.raises(QtoolError, match="lack model.layers.0.self_attn.k_scale"):
-        use_kv_cache_dtype(model, "fp8")
     with pytest.raises(QtoolError, match="--kv-cache-dtype must be one of auto, fp8, got 'int4'"):
         use_kv_cache_dtype(model, "int4")
 
@@ -158,6 +169,7 @@ def test_transformers_with_compressed_tensors_reads_the_kv_scales_and_rounds_kv_
         tiny_llama_dir, tmp_path, calibration_flags):
     """compressed-tensors applies the checkpoint's kv_cache_scheme to K and V in transformers: its
     logits are qtool's with the float8 cache, not qtool's without it."""
+    pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
     from qtool.runtime.loader import load_model
@@ -167,9 +179,12 @@ def test_transformers_with_compressed_tensors_reads_the_kv_scales_and_rounds_kv_
                  *calibration_flags]) == 0
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     plain = load_model(out, torch.float32, native=True)
-    ours = load_model(out, torch.float32, native=True)
-    use_kv_cache_dtype(ours, "fp8")
-    assert torch.equal(theirs.model.layers[1].self_attn.k_scale.detach().flatten(), ours.model.layers[1].self_attn.k_scale)
+    ours = load_model(out, torch.float32, native=True)  # keys stored as they are, with the checkpoint's scales
+    with safe_open(out / "model.safetensors", "pt") as stored:
+        for layer, attention in attention_layers(ours).items():
+            attention.k_scale.copy_(stored.get_tensor(f"{layer}.k_scale").flatten())
+            attention.v_scale.copy_(stored.get_tensor(f"{layer}.v_scale").flatten())
+            attention.kv_cache_dtype = FP8
     tokens = torch.randint(0, 512, (2, 32))
     with torch.no_grad():
         reference = theirs(tokens).logits
