@@ -37,11 +37,13 @@ def smoothing_scales(max_abs: torch.Tensor, weight: torch.Tensor, alpha: float) 
 
 
 def int8_product_error(inputs: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, scheme: Scheme,
-                       scale_dtype: torch.dtype) -> float:
-    """||X W^T - Q(X / s) Q(W s)^T||^2: tokens rounded to int8 per token, weights to their grid."""
+                       scale_dtype: torch.dtype, exact: torch.Tensor | None = None) -> float:
+    """||X W^T - Q(X / s) Q(W s)^T||^2: tokens rounded to int8 per token, weights to their grid
+    (`exact`: X W^T, when the caller has it)."""
     codes, token_scales = quantize_per_token(inputs / scales)
     product = (codes.float() * token_scales) @ fake_quantize(weight * scales, scheme, scale_dtype).t()
-    return (inputs @ weight.t() - product).pow(2).sum(dtype=torch.float64).item()
+    exact = inputs @ weight.t() if exact is None else exact
+    return (exact - product).pow(2).sum(dtype=torch.float64).item()
 
 
 def search_alpha(stat: ChannelSampleStat, weight: torch.Tensor, scheme: Scheme,
@@ -49,9 +51,11 @@ def search_alpha(stat: ChannelSampleStat, weight: torch.Tensor, scheme: Scheme,
     """The smoothing scales, among alpha = 0, 1/ALPHA_GRID, ..., 1, whose int8 product errs least on
     the stat's sample of tokens, and that alpha."""
     inputs, weight = stat.sample().float(), weight.float()
+    exact = inputs @ weight.t()
     candidates = [(smoothing_scales(stat.max_abs, weight, step / ALPHA_GRID), step / ALPHA_GRID)
                   for step in range(ALPHA_GRID + 1)]
-    return min(candidates, key=lambda candidate: int8_product_error(inputs, weight, candidate[0], scheme, scale_dtype))
+    return min(candidates, key=lambda candidate: int8_product_error(inputs, weight, candidate[0], scheme, scale_dtype,
+                                                                    exact))
 
 
 def smooth_block(run: BlockRun, plan: dict, recipe, scale_dtype: torch.dtype | None) -> dict[str, ChannelMaxStat]:
