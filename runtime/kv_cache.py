@@ -1,13 +1,13 @@
 """Which dtype the runtime's KV cache holds, and how keys and values fit a float8 cache.
 
 `--kv-cache-dtype fp8` stores keys and values as float8 e4m3, one byte each, so the same memory
-holds twice the tokens of an fp16 cache. Rounded as they are, keys cost SmolLM2-135M 1.5% of
-perplexity (values 0.06%): a few channels of each head carry large values that barely change
-from token to token, and three mantissa bits on those move every score. So the runtime stores
-each head's keys less their mean (softmax ignores a shift common to all of a query's scores) and
-turned by an orthonormal Hadamard matrix, with queries turned alike (dot products unchanged),
-which spreads what is left evenly over the channels; then the loss is 0.02%
-(benchmarks/results/kv_fp8_smollm2.md). Those means and the per-head scales (largest value over
+holds twice the tokens of an fp16 cache. Rounded as they are, keys cost SmolLM2-135M most of the
+cache's loss (+0.99% of perplexity in all): a few channels of each head carry large values that
+barely change from token to token, and three mantissa bits on those move every score. So the
+runtime stores each head's keys less their mean (softmax ignores a shift common to all of a
+query's scores) and turned by an orthonormal Hadamard matrix, with queries turned alike (dot
+products unchanged), which spreads what is left evenly over the channels; then the loss is
++0.18% (benchmarks/results/kv_fp8_smollm2.md). Those means and the per-head scales (largest value over
 448) are measured when the model is loaded, on 8 windows of 512 tokens of the offline calibration
 text (random tokens for a model without a tokenizer). A checkpoint's own `k_scale` / `v_scale`
 (`qtool quantize --kv-cache-dtype fp8`) describe keys as vLLM and transformers store them, as
