@@ -1,9 +1,7 @@
 """Speed of qtool's W8A8 product on a GPU against fp16 cuBLAS (`F.linear`), on Llama-3-8B layer
 shapes and 8192x8192, for 1 to 4096 tokens:
-- W8A8: the whole call as QuantLinear makes it (`int8_matmul`: the path its tuner chose, either
-  per-token activation quantization then the tuned int8 GEMM with its fused epilogue, or the fused
-  kernel that quantizes inside the GEMM);
-- Fused: the fastest configuration of the fused quantize-in-GEMM kernel, the whole call;
+- W8A8: the whole call as QuantLinear makes it (`int8_matmul`: per-token activation quantization,
+  then the tuned int8 GEMM with its fused epilogue);
 - GEMM: the tuned product alone, on activations already quantized;
 - Triton: the fastest Triton tile configuration the tuner timed, alone;
 - _int_mm: `torch._int_mm` (cuBLAS) plus qtool's epilogue kernel, alone (M > 16 only);
@@ -33,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import copies_for, graph_time  # noqa: E402
 
 from qtool.kernels.int8_matmul import _TUNER, Int8Weight, gemm, int8_matmul, int_mm_fits, m_bucket  # noqa: E402
-from qtool.kernels.int8_matmul import triton_matmul, triton_quantize  # noqa: E402
+from qtool.kernels.int8_matmul import triton_quantize  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192)]  # (in K, out N)
 LLAMA_SHAPES = SHAPES[:4]
@@ -53,16 +51,6 @@ def fastest_triton(m: int, n: int, k: int) -> dict:
     return next(config for _, config in timed if not config.get("INT_MM"))
 
 
-def call_choice(m: int, n: int, k: int) -> tuple[dict, dict]:
-    """The whole call's choice (the separate path, with the GEMM's tuned configuration in it, or a
-    fused configuration) and the fastest fused configuration the tuner timed."""
-    timed = _TUNER.timings[("call", m_bucket(m), n, k, torch.float16)]
-    chosen = timed[0][1]
-    if chosen.get("SEPARATE"):
-        chosen = _TUNER.best[(m_bucket(m), n, k, torch.float16)]
-    return chosen, next(config for _, config in timed if config.get("FUSED"))
-
-
 def measure_shape(k: int, n: int, tokens: list[int]) -> list[dict]:
     dense_copies = copies_for(n * k * 2)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(dense_copies)]
@@ -80,14 +68,12 @@ def measure_shape(k: int, n: int, tokens: list[int]) -> list[dict]:
         fp16 = graph_time(lambda i: (lambda: F.linear(xs[i], weights[i])), len(weights))
         quantize = graph_time(lambda i: (lambda: triton_quantize(xs[i])), len(xs))
         w8a8 = graph_time(lambda i: (lambda: int8_matmul(xq[i], *int8[i])), len(int8))
-        chosen, fused = call_choice(m, n, k)
-        paths = {"W8A8": w8a8,
-                 "Fused": graph_time(lambda i: (lambda: triton_matmul(xq[i], int8[i], config=fused)), len(int8)),
-                 "GEMM": graph_time(product(None), len(int8))}
+        paths = {"W8A8": w8a8, "GEMM": graph_time(product(None), len(int8))}
         paths["Triton"] = graph_time(product(fastest_triton(m, n, k)), len(int8))
         if int_mm_fits(m, n, k):
             paths["_int_mm"] = graph_time(product(INT_MM), len(int8))
-        row = {"in": k, "out": n, "tokens": m, "fp16_ms": fp16 * 1e3, "chosen": chosen, "fused": fused,
+        chosen = _TUNER.best[(m_bucket(m), n, k, torch.float16)]
+        row = {"in": k, "out": n, "tokens": m, "fp16_ms": fp16 * 1e3, "chosen": chosen,
                "quantize": {"ms": quantize * 1e3, "GB/s": m * (k * 3 + 4) / quantize / 1e9},
                **{name: {"ms": seconds * 1e3, "speedup": fp16 / seconds,
                          "TOPS": 2 * m * n * k / seconds / 1e12} for name, seconds in paths.items()}}
@@ -146,8 +132,6 @@ def write(result: dict, out: Path, slug: str) -> None:
 def describe(config: dict) -> str:
     if config.get("INT_MM"):
         return "_int_mm"
-    if config.get("FUSED"):
-        return "fused {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**config)
     return "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} split {SPLIT_K} w{num_warps} s{num_stages}".format(**config)
 
 
@@ -155,14 +139,12 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['benchmark']} ({result['date']})", "",
              f"{result['gpu']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}. "
              f"`{result['command']}`. {result['method']}. Speed-up over fp16 `F.linear` (higher is faster); "
-             "W8A8 is the whole call as the tuner chose it (quantization then GEMM, or the fused kernel), Fused "
-             "the whole call by the fastest fused configuration, the others the GEMM alone on quantized activations; "
-             "the tuned choice is the whole call's (a GEMM configuration: quantization, then that GEMM).", "",
-             "| in x out | M | fp16 ms | W8A8 | Fused | GEMM (tuned) | Triton | _int_mm + epilogue | tuned choice "
-             "| quantize ms (GB/s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "W8A8 is the whole call (activation quantization + GEMM), the others the GEMM alone.", "",
+             "| in x out | M | fp16 ms | W8A8 | GEMM (tuned) | Triton | _int_mm + epilogue | tuned choice "
+             "| quantize ms (GB/s) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         cells = [f"{row[name]['speedup']:.2f}x" if name in row else ""
-                 for name in ("W8A8", "Fused", "GEMM", "Triton", "_int_mm")]
+                 for name in ("W8A8", "GEMM", "Triton", "_int_mm")]
         quantize = row["quantize"]
         lines.append(f"| {row['in']}x{row['out']} | {row['tokens']} | {row['fp16_ms']:.4f} | " + " | ".join(cells)
                      + f" | {describe(row['chosen'])} | {quantize['ms']:.4f} ({quantize['GB/s']:.0f}) |")

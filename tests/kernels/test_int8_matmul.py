@@ -1,21 +1,19 @@
 """The W8A8 kernels against their torch reference on random inputs of odd shapes: the quantization
-kernel bit for bit, the int8 GEMM and the fused quantize-in-GEMM kernel up to the float epilogue's
-rounding (their integer sums are exact); under TRITON_INTERPRET=1 on a machine without a GPU (small
-shapes), on the GPU where there is one."""
+kernel bit for bit, the int8 GEMM up to the float epilogue's rounding (its integer sums are exact);
+under TRITON_INTERPRET=1 on a machine without a GPU (small shapes), on the GPU where there is one."""
 
 import pytest
 import torch
 
 from qtool.kernels import int8_matmul as kernels
-from qtool.kernels.int8_matmul import (SEPARATE, Int8Weight, call_candidates, candidates, gemm, int8_matmul,
-                                       kernel_fits, quantize_per_token, reference, triton_matmul, triton_quantize)
+from qtool.kernels.int8_matmul import (Int8Weight, candidates, gemm, int8_matmul, kernel_fits, quantize_per_token,
+                                       reference, triton_matmul, triton_quantize)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)  # small tiles keep the interpreter quick
 SPLIT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3)  # shares of K added in the int32 workspace
 INT_MM = dict(INT_MM=True, BLOCK_M=16, BLOCK_N=16)  # torch._int_mm, then the epilogue kernel
-FUSED = dict(FUSED=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)  # quantization inside the GEMM, one launch
 
 
 def random_weight(n: int, k: int) -> Int8Weight:
@@ -64,7 +62,7 @@ def test_ties_round_half_to_even_like_torch_round():
     assert torch.equal(codes, quantize_per_token(row)[0])
 
 
-@pytest.mark.parametrize("config", [SMALL, SPLIT, FUSED], ids=["tiles", "split-k", "fused"])
+@pytest.mark.parametrize("config", [SMALL, SPLIT], ids=["tiles", "split-k"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -78,20 +76,6 @@ def test_int_mm_and_the_epilogue_kernel_match_the_reference(dtype, with_bias):
     check(17, 40, 208, dtype, INT_MM, with_bias)
 
 
-@pytest.mark.parametrize("config", [SMALL, SPLIT, FUSED], ids=["tiles", "split-k", "fused"])
-def test_the_integer_sums_are_exact(config):
-    """Rows whose amax is 127 have the token scale 1, channel scales 1: y is then the integer sums
-    themselves in float32 (exact below 2^24), equal to the reference's float64 sums bit for bit."""
-    m, n, k = 19, 40, 208
-    x = (torch.rand(m, k, device=DEVICE) * 252 - 126).round() + torch.randint(0, 2, (m, k), device=DEVICE) * 0.5
-    x[torch.arange(m), torch.randint(0, k, (m,))] = 127.0  # ties (x.5) round half to even
-    weight = Int8Weight(random_weight(n, k).codes, torch.ones(n, device=DEVICE))
-    codes, scales = quantize_per_token(x)
-    assert torch.equal(scales, torch.ones_like(scales))
-    sums = codes.double() @ weight.codes.double().t()
-    assert torch.equal(triton_matmul(x, weight, config=config).double(), sums)
-
-
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero():
     for _ in range(3):  # the last program of each tile resets its part of the workspace for the next launch
         check(5, 24, 320, torch.float16, SPLIT)
@@ -99,8 +83,7 @@ def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero():
     assert not workspace.any() and not arrivals.any()
 
 
-@pytest.mark.parametrize("config, n", [(SMALL, 33), (SPLIT, 33), (INT_MM, 40), (FUSED, 33)],
-                         ids=["tiles", "split-k", "int_mm", "fused"])
+@pytest.mark.parametrize("config, n", [(SMALL, 33), (SPLIT, 33), (INT_MM, 40)], ids=["tiles", "split-k", "int_mm"])
 def test_every_output_is_written(monkeypatch, config, n):
     """Every buffer is poisoned first (NaN, or the code -128 that quantization never writes); a
     tile or row the kernels skipped would show."""
@@ -125,8 +108,6 @@ def test_shapes_the_kernels_cannot_take_are_refused_or_fall_back():
     assert not any(config.get("INT_MM") for config in candidates(16, 24, 96))
     assert any(config.get("INT_MM") for config in candidates(17, 24, 96))
     assert not any(config.get("INT_MM") for config in candidates(17, 20, 96))  # N not a multiple of 8
-    for m in (1, 17, 300, 5000):  # the whole call may always keep the two launches
-        assert SEPARATE in call_candidates(m) and any(config.get("FUSED") for config in call_candidates(m))
 
 
 def test_the_dispatcher_keeps_leading_dimensions_and_runs_the_reference_where_asked(monkeypatch):
@@ -148,11 +129,7 @@ def test_the_dispatcher_keeps_leading_dimensions_and_runs_the_reference_where_as
 @pytest.mark.parametrize("m, k", [(1, 1024), (48, 1024), (208, 1024), (320, 1024), (1100, 1024),  # each bucket's
                                   (17, 1040), (300, 1040)])  # candidates; K with a masked tail
 def test_every_candidate_configuration_on_the_gpu(m, k):
-    """Each GEMM configuration after the quantization (a programmatic dependent launch on Hopper),
-    and each of the fused kernel's."""
-    fused = [config for config in call_candidates(m) if config.get("FUSED")]
-    for config in candidates(m, 320, k) + fused:
+    for config in candidates(m, 320, k):
         check(m, 320, k, torch.float16, config)
-    for dtype in (torch.bfloat16, torch.float32):  # the epilogue's other casts, on the first candidates
+    for dtype in (torch.bfloat16, torch.float32):  # the epilogue's other casts, on the first candidate
         check(m, 320, k, dtype, candidates(m, 320, k)[0])
-        check(m, 320, k, dtype, fused[0])
