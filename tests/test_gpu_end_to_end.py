@@ -41,13 +41,20 @@ def train_small_llama(folder):
     return folder
 
 
-def perplexity(folder, capsys) -> float:
+def perplexity(folder, capsys, *flags) -> float:
     import json
 
     capsys.readouterr()  # what earlier commands printed
     assert main(["eval", str(folder), "--ppl", "wikitext", "--seqlen", "256", "--max-windows", "40",
-                 "--device", "cuda", "--json", "--quiet"]) == 0
+                 "--device", "cuda", "--json", "--quiet", *flags]) == 0
     return json.loads(capsys.readouterr().out)["ppl"]
+
+
+def test_a_float8_kv_cache_costs_little_perplexity_in_half_precision(trained_llama, capsys):
+    fp16_cache = perplexity(trained_llama, capsys)
+    fp8_cache = perplexity(trained_llama, capsys, "--kv-cache-dtype", "fp8")
+    print(f"ppl fp16 cache {fp16_cache:.4f} fp8 cache {fp8_cache:.4f}")
+    assert fp8_cache == pytest.approx(fp16_cache, rel=5e-3)
 
 
 def quantize_both_ways(model, folder, calib_dtype):
@@ -131,6 +138,7 @@ def test_squeezellm_on_the_gpu_computes_what_the_cpu_computes(trained_llama, tmp
     ["--method", "gptq", "--bits", "8", "--group-size", "-1", "--sym", "--act-order", "group"],
     ["--method", "squeezellm", "--bits", "4", "--outliers", "0.45%"],
     ["--method", "squeezellm", "--bits", "3", "--group-size", "64"],
+    ["--method", "smoothquant+gptq", "--alpha", "auto"],  # W8A8: the int8 GEMM against exact integer sums
 ])
 def test_kernels_give_the_reference_perplexity(trained_llama, tmp_path, capsys, monkeypatch, flags):
     """The same checkpoint evaluated in fp16 on the GPU through the Triton kernels and through the
