@@ -29,7 +29,7 @@ def refusal(tmp_path, text: str) -> str:
 def test_the_shipped_recipes_are_all_there():
     assert {path.name for path in RECIPES} == {
         "w4a16-awq-g64.yaml", "w4a16-gptq-g64.yaml", "w4a16-awq-gptq-g64.yaml", "w3-squeezellm-sparse.yaml",
-        "w8a16-rtn.yaml", "mixed-attn4-mlp8.yaml", "tiny-ci.yaml"}
+        "w8a16-rtn.yaml", "w8a8-smoothquant-gptq.yaml", "mixed-attn4-mlp8.yaml", "tiny-ci.yaml"}
     for path in RECIPES:
         header = path.read_text().splitlines()[0]
         assert header.startswith("# ") and len(header) > 20, f"{path.name} needs a comment header"
