@@ -130,7 +130,10 @@ def gptq(
             scales[:, fitted] = column_scales[:, ::group_size].to(scale_dtype)
             zeros[:, fitted] = column_zeros[:, ::group_size]
         W[:, end:].addmm_(errors, factor_rows[:, end - start :], alpha=-1)
-    del W, H, reversed_factor
+    del W, H, reversed_factor, factor_rows, diagonal
+    if overwrite_hessian:  # handed over (HessianStat.take): the factor's memory goes back before packing
+        del hessian
+    release_freed_memory()
 
     codes = codes[:, inverse_order]
     g_idx = column_group[inverse_order].to(torch.int32) if act_order == "group" else None

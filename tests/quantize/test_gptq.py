@@ -111,6 +111,23 @@ def test_the_hessian_can_be_factored_in_its_own_memory_with_retries(monkeypatch,
     assert torch.equal(raised.weight.packed, expected.weight.packed)
 
 
+def test_a_handed_over_hessian_is_freed_before_the_weight_is_packed(monkeypatch):
+    """With overwrite_hessian and no other reference (HessianStat.take), the factor's memory goes
+    back once the sweep is done: it does not sit beside packing and the error terms."""
+    import qtool.quantize.gptq as gptq_module
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    inputs, weight = correlated_inputs(features=64), torch.randn(16, 64)
+    handed = [hessian(inputs)]
+    storage = StorageWeakRef(handed[0].untyped_storage())
+    freed = []
+    corrections = gptq_module._error_corrections
+    monkeypatch.setattr(gptq_module, "_error_corrections", lambda *args: freed.append(storage.expired()) or corrections(*args))
+    result = gptq(weight, handed.pop(), Scheme(4, 32, False), overwrite_hessian=True)
+    assert freed == [True]
+    assert torch.equal(result.weight.packed, gptq(weight, hessian(inputs), Scheme(4, 32, False)).weight.packed)
+
+
 def test_large_hessians_are_factored_without_a_column_major_copy(monkeypatch):
     """Above SPILL_BYTES the column-major view is factored as upper: the same lower factor."""
     import qtool.quantize.gptq as gptq_module

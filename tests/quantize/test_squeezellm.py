@@ -166,3 +166,21 @@ def test_sparse_outliers_split_by_rows_and_add_back():
     top, bottom = sparse.rows(0, 3), sparse.rows(3, 3)
     torch.testing.assert_close(top.add_to(torch.zeros(3, 10)), dense[:3])
     torch.testing.assert_close(bottom.add_to(torch.zeros(3, 10)), dense[3:])
+
+
+@pytest.mark.parametrize("outliers", [0.0, 0.05])
+def test_dequantizing_in_slabs_of_rows_gives_the_same_weight(monkeypatch, outliers):
+    """Large weights are dequantized a slab of rows at a time (host memory); bit for bit the same,
+    look-up tables, outliers and act-order groups included."""
+    import qtool.quantize.qweight as qweight
+    from qtool.quantize.gptq import gptq
+
+    weight = torch.randn(24, 100) * 0.05
+    lut = squeeze(weight, torch.rand(24, 100), Scheme(3, 25, lut=True), outliers=outliers)
+    inputs = torch.randn(512, 100) * torch.linspace(0.1, 2, 100)
+    grid = gptq(weight, 2 / 512 * inputs.T @ inputs, Scheme(4, 25, False), act_order="group").weight
+    whole = [q.dequantize(dtype) for q in (lut, grid) for dtype in (torch.float32, torch.float16)]
+    monkeypatch.setattr(qweight, "DEQUANTIZE_BYTES", 8 * 100 * 5)  # slabs of 5 rows, the last of 4
+    assert grid.g_idx is not None
+    for expected, slabbed in zip(whole, [q.dequantize(dtype) for q in (lut, grid) for dtype in (torch.float32, torch.float16)]):
+        assert slabbed.dtype == expected.dtype and torch.equal(slabbed, expected)
