@@ -127,7 +127,7 @@ class Engine:
 
     def _replays_graph(self, plan: list[Scheduled], sampling: list[int]) -> bool:
         """A step where every sequence decodes one token, at a batch size a graph is kept for."""
-        decoding = all(item.count == 1 for item in plan) and len(sampling) == len(plan)
+        decoding = self.last_step.decoding and len(sampling) == len(plan)
         return self.graphs is not None and decoding and self.graphs.size_for(len(plan)) is not None
 
     def _inputs(self, plan: list[Scheduled]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
