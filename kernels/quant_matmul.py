@@ -18,8 +18,10 @@ Three things, as every kernel here:
   (code j of every word, taken out with a shift and a mask, is a [BLOCK_K / per word, BLOCK_N]
   tile of weights for the inputs k = per word * row + j: no reshape; it lands in an fp32
   mantissa as 1 + q / 2**bits, so there is no int-to-float conversion, and the scale and zero
-  apply once per word). More tokens dequantize the tile exactly to the activations' dtype (codes
-  [rows, per word, N] merged into K) and multiply on the tensor cores (`tl.dot`). K is
+  apply once per word); with fp16 activations and a uniform grid, a second kernel does it in half2
+  arithmetic, two codes an instruction (`half2_dot_ptx`). More tokens dequantize the tile exactly
+  to the activations' dtype (codes [rows, per word, N] merged into K) and multiply on the tensor
+  cores (`tl.dot`). K is
   split among many programs so that every multiprocessor streams weights; they add into a float32
   workspace and the last to arrive writes y (one launch; no zeroing, no cast). Many tokens may
   instead dequantize W once (a Triton kernel) and call cuBLAS. Block shapes, the split and the
@@ -45,13 +47,32 @@ except ImportError:  # no Triton (macOS, or a stripped install): the reference p
 KERNEL_BITS = (4, 8)
 
 
+def code_slots(bits: int) -> list[int]:
+    """Where code j of a word sits in the kernel's layout, in units of `bits`: the codes of inputs
+    2i and 2i + 1 sit half a word apart (slots i and i + per word / 2), so that one mask takes both
+    into the two halves of a half2 (`_half2_dot`)."""
+    per_word = 32 // bits
+    return [(j >> 1) + (j & 1) * (per_word // 2) for j in range(per_word)]
+
+
+def _to_slots(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Canonical words (code j at slot j) with their codes moved to `code_slots`."""
+    wide = words.long() & 0xFFFFFFFF
+    moved = torch.zeros_like(wide)
+    mask = (1 << bits) - 1
+    for j, slot in enumerate(code_slots(bits)):
+        moved |= ((wide >> (bits * j)) & mask) << (bits * slot)
+    return torch.where(moved >= 2**31, moved - 2**32, moved).to(torch.int32)
+
+
 @dataclass
 class KernelWeight:
     """A quantized weight laid out for the kernel: K-major, so that a tile of codes, scales or
     table entries is read along N, the dimension consecutive threads cover.
 
     packed: int32 [ceil(K * bits / 32), N], the canonical words transposed (word j of column n
-    holds that row's codes of inputs [j * 32/bits, (j + 1) * 32/bits)). scales [G, N] and zeros
+    holds that row's codes of inputs [j * 32/bits, (j + 1) * 32/bits)), each word's codes moved to
+    `code_slots` (a copy made at load time, no larger than the checkpoint's). scales [G, N] and zeros
     [G, N] as bytes (uniform grids; zeros None when symmetric), or lut [G, L, N] (tables of L
     entries). Outliers stay in CSR by output row n. `from_rows` takes qtool's row-major tensors."""
 
@@ -84,7 +105,8 @@ class KernelWeight:
 
         table = None if lut is None else lut.permute(1, 2, 0).contiguous()
         zero_bytes = None if zeros is None else transposed(zeros).to(torch.uint8)  # codes of at most 8 bits
-        return cls(transposed(packed), bits, in_features, group_size, transposed(scales), zero_bytes, table, **outliers)
+        return cls(_to_slots(transposed(packed), bits), bits, in_features, group_size, transposed(scales), zero_bytes,
+                   table, **outliers)
 
     @property
     def out_features(self) -> int:
@@ -96,7 +118,7 @@ class KernelWeight:
 
     def codes(self) -> torch.Tensor:
         """The codes [N, K] (int64)."""
-        shifts = torch.arange(32 // self.bits, device=self.packed.device, dtype=torch.int32) * self.bits
+        shifts = torch.tensor(code_slots(self.bits), device=self.packed.device, dtype=torch.int32) * self.bits
         codes = (self.packed.t().unsqueeze(-1) >> shifts) & ((1 << self.bits) - 1)
         return codes.reshape(self.out_features, -1)[:, : self.in_features].long()
 
@@ -155,7 +177,7 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
     if config is None:
         key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype,
                weight.outlier_values is not None, *_meta(weight).values())
-        config = _TUNER.choose(key, lambda chosen: _launch(x, weight, chosen), candidates(x.shape[0], weight.bits))
+        config = _TUNER.choose(key, lambda chosen: _launch(x, weight, chosen), candidates(x.shape[0], weight, x.dtype))
     return _launch(x, weight, config)
 
 
@@ -167,24 +189,37 @@ def _meta(weight: KernelWeight) -> dict:
 
 
 def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor:
-    """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel on a
-    grid of N tiles x M tiles x shares of K."""
+    """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel (or the
+    half2 kernel of one token a program row) on a grid of N tiles x M tiles x shares of K."""
     if config.get("DEQUANTIZE"):
         return x @ dequantize_t(weight, x.dtype, config)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
+    meta = _meta(weight)
+    half2 = config.get("HALF2", False)
+    if half2 and not half2_fits(weight, x.dtype):
+        raise ValueError("the half2 path takes fp16 activations and uniform grids without outliers")
+    block_k = min(config["BLOCK_K"], meta["GROUP"]) if half2 else config["BLOCK_K"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
-            config["SPLIT_K"] or triton.cdiv(k, config["BLOCK_K"]))
+            config["SPLIT_K"] or triton.cdiv(k, block_k))
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     split = grid[2] > 1
     workspace, arrivals = _workspace(x.device, m * n if split else 1, grid[0] * grid[1] if split else 1)
     dummy = weight.packed
     outliers = [dummy if tensor is None else tensor
                 for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)]
-    _matmul_kernel[grid](
-        x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups, weight.max_row_outliers,
-        **_meta(weight), HAS_OUTLIERS=weight.outlier_values is not None, SPLIT=split, **_even(n, k, config),
-        **{key: config[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, STAGES=config.get("num_stages", 1),
-        **_launch_options(config))
+    common = dict(SPLIT=split, EVEN_N=_even(n, k, config)["EVEN_N"], BLOCK_N=config["BLOCK_N"],
+                  BLOCK_K=block_k, **_launch_options(config))
+    if half2:
+        _half2_kernel[grid](
+            x, weight.packed, weight.scales, dummy if weight.zeros is None else weight.zeros, out, workspace, arrivals,
+            m, n, k, BITS=weight.bits, GROUP=meta["GROUP"], HAS_ZEROS=meta["HAS_ZEROS"],
+            ASM=os.environ.get("TRITON_INTERPRET") != "1", **common)
+    else:
+        _matmul_kernel[grid](
+            x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
+            weight.max_row_outliers, **meta, HAS_OUTLIERS=weight.outlier_values is not None,
+            EVEN_K=_even(n, k, config)["EVEN_K"], BLOCK_M=config["BLOCK_M"], STAGES=config.get("num_stages", 1),
+            **common)
     return out
 
 
@@ -271,9 +306,19 @@ class _Tuner:
 _TUNER = _Tuner()
 
 
-def candidates(m: int, bits: int) -> list[dict]:
-    """The configurations worth timing for m tokens: CUDA-core tiles of one token, 16-row dots for a
-    few, larger dots and dequantize-then-cuBLAS for many. A dot needs 16 rows of words."""
+def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:
+    """Whether the half2 path of one token takes this weight: fp16 activations, a uniform grid
+    without outliers, inputs in whole words."""
+    return (dtype == torch.float16 and weight.lut is None and weight.outlier_values is None
+            and weight.in_features % (32 // weight.bits) == 0)
+
+
+def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
+    """The configurations worth timing for m tokens: CUDA-core tiles of one token (in half2 where
+    the weight allows), 16-row dots for a few, larger dots and dequantize-then-cuBLAS for many. A
+    dot needs 16 rows of words."""
+    bits = weight.bits
+
     def tiles(*shapes):
         return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
                      num_stages=stages)
@@ -283,6 +328,13 @@ def candidates(m: int, bits: int) -> list[dict]:
     one = tiles((1, 64, 256, 8, 4, 3), (1, 64, 256, 16, 4, 3), (1, 128, 256, 8, 4, 3), (1, 64, 512, 0, 4, 1),
                 (1, 128, 128, 16, 4, 4), (1, 256, 128, 8, 8, 3), (1, 64, 128, 32, 4, 3), (1, 256, 128, 0, 4, 1),
                 (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
+    half2 = [dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages,
+                  HALF2=True)
+             for block_n, block_k, split, warps, stages in (
+                 (256, 64, 8, 4, 1), (256, 64, 16, 4, 1), (256, 64, 4, 4, 1), (512, 64, 8, 8, 1), (128, 64, 16, 4, 1),
+                 (256, 128, 8, 4, 1), (256, 128, 4, 4, 1), (512, 128, 4, 8, 1), (128, 128, 8, 4, 1), (256, 64, 0, 4, 1))
+             if half2_fits(weight, dtype) and block_k <= _meta(weight)["GROUP"]]
+    one = half2 + one
     few = tiles((16, 64, 256, 8, 4, 3), (16, 128, 128, 8, 4, 3), (16, 64, 128, 16, 4, 3), (16, 128, 256, 4, 8, 3),
                 (16, 32, 256, 16, 4, 3))
     some = tiles((32, 64, 256, 8, 4, 3), (64, 64, 128, 8, 4, 3), (64, 128, 128, 4, 8, 3), (32, 128, 128, 8, 4, 3),
@@ -295,7 +347,38 @@ def candidates(m: int, bits: int) -> list[dict]:
     return by_bucket.get(m_bucket(m), many + dequantize)
 
 
+HALF2_EXPONENT = 0x4400  # fp16 4.0: a code q in the low mantissa bits reads 4 + q / 256
+
+
+def half2_dot_ptx(bits: int) -> str:
+    """PTX for one word of codes times one token's inputs, in half2 arithmetic: the codes of each
+    pair of inputs taken into the halves of a half2 as 4 + q / 256 by one LOP3 (4 bits) or PRMT (8
+    bits) under fp16's exponent of 4; less 4 + z / 256 that is (q - z) / 256, exactly; times the
+    inputs and summed in fp16 (the 1/256 keeps any fp16 input's sums finite), returned as float32
+    bits for the caller to scale by 256 s. Operands: $1 the word, $2... the input pairs as half2,
+    then the zero as half2 (4 + z / 256, twice)."""
+    pairs = 16 // bits
+    exponent = HALF2_EXPONENT >> 8
+    lines = ["{", ".reg .b32 w, t, acc;", ".reg .b16 lo, hi, h;", ".reg .f32 f;"]
+    for i in range(pairs):
+        if bits == 4:  # slots i and i + 4: nibbles at bits 4i and 16 + 4i
+            source = "$1"
+            if i:
+                lines.append(f"shr.u32 w, $1, {4 * i};")
+                source = "w"
+            lines.append(f"lop3.b32 t, {source}, 0x000f000f, {exponent * 0x1000100:#x}, 0xea;")  # (w & mask) | exponent
+        else:  # slots i and i + 2: bytes i and i + 2, each under the exponent's byte
+            lines.append(f"prmt.b32 t, $1, {exponent * 0x1010101:#x}, {0x4040 | i | (i + 2) << 8:#x};")
+        lines.append(f"sub.rn.f16x2 t, t, ${2 + pairs};")
+        lines.append("mul.rn.f16x2 acc, t, $2;" if i == 0 else f"fma.rn.f16x2 acc, t, ${2 + i}, acc;")
+    lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 h, lo, hi;", "cvt.f32.f16 f, h;", "mov.b32 $0, f;", "}"]
+    return "\n".join(lines)
+
+
 if triton is not None:
+    _EXPONENT = tl.constexpr(HALF2_EXPONENT)
+    _HALF2_DOT_4 = tl.constexpr(half2_dot_ptx(4))
+    _HALF2_DOT_8 = tl.constexpr(half2_dot_ptx(8))
 
     @triton.jit
     def _below(index, bound, EVEN: tl.constexpr):
@@ -309,7 +392,85 @@ if triton is not None:
 
     @triton.jit
     def _code(words, j: tl.constexpr, BITS: tl.constexpr):
-        return (words >> (BITS * j)) & ((1 << BITS) - 1)
+        """Code j of each word (at slot j // 2 + (j % 2) * per word / 2: `code_slots`)."""
+        SHIFT: tl.constexpr = BITS * ((j >> 1) + (j & 1) * (16 // BITS))
+        return (words >> SHIFT) & ((1 << BITS) - 1)
+
+    @triton.jit
+    def _load_words(w_ptr, start, cols_n, in_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """The words of inputs [start, start + BLOCK_K) for columns cols_n [rows, BLOCK_N] (read once:
+        evicted first), their word rows, and the mask of those present."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        rows = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        mask = _below(rows, tl.cdiv(K, PER_WORD), EVEN_K)[:, None] & in_n[None, :]
+        words = tl.load(w_ptr + rows[:, None] * N + cols_n[None, :], mask=mask, other=0, eviction_policy="evict_first")
+        return words, rows, mask
+
+    @triton.jit
+    def _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
+                    HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """What one token's products with inputs [start, start + BLOCK_K) (inside one group) read:
+        the words [rows, BLOCK_N]; the inputs as int32 pairs of fp16, a column [rows, 1] per pair
+        (8-bit words use two; the others repeat them and go unread); the scale (fp16) and the zero
+        point (int32) [1, BLOCK_N]. Zero past K."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        PAIRS: tl.constexpr = 16 // BITS
+        rows = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        in_k = (rows < K // PER_WORD)[:, None]
+        words = tl.load(w_ptr + rows[:, None] * N + cols_n[None, :], mask=in_k & in_n[None, :], other=0,
+                        eviction_policy="evict_first")
+        pairs_ptr = row_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * PAIRS
+        x0 = tl.load(pairs_ptr, mask=in_k, other=0)
+        x1 = tl.load(pairs_ptr + 1, mask=in_k, other=0)
+        if BITS == 4:
+            x2 = tl.load(pairs_ptr + 2, mask=in_k, other=0)
+            x3 = tl.load(pairs_ptr + 3, mask=in_k, other=0)
+        else:
+            x2, x3 = x0, x1
+        present = in_n & (start + 0 * cols_n < K)  # as a tensor: the interpreter's masks take no Python bool
+        group = start // GROUP
+        scale = tl.load(s_ptr + group * N + cols_n, mask=present, other=0.0)[None, :]
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + group * N + cols_n, mask=present, other=0).to(tl.int32)[None, :]
+        else:
+            zero = tl.full((1, cols_n.shape[0]), 1 << (BITS - 1), tl.int32)
+        return words, x0, x1, x2, x3, scale, zero
+
+    @triton.jit
+    def _half2_dot(words, x0, x1, x2, x3, scale, zero, BITS: tl.constexpr, ASM: tl.constexpr):
+        """Each word's codes times their inputs, in half2 arithmetic (about 2.2 instructions a
+        weight where float32 takes 5: `half2_dot_ptx`), as float32 [rows, BLOCK_N]: the products
+        x (q - z) / 256 of a word summed in fp16, then times 256 s in float32. Under the
+        interpreter, which runs no PTX, the same arithmetic in Triton's operations."""
+        if ASM:
+            zero2 = (zero | _EXPONENT) * 0x10001
+            if BITS == 4:
+                sums = tl.inline_asm_elementwise(_HALF2_DOT_4, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, zero2],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                sums = tl.inline_asm_elementwise(_HALF2_DOT_8, "=r,r,r,r,r", [words, x0, x1, zero2], dtype=tl.int32,
+                                                 is_pure=True, pack=1)
+            partial = sums.to(tl.float32, bitcast=True)
+        else:
+            PAIRS: tl.constexpr = 16 // BITS
+            MASK: tl.constexpr = (1 << BITS) - 1
+            low = tl.zeros(words.shape, tl.float16)
+            high = tl.zeros(words.shape, tl.float16)
+            for i in tl.static_range(PAIRS):
+                if i == 0:
+                    pair = x0
+                elif i == 1:
+                    pair = x1
+                elif i == 2:
+                    pair = x2
+                else:
+                    pair = x3
+                x_low = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+                x_high = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+                low += (((words >> (BITS * i)) & MASK) - zero).to(tl.float16) * (1 / 256) * x_low
+                high += (((words >> (BITS * (i + PAIRS))) & MASK) - zero).to(tl.float16) * (1 / 256) * x_high
+            partial = (low + high).to(tl.float32)
+        return partial * (scale.to(tl.float32) * 256.0)
 
     @triton.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
@@ -320,9 +481,7 @@ if triton is not None:
         tile's tables and each row's offset into them (look-up tables; a tile may span several
         groups)."""
         PER_WORD: tl.constexpr = 32 // BITS
-        rows = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
-        mask = _below(rows, tl.cdiv(K, PER_WORD), EVEN_K)[:, None] & in_n[None, :]
-        words = tl.load(w_ptr + rows[:, None] * N + cols_n[None, :], mask=mask, other=0, eviction_policy="evict_first")
+        words, rows, mask = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, EVEN_K)
         group = rows * PER_WORD // GROUP
         if HAS_LUT:
             TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP if GROUP < BLOCK_K else 1
@@ -355,7 +514,7 @@ if triton is not None:
         """Code j of each word as the float 1 + q / 2**BITS, exactly: the code moved to the top of
         an fp32 mantissa under exponent 0 by one shift, then masked and given the exponent by one
         LOP3 (no int-to-float conversion)."""
-        SHIFT: tl.constexpr = 23 - BITS - BITS * j
+        SHIFT: tl.constexpr = 23 - BITS - BITS * ((j >> 1) + (j & 1) * (16 // BITS))  # slot of code j
         if SHIFT >= 0:
             moved = words << SHIFT
         else:
@@ -382,7 +541,9 @@ if triton is not None:
         input order: codes [rows, per word, N] merged into rows of K. A table entry, or (q - z) * s
         with q as the float 2**23 + q (the code under that exponent: no int-to-float conversion)."""
         PER_WORD: tl.constexpr = 32 // BITS
-        codes = (words[:, None, :] >> (tl.arange(0, PER_WORD) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+        j = tl.arange(0, PER_WORD)
+        slots = (j >> 1) + (j & 1) * (PER_WORD // 2)
+        codes = (words[:, None, :] >> (slots * BITS)[None, :, None]) & ((1 << BITS) - 1)
         if HAS_LUT:
             index = tl.reshape(codes + b[:, :, None], (words.shape[0] * PER_WORD, words.shape[1]))
             weights = tl.gather(a, index, axis=0)
@@ -467,6 +628,31 @@ if triton is not None:
             acc += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, in_m, cols_n, in_n, K, MAX_ROW_OUTLIERS,
                              BLOCK_M, BLOCK_N)
         _write(y_ptr, ws_ptr, arrivals_ptr, acc, rows_m, in_m, cols_n, in_n, N, SPLIT)
+
+    @triton.jit
+    def _half2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, arrivals_ptr, M, N, K,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr,
+                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+        """y[m, tile of BLOCK_N] for one token m in half2 arithmetic, over this program's share of K
+        in tiles of BLOCK_K inputs inside one group. The next tile's loads are issued before this
+        tile's arithmetic (held in registers: a copy through shared memory costs more than it
+        hides here)."""
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = _below(cols_n, N, EVEN_N)
+        row_ptr = x_ptr + pid_m * K
+        step = BLOCK_K * tl.num_programs(2)
+        words, x0, x1, x2, x3, scale, zero = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, pid_k * BLOCK_K, cols_n, in_n,
+                                                        N, K, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+        acc = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)
+        for start in range(pid_k * BLOCK_K, K, step):
+            following = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, start + step, cols_n, in_n, N, K, BITS, GROUP,
+                                    HAS_ZEROS, BLOCK_K)
+            acc += _half2_dot(words, x0, x1, x2, x3, scale, zero, BITS, ASM)
+            words, x0, x1, x2, x3, scale, zero = following
+        total = tl.sum(acc, axis=0)[None, :]
+        rows_m = pid_m + tl.arange(0, 1)
+        _write(y_ptr, ws_ptr, arrivals_ptr, total, rows_m, rows_m < M, cols_n, in_n, N, SPLIT)
 
     @triton.jit
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, GROUPS,

@@ -10,6 +10,7 @@ from qtool.quantize import packing
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)  # small tiles keep the interpreter quick; a dot
 ONE_TOKEN = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=0)  # the CUDA-core path, one program per 32 inputs
+HALF2 = dict(ONE_TOKEN, HALF2=True)  # one token in half2 arithmetic (PTX on a GPU, Triton's operations here)
 DEQUANTIZE = dict(DEQUANTIZE=True, BLOCK_N=16, BLOCK_K=32)  # W^T by the Triton kernel, then cuBLAS
 
 
@@ -62,7 +63,27 @@ def test_codes_are_read_in_the_canonical_packing():
 def test_uniform_grids_match_the_reference(bits, group_size, symmetric, m):
     check(uniform_weight(48, 192, bits, group_size, symmetric), m)  # N, K not powers of two
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=ONE_TOKEN)
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=HALF2)
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, BLOCK_K=64))  # 2 groups of 32
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=DEQUANTIZE)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_half2_sums_stay_finite_for_large_fp16_inputs(bits):
+    """The half2 path sums a word's products in fp16; large inputs must not overflow them."""
+    weight = uniform_weight(32, 128, bits, 64, False)
+    x = torch.randn(1, 128, dtype=torch.float16, device=DEVICE)
+    x[0, :8] = 3000.0  # unscaled, 4 products x (q - z) of up to 45000 each would overflow fp16
+    out = triton_matmul(x, weight, config=HALF2)
+    assert torch.isfinite(out).all() and relative_error(out, reference(x, weight)) < 2e-3
+
+
+def test_the_half2_path_refuses_weights_it_cannot_compute():
+    x = torch.randn(1, 192, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="half2"):
+        triton_matmul(x, lut_weight(16, 192, 16, -1), config=HALF2)
+    with pytest.raises(ValueError, match="half2"):
+        triton_matmul(x.bfloat16(), uniform_weight(16, 192, 4, 64, False, torch.bfloat16), config=HALF2)
 
 
 @pytest.mark.parametrize("entries", [16, 8])  # 4-bit tables, and 3-bit ones with their codes in 4-bit slots
@@ -84,7 +105,8 @@ def test_sparse_outliers_are_added_once(m):
     check(weight, m, config=DEQUANTIZE)
 
 
-@pytest.mark.parametrize("config", [dict(SMALL, SPLIT_K=2), dict(SMALL, SPLIT_K=0), dict(ONE_TOKEN, SPLIT_K=3)])
+@pytest.mark.parametrize("config", [dict(SMALL, SPLIT_K=2), dict(SMALL, SPLIT_K=0), dict(ONE_TOKEN, SPLIT_K=3),
+                                    dict(HALF2, BLOCK_K=128, SPLIT_K=3)])
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
     weight = uniform_weight(40, 640, 4, 64, False)
     for _ in range(3):  # the last program of each tile resets the workspace for the next launch
@@ -94,6 +116,8 @@ def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
 def test_a_tail_of_columns_is_masked():
     check(uniform_weight(24, 128 + 32, 4, 32, False), 2)  # K not a multiple of 128
     check(uniform_weight(24, 128 + 32, 4, 32, False), 1, config=ONE_TOKEN)
+    check(uniform_weight(24, 128 + 32, 4, -1, False), 1, config=dict(HALF2, BLOCK_K=64))
+    check(uniform_weight(24, 128 + 32, 8, -1, True), 1, config=dict(HALF2, BLOCK_K=64))
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 tiles as integers (tl.dot)")
