@@ -8,7 +8,8 @@ observers sit where attention reads K and V, not on k_proj's outputs:
 - `observing_transformers_kv`: around transformers' attention interface, while a model (e.g. one
   being quantized block by block) runs;
 - `observing_native_kv`: on qtool's runtime model (`qtool.runtime.models.llama`), which must
-  give the same scales (a test holds the two to it).
+  give the same scales (a test holds the two to it); `observing_native_attention` is its hook,
+  which the runtime also uses to measure a float8 cache's key means and scales at load.
 
 Stored as compressed-tensors does (`kv_cache_scheme`, strategy `attn_head`): tensors
 `<attention module>.k_scale` and `.v_scale` of shape [kv_heads, 1, 1], float32.
@@ -96,17 +97,29 @@ def observing_transformers_kv(model: nn.Module) -> Iterator[KVAmax]:
 
 
 @contextmanager
-def observing_native_kv(model: nn.Module) -> Iterator[KVAmax]:
-    """Record K and V as qtool's runtime model writes them to its cache, while inside."""
-    amax = KVAmax()
+def observing_native_attention(model: nn.Module, observer_for) -> Iterator[None]:
+    """While inside, each attention layer of qtool's runtime model hands the keys and values it
+    writes to its cache ([tokens, kv_heads, head_dim]) to `observer_for(name, attention)`."""
     attentions = {name: module for name, module in model.named_modules() if hasattr(module, "kv_observer")}
     for name, attention in attentions.items():
-        attention.kv_observer = lambda keys, values, name=name: amax.update(name, keys, values, head_dim=1)
+        attention.kv_observer = observer_for(name, attention)
     try:
-        yield amax
+        yield
     finally:
         for attention in attentions.values():
             attention.kv_observer = None
+
+
+@contextmanager
+def observing_native_kv(model: nn.Module) -> Iterator[KVAmax]:
+    """Record K and V as qtool's runtime model writes them to its cache, while inside."""
+    amax = KVAmax()
+
+    def observer_for(name, attention):
+        return lambda keys, values: amax.update(name, keys, values, head_dim=1)
+
+    with observing_native_attention(model, observer_for):
+        yield amax
 
 
 def split_scale_tensors(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from qtool.calibrate.kv_scales import kv_cache_dtype, scales_from_amax
+from qtool.calibrate.kv_scales import kv_cache_dtype, observing_native_attention, scales_from_amax
 from qtool.errors import QtoolError
 
 log = logging.getLogger(__name__)
@@ -83,23 +83,17 @@ def _observe(model: nn.Module, windows: torch.Tensor, measure, combine) -> dict[
     """`measure(attention, keys, values)` of every attention layer on every window, folded over
     the windows with `combine` (torch.add, torch.maximum)."""
     seen: dict[str, torch.Tensor] = {}
-    attentions = attention_layers(model)
 
-    def observer(layer, attention):
+    def observer_for(layer, attention):
         def observe(keys, values):
             value = measure(attention, keys, values)
             seen[layer] = value if layer not in seen else combine(seen[layer], value)
         return observe
 
     device = next(model.parameters()).device
-    for layer, attention in attentions.items():
-        attention.kv_observer = observer(layer, attention)
-    try:
+    with observing_native_attention(model, observer_for):
         for window in windows:
             model(window.to(device).unsqueeze(0))
-    finally:
-        for attention in attentions.values():
-            attention.kv_observer = None
     return seen
 
 
