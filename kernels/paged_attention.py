@@ -14,16 +14,21 @@ no scales and holds the values as they are.
   twin.
 - `reference_decode`: the plain-torch definition: softmax in float32 of q.k * scale over the
   sequence's tokens, times v.
-- `triton_decode`: one program per (sequence, kv head) computes all the query heads of that group,
-  walking the sequence's blocks through its block table with an online softmax in float32; with
-  a float8 cache, the key scale is folded into q and the value scale into the output, so the
-  loop reads one byte per element and multiplies nothing more.
+- `triton_decode`: one program per (sequence, kv head, partition) computes all the query heads of
+  that group over its partition's share of the sequence's blocks, walking them through the block
+  table with an online softmax in float32; with a float8 cache, the key scale is folded into q and
+  the value scale into the output, so the loop reads one byte per element and multiplies nothing
+  more. Few sequences split each sequence's blocks among partitions (flash-decoding), so that
+  every multiprocessor has work; a second kernel merges the partitions' maxima, sums and
+  weighted values. The partition count depends only on the batch's shape, never on the lengths,
+  so a decode step can be captured in a CUDA graph.
 - `paged_decode`: the dispatcher: Triton on CUDA, the reference elsewhere or with
   QTOOL_KERNELS=reference.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -105,32 +110,67 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return reference_decode(q, k_cache, v_cache, block_tables, context_lens, scale, scales)
 
 
+MAX_PARTITIONS = 16
+PROGRAMS_PER_MULTIPROCESSOR = 2
+
+
+def decode_partitions(sequences: int, kv_heads: int, device: torch.device) -> int:
+    """How many partitions each sequence's blocks are split among: enough for about two programs a
+    multiprocessor, at most MAX_PARTITIONS; 1 (no split) when the batch fills the GPU alone."""
+    if device.type != "cuda":
+        return 1
+    programs = PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device.index if device.index is not None else
+                                                              torch.cuda.current_device())
+    return max(1, min(MAX_PARTITIONS, programs // (sequences * kv_heads)))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  context_lens: torch.Tensor, scale: float, scales: KVScales | None = None) -> torch.Tensor:
+                  context_lens: torch.Tensor, scale: float, scales: KVScales | None = None,
+                  partitions: int | None = None) -> torch.Tensor:
+    """`partitions` fixes the split (tests); None chooses it by the batch's shape."""
     sequences, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
+    partitions = partitions or decode_partitions(sequences, kv_heads, q.device)
     q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
     fp8 = k_cache.dtype == FP8
     keys_scale, values_scale = (scales.keys.float().contiguous(), scales.values.float().contiguous()) if fp8 else (q, q)
     out = torch.empty_like(q)
-    _decode_kernel[(sequences, kv_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale, keys_scale, values_scale,
+    split = partitions > 1
+    # per (sequence, head, partition): the running maximum, the sum of weights and the weighted values
+    maxima = torch.empty(sequences, heads, partitions, device=q.device, dtype=torch.float32) if split else out
+    sums = torch.empty_like(maxima) if split else out
+    values = torch.empty(sequences, heads, partitions, head_dim, device=q.device, dtype=torch.float32) if split else out
+    shape = dict(HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
+    _decode_kernel[(sequences, kv_heads, partitions)](
+        q, k_cache, v_cache, block_tables, context_lens, out, maxima, sums, values, scale, keys_scale, values_scale,
         block_tables.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HEADS=heads, GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), SCALED=fp8,
+        GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, SCALED=fp8,
+        SPLIT=split, **shape,
     )
+    if split:
+        _merge_kernel[(sequences, heads)](maxima, sums, values, out, PARTITIONS=partitions,
+                                          PARTITIONS_PAD=triton.next_power_of_2(partitions), **shape)
     return out
 
 
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale, k_scale_ptr, v_scale_ptr,
-                       max_blocks, stride_block, stride_token, stride_head,
+    def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr, values_ptr, scale,
+                       k_scale_ptr, v_scale_ptr, max_blocks, stride_block, stride_token, stride_head,
                        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SCALED: tl.constexpr):
-        sequence, kv_head = tl.program_id(0), tl.program_id(1)
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SCALED: tl.constexpr,
+                       SPLIT: tl.constexpr):
+        """The attention of one kv head's query heads over one partition's share of a sequence's
+        blocks: the output itself, or (SPLIT) the share's maximum, sum of weights and weighted
+        values for `_merge_kernel` (an empty share: -inf, 0, 0)."""
+        sequence, kv_head, partition = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
         in_group = tl.arange(0, GROUP_PAD) < GROUP
         dims = tl.arange(0, HEAD_DIM_PAD)
@@ -144,7 +184,9 @@ if triton is not None:
         total = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), tl.float32)
         tokens = tl.arange(0, BLOCK_SIZE)
-        for index in range(0, tl.cdiv(length, BLOCK_SIZE)):
+        blocks = tl.cdiv(length, BLOCK_SIZE)
+        share = tl.cdiv(blocks, tl.num_programs(2))
+        for index in range(partition * share, tl.minimum((partition + 1) * share, blocks)):
             block = tl.load(tables_ptr + sequence * max_blocks + index).to(tl.int64)
             offsets = block * stride_block + tokens[:, None] * stride_token + kv_head * stride_head + dims[None, :]
             present = (index * BLOCK_SIZE + tokens) < length
@@ -158,8 +200,32 @@ if triton is not None:
             total = total * correction + tl.sum(weights, axis=1)
             acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
             best = new_best
-        out = acc / total[:, None]
         if SCALED:
-            out = out * tl.load(v_scale_ptr + kv_head)
-        tl.store(out_ptr + (sequence * HEADS + heads)[:, None] * HEAD_DIM + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=in_group[:, None] & in_dim[None, :])
+            acc = acc * tl.load(v_scale_ptr + kv_head)
+        mask = in_group[:, None] & in_dim[None, :]
+        if SPLIT:
+            rows = (sequence * HEADS + heads) * tl.num_programs(2) + partition
+            tl.store(max_ptr + rows, best, mask=in_group)
+            tl.store(sum_ptr + rows, total, mask=in_group)
+            tl.store(values_ptr + rows[:, None] * HEAD_DIM + dims[None, :], acc, mask=mask)
+        else:
+            tl.store(out_ptr + (sequence * HEADS + heads)[:, None] * HEAD_DIM + dims[None, :],
+                     (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _merge_kernel(max_ptr, sum_ptr, values_ptr, out_ptr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HEAD_DIM_PAD: tl.constexpr, PARTITIONS: tl.constexpr, PARTITIONS_PAD: tl.constexpr):
+        """One (sequence, head)'s output from its partitions: each share's sums rescaled to the
+        overall maximum (empty shares weigh nothing), the values over the sum."""
+        row = tl.program_id(0) * HEADS + tl.program_id(1)
+        parts = tl.arange(0, PARTITIONS_PAD)
+        present = parts < PARTITIONS
+        dims = tl.arange(0, HEAD_DIM_PAD)
+        in_dim = dims < HEAD_DIM
+        maxima = tl.load(max_ptr + row * PARTITIONS + parts, mask=present, other=float("-inf"))
+        weights = tl.where(maxima > float("-inf"), tl.exp(maxima - tl.max(maxima, axis=0)), 0.0)
+        total = tl.sum(weights * tl.load(sum_ptr + row * PARTITIONS + parts, mask=present, other=0.0), axis=0)
+        values = tl.load(values_ptr + (row * PARTITIONS + parts)[:, None] * HEAD_DIM + dims[None, :],
+                         mask=present[:, None] & in_dim[None, :], other=0.0)
+        out = tl.sum(weights[:, None] * values, axis=0) / total
+        tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=in_dim)

@@ -14,14 +14,15 @@ def random_cache(blocks=12, block_size=8, kv_heads=2, head_dim=32, dtype=torch.f
     return torch.randn(shape, dtype=dtype, device=DEVICE), torch.randn(shape, dtype=dtype, device=DEVICE)
 
 
+@pytest.mark.parametrize("partitions", [1, 3, 7])  # 7: more than a sequence has blocks, so some shares are empty
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 32), (6, 2, 24), (3, 3, 16), (8, 1, 64)])
-def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim):
+def test_decode_kernel_matches_the_reference(heads, kv_heads, head_dim, partitions):
     k_cache, v_cache = random_cache(kv_heads=kv_heads, head_dim=head_dim)
     tables = torch.stack([torch.randperm(12, device=DEVICE)[:5] for _ in range(3)]).to(torch.int32)
     lengths = torch.tensor([1, 17, 40], dtype=torch.int32, device=DEVICE)  # inside, across and at block ends
     q = torch.randn(3, heads, head_dim, device=DEVICE)
     expected = reference_decode(q, k_cache, v_cache, tables, lengths, head_dim**-0.5)
-    out = triton_decode(q, k_cache, v_cache, tables, lengths, head_dim**-0.5)
+    out = triton_decode(q, k_cache, v_cache, tables, lengths, head_dim**-0.5, partitions=partitions)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
@@ -32,8 +33,10 @@ def test_decode_kernel_in_half_precision():
     tables = torch.arange(12, device=DEVICE, dtype=torch.int32).view(2, 6)
     lengths = torch.tensor([33, 48], dtype=torch.int32, device=DEVICE)
     q = torch.randn(2, 4, 32, device=DEVICE, dtype=torch.float16)
-    torch.testing.assert_close(triton_decode(q, k_cache, v_cache, tables, lengths, 0.2),
-                               reference_decode(q, k_cache, v_cache, tables, lengths, 0.2), atol=2e-3, rtol=2e-3)
+    expected = reference_decode(q, k_cache, v_cache, tables, lengths, 0.2)
+    for partitions in (None, 1, 4):  # None: as many as the GPU's multiprocessors call for
+        torch.testing.assert_close(triton_decode(q, k_cache, v_cache, tables, lengths, 0.2, partitions=partitions),
+                                   expected, atol=2e-3, rtol=2e-3)
 
 
 def test_stored_tokens_are_read_back_in_order():

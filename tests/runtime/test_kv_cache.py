@@ -54,10 +54,10 @@ def test_decode_kernel_on_a_float8_cache_matches_the_reference(heads, kv_heads, 
     dequantized = reference_decode(q, from_cache(k_cache, scales.keys), from_cache(v_cache, scales.values), tables,
                                    lengths, head_dim**-0.5)
     torch.testing.assert_close(expected, dequantized, atol=1e-5, rtol=1e-5)  # the reference reads the scales
-    out = torch.full_like(q, float("nan"))
-    out.copy_(triton_decode(q, k_cache, v_cache, tables, lengths, head_dim**-0.5, scales))
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for partitions in (1, 3):
+        out = triton_decode(q, k_cache, v_cache, tables, lengths, head_dim**-0.5, scales, partitions=partitions)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_transformers_and_qtool_observe_the_same_rotated_keys():
