@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qtool.errors import QtoolError
+from qtool.kernels.elementwise import rms_norm, rotary, silu_mul
 from qtool.kernels.paged_attention import KVScales, round_trip
 from qtool.runtime.attention import PagedBatch, causal_attention, paged_attention
 
@@ -82,11 +82,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The normed x; with `residual`, (normed x + residual, x + residual): one kernel on CUDA."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Rotary(nn.Module):
@@ -114,14 +112,6 @@ class Rotary(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos() * self.scaling, angles.sin() * self.scaling
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] rotated by the angles of its tokens (cos, sin [T, head_dim])."""
-    half = x.shape[-1] // 2
-    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
-    return x * cos + turned * sin
 
 
 class Attention(nn.Module):
@@ -163,7 +153,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(-1, spec.kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        q, k = rotary(q, k, cos, sin)
         if self.kv_observer is not None:
             self.kv_observer(k, v)
         if self.kv_cache_dtype is not None:
@@ -185,7 +175,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -196,9 +186,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cos, sin, batch, lengths):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, lengths)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, hidden, residual, cos, sin, batch, lengths):
+        """(this layer's MLP output, the residual stream before it is added): each residual add is
+        fused into the norm after it (the next layer's, or the final one)."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, batch, lengths)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class Backbone(nn.Module):
@@ -244,8 +241,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def _run(self, ids, positions, batch, lengths):
-        x = self.model.embed_tokens(ids)
+        hidden, residual = self.model.embed_tokens(ids), None
         cos, sin = self.model.rotary_emb(positions)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, lengths)
-        return self.model.norm(x)
+            hidden, residual = layer(hidden, residual, cos, sin, batch, lengths)
+        return self.model.norm(hidden) if residual is None else self.model.norm(hidden, residual)[0]

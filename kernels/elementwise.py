@@ -1,0 +1,178 @@
+"""The small per-token operations of a decoder layer, each one kernel: RMSNorm (with the residual
+add before it), the rotary embedding of queries and keys, and SiLU(gate) * up.
+
+Decoding one token runs a layer's matrix products in a few microseconds each; done as torch
+operations, these steps take about thirty more kernels a layer (casts, powers, means, halves
+concatenated), each a launch and a trip through memory. One kernel each keeps the arithmetic and
+rounding of the torch form, so results do not change: float32 inside, rounded to the activations'
+dtype where the torch form rounds.
+
+- `rms_norm(x, weight, eps, residual=None)`: weight * (x / rms(x)), the normalised x rounded to
+  x's dtype before the weight multiplies it; with `residual`, x + residual first (rounded), and
+  that sum comes back too (the next residual).
+- `rotary(q, k, cos, sin)`: q and k [T, heads, head_dim] rotated by their token's angles (the
+  halves convention: x * cos + [-x2, x1] * sin), both in one launch.
+- `silu_mul(gate, up)`: SiLU(gate) * up.
+
+Each has a plain-torch reference that defines it and runs anywhere, and a Triton twin
+(`triton_*`); the dispatchers run Triton on CUDA and the reference elsewhere or with
+QTOOL_KERNELS=reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def _on_triton(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda and os.environ.get("QTOOL_KERNELS") != "reference"
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    if residual is not None:
+        x = x + residual
+    dtype = x.dtype
+    normed = x.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * normed.to(dtype)
+    return out if residual is None else (out, x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm over the last dimension; with `residual`, of x + residual, returning (normed, sum)."""
+    if not _on_triton(x):
+        return reference_rms_norm(x, weight, eps, residual)
+    return triton_rms_norm(x, weight, eps, residual)
+
+
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    size = x.shape[-1]
+    rows = x.reshape(-1, size).contiguous()
+    out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    summed = torch.empty_like(rows) if residual is not None else rows
+    block = triton.next_power_of_2(size)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, rows if residual is None else residual.reshape(-1, size).contiguous(), weight.contiguous(), out, summed,
+        size, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)))
+    out = out.view(x.shape)
+    return out if residual is None else (out, summed.view(x.shape))
+
+
+def reference_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def rotate(x):
+        half = x.shape[-1] // 2
+        turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos.to(x.dtype)[:, None, :] + turned * sin.to(x.dtype)[:, None, :]
+
+    return rotate(q), rotate(k)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [T, heads, head_dim] and k [T, kv_heads, head_dim] rotated by cos, sin [T, head_dim]."""
+    if not _on_triton(q):
+        return reference_rotary(q, k, cos, sin)
+    return triton_rotary(q, k, cos, sin)
+
+
+def triton_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q, k, cos, sin = q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous()
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    _rotary_kernel[(tokens, heads + kv_heads)](
+        q, k, cos, sin, q_out, k_out, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
+        HALF_PAD=triton.next_power_of_2(head_dim // 2), num_warps=1)
+    return q_out, k_out
+
+
+def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up, SiLU's result rounded to gate's dtype first, as torch does."""
+    if not _on_triton(gate):
+        return reference_silu_mul(gate, up)
+    return triton_silu_mul(gate, up)
+
+
+def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    count = gate.numel()
+    _silu_mul_kernel[(triton.cdiv(count, SILU_BLOCK),)](gate, up, out, count, BLOCK=SILU_BLOCK, num_warps=4)
+    return out
+
+
+SILU_BLOCK = 1024
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, sum_ptr, size, eps, HAS_RESIDUAL: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * size
+        cols = tl.arange(0, BLOCK)
+        inside = cols < size
+        x = tl.load(x_ptr + row + cols, mask=inside, other=0.0)
+        if HAS_RESIDUAL:  # the sum rounded to the activations' dtype, as torch's addition rounds it
+            x = (x.to(tl.float32) + tl.load(residual_ptr + row + cols, mask=inside, other=0.0).to(tl.float32))
+            x = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row + cols, x, mask=inside)
+        wide = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(wide * wide, axis=0) / size + eps)
+        normed = (wide * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        weight = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _rounded(x, dtype: tl.constexpr):
+        """x rounded to `dtype` and back to float32: the rounding of a torch operation in `dtype`."""
+        return x.to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, HEADS: tl.constexpr,
+                       KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+        """One head of one token: program (token, head), heads first, then kv heads."""
+        token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        if head < HEADS:
+            source, target = q_ptr + (token * HEADS + head) * 2 * HALF, q_out_ptr + (token * HEADS + head) * 2 * HALF
+        else:
+            row = token * KV_HEADS + head - HEADS
+            source, target = k_ptr + row * 2 * HALF, k_out_ptr + row * 2 * HALF
+        dtype = q_ptr.dtype.element_ty
+        dims = tl.arange(0, HALF_PAD)
+        inside = dims < HALF
+        first = tl.load(source + dims, mask=inside, other=0.0).to(tl.float32)
+        second = tl.load(source + HALF + dims, mask=inside, other=0.0).to(tl.float32)
+        angles = cos_ptr + token * 2 * HALF
+        cos_first = _rounded(tl.load(angles + dims, mask=inside, other=0.0), dtype)
+        cos_second = _rounded(tl.load(angles + HALF + dims, mask=inside, other=0.0), dtype)
+        angles = sin_ptr + token * 2 * HALF
+        sin_first = _rounded(tl.load(angles + dims, mask=inside, other=0.0), dtype)
+        sin_second = _rounded(tl.load(angles + HALF + dims, mask=inside, other=0.0), dtype)
+        # x * cos + [-second, first] * sin, each product and the sum rounded as in `dtype`
+        out_first = _rounded(first * cos_first, dtype) + _rounded(-second * sin_first, dtype)
+        out_second = _rounded(second * cos_second, dtype) + _rounded(first * sin_second, dtype)
+        tl.store(target + dims, out_first.to(dtype), mask=inside)
+        tl.store(target + HALF + dims, out_second.to(dtype), mask=inside)
+
+    @triton.jit
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, count, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
+        gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        dtype = out_ptr.dtype.element_ty
+        silu = _rounded(gate / (1.0 + tl.exp(-gate)), dtype)
+        tl.store(out_ptr + offsets, (silu * up).to(dtype), mask=inside)

@@ -1,0 +1,65 @@
+"""Compile qtool's Triton kernels for sm_90 (Hopper) with Triton's own ptxas, no GPU needed: what
+a GPU-less machine can check of the GPU path (PTX syntax, inline-asm operands, layouts, register
+limits). Run as a script in a process without TRITON_INTERPRET (the interpreter replaces the
+kernels); prints one line per kernel compiled."""
+
+import os
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from qtool.kernels import elementwise, paged_attention, quant_matmul  # noqa: E402
+
+FLOATS = {"eps", "scale"}
+
+
+def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num_warps: int = 4) -> None:
+    """Pointers default to fp16 (`pointers` names others), scalars to int32 (float32 for FLOATS)."""
+    pointers = pointers or {}
+    signature = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, "*fp16")
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert compiled.asm["cubin"]
+    print(kernel.__name__, constexprs)
+
+
+def main() -> None:
+    words = {"w_ptr": "*i32", "z_ptr": "*u8", "ws_ptr": "*fp32", "arrivals_ptr": "*i32"}
+    matmul = dict(words, oc_ptr="*i32", oo_ptr="*i32")
+    for block_m, block_k in ((1, 256), (16, 128)):  # one token on the CUDA cores; a dot
+        compile_for_sm90(quant_matmul._matmul_kernel, dict(BITS=4, GROUP=64, HAS_ZEROS=True, HAS_LUT=False, LUT_SIZE=1,
+                                                           HAS_OUTLIERS=False, SPLIT=True, EVEN_N=True, EVEN_K=True,
+                                                           BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k, STAGES=3),
+                         matmul)
+    for bits in (4, 8):
+        compile_for_sm90(quant_matmul._half2_kernel, dict(BITS=bits, GROUP=64, HAS_ZEROS=True, SPLIT=True, EVEN_N=True,
+                                                          BLOCK_N=256, BLOCK_K=64, ASM=True), words)
+    decode = {"tables_ptr": "*i32", "lens_ptr": "*i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+              "values_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+    for split in (False, True):
+        compile_for_sm90(paged_attention._decode_kernel, dict(HEADS=32, GROUP=4, GROUP_PAD=4, BLOCK_SIZE=16,
+                                                              HEAD_DIM=128, HEAD_DIM_PAD=128, SCALED=False,
+                                                              SPLIT=split), decode)
+    compile_for_sm90(paged_attention._merge_kernel, dict(HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, PARTITIONS=16,
+                                                         PARTITIONS_PAD=16),
+                     {"max_ptr": "*fp32", "sum_ptr": "*fp32", "values_ptr": "*fp32"})
+    for residual in (False, True):
+        compile_for_sm90(elementwise._rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=4096), num_warps=16)
+    compile_for_sm90(elementwise._rotary_kernel, dict(HEADS=32, KV_HEADS=8, HALF=64, HALF_PAD=64),
+                     {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}, num_warps=1)
+    compile_for_sm90(elementwise._silu_mul_kernel, dict(BLOCK=1024))
+
+
+if __name__ == "__main__":
+    main()

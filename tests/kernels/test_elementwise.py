@@ -1,0 +1,60 @@
+"""The fused per-token kernels of a decoder layer against their torch references, on random inputs
+of odd sizes (interpreter on the CPU, the GPU where there is one)."""
+
+import pytest
+import torch
+
+from qtool.kernels.elementwise import (
+    reference_rms_norm, reference_rotary, reference_silu_mul, triton_rms_norm, triton_rotary, triton_silu_mul,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+
+
+def poisoned(monkeypatch):
+    """Outputs start as NaN: an element the kernel did not write stays NaN."""
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: torch.full(shape[0] if len(shape) == 1 else shape,
+                                                                        float("nan"), **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 96), (5, 2, 24), (1, 200)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_reference(monkeypatch, dtype, shape, with_residual):
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    residual = torch.randn(shape, device=DEVICE).to(dtype) if with_residual else None
+    weight = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(dtype)
+    expected = reference_rms_norm(x, weight, 1e-5, residual)
+    poisoned(monkeypatch)
+    out = triton_rms_norm(x, weight, 1e-5, residual)
+    if with_residual:
+        assert torch.equal(out[1], expected[1])  # the sum, rounded as torch rounds it
+        out, expected = out[0], expected[0]
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 32), (3, 1, 24)])
+def test_rotary_matches_the_reference(monkeypatch, dtype, heads, kv_heads, head_dim):
+    tokens = 5
+    q = torch.randn(tokens, heads, head_dim, device=DEVICE).to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, device=DEVICE).to(dtype)
+    angles = torch.rand(tokens, head_dim // 2, device=DEVICE).repeat(1, 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+    expected = reference_rotary(q, k, cos, sin)
+    poisoned(monkeypatch)
+    for out, want in zip(triton_rotary(q, k, cos, sin), expected):
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_the_reference(monkeypatch, dtype):
+    gate = (torch.randn(3, 1500, device=DEVICE) * 4).to(dtype)  # more than one block, a tail
+    up = torch.randn(3, 1500, device=DEVICE).to(dtype)
+    expected = reference_silu_mul(gate, up)
+    poisoned(monkeypatch)
+    torch.testing.assert_close(triton_silu_mul(gate, up), expected, rtol=1e-5 if dtype == torch.float32 else 1e-3,
+                               atol=1e-5)
