@@ -84,14 +84,22 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def triton_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q and k may be views with a token stride of their own (slices of one q/k/v product)."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    q, k, cos, sin = q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous()
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    q, k = _heads_packed(q), _heads_packed(k)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    q_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    k_out = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     _rotary_kernel[(tokens, heads + kv_heads)](
-        q, k, cos, sin, q_out, k_out, HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
+        q, k, cos, sin, q_out, k_out, q.stride(0), k.stride(0), HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
         HALF_PAD=triton.next_power_of_2(head_dim // 2), num_warps=1)
     return q_out, k_out
+
+
+def _heads_packed(x: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] with each token's heads packed (any token stride), copied if not."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -106,11 +114,19 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    count = gate.numel()
-    _silu_mul_kernel[(triton.cdiv(count, SILU_BLOCK),)](gate, up, out, count, BLOCK=SILU_BLOCK, num_warps=4)
+    """gate and up may be views with a row stride of their own (halves of one gate/up product)."""
+    width = gate.shape[-1]
+    gate_rows, up_rows = _rows(gate), _rows(up)
+    out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(width, SILU_BLOCK))](
+        gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), BLOCK=SILU_BLOCK, num_warps=4)
     return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as rows [-1, last dim] with unit column stride (a view where it can be)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(1) == 1 else rows.contiguous()
 
 
 SILU_BLOCK = 1024
@@ -141,15 +157,17 @@ if triton is not None:
         return x.to(dtype).to(tl.float32)
 
     @triton.jit
-    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, HEADS: tl.constexpr,
-                       KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-        """One head of one token: program (token, head), heads first, then kv heads."""
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, q_stride, k_stride,
+                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+        """One head of one token: program (token, head), heads first, then kv heads. The inputs'
+        tokens are `q_stride` / `k_stride` elements apart; the outputs are packed."""
         token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
         if head < HEADS:
-            source, target = q_ptr + (token * HEADS + head) * 2 * HALF, q_out_ptr + (token * HEADS + head) * 2 * HALF
+            source = q_ptr + token * q_stride + head * 2 * HALF
+            target = q_out_ptr + (token * HEADS + head) * 2 * HALF
         else:
-            row = token * KV_HEADS + head - HEADS
-            source, target = k_ptr + row * 2 * HALF, k_out_ptr + row * 2 * HALF
+            source = k_ptr + token * k_stride + (head - HEADS) * 2 * HALF
+            target = k_out_ptr + (token * KV_HEADS + head - HEADS) * 2 * HALF
         dtype = q_ptr.dtype.element_ty
         dims = tl.arange(0, HALF_PAD)
         inside = dims < HALF
@@ -168,11 +186,13 @@ if triton is not None:
         tl.store(target + HALF + dims, out_second.to(dtype), mask=inside)
 
     @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, count, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offsets < count
-        gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, BLOCK: tl.constexpr):
+        """BLOCK columns of one row: program (row, column block)."""
+        row = tl.program_id(0).to(tl.int64)
+        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = columns < width
+        gate = tl.load(gate_ptr + row * gate_stride + columns, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(up_ptr + row * up_stride + columns, mask=inside, other=0.0).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
         silu = _rounded(gate / (1.0 + tl.exp(-gate)), dtype)
-        tl.store(out_ptr + offsets, (silu * up).to(dtype), mask=inside)
+        tl.store(out_ptr + row * width + columns, (silu * up).to(dtype), mask=inside)

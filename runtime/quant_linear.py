@@ -115,3 +115,70 @@ def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
     return KernelLayout(KernelWeight.from_rows(packed, bits, weight.in_features, scheme.group_size,
                                                scales=weight.scales, zeros=weight.zeros, lut=weight.lut, **parts),
                         columns)
+
+
+def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
+    """One kernel view of weights that read the same input, joined along the outputs (columns of
+    the view); None unless all are uniform grids of one kind (bits, group, zero points), without
+    tables or outliers, with one column order."""
+    layouts = [kernel_layout(weight) for weight in weights]
+    if any(layout is None for layout in layouts):
+        return None
+    first, kernels = layouts[0], [layout.weight for layout in layouts]
+    head = kernels[0]
+    if any(layout.columns is not None and (first.columns is None or not torch.equal(layout.columns, first.columns))
+           or layout.columns is None and first.columns is not None for layout in layouts):
+        return None
+    if any(kernel.lut is not None or kernel.outlier_values is not None or kernel.bits != head.bits
+           or kernel.group_size != head.group_size or kernel.in_features != head.in_features
+           or (kernel.zeros is None) != (head.zeros is None) for kernel in kernels):
+        return None
+
+    def joined(field):
+        parts = [getattr(kernel, field) for kernel in kernels]
+        return None if parts[0] is None else torch.cat(parts, dim=1)
+
+    return KernelLayout(KernelWeight(joined("packed"), head.bits, head.in_features, head.group_size,
+                                     scales=joined("scales"), zeros=joined("zeros")), first.columns)
+
+
+class FusedLinears:
+    """Linears of one module that read the same input (q/k/v, gate/up), run as one quantized
+    product on CUDA: their kernel views joined along the outputs once, at the first CUDA call
+    (as large as their separate views would be), then one launch where there were several. Where
+    that cannot be (dense or W8A8 layers, weights of different kinds, no GPU), each linear runs
+    alone. Looks its linears up by name at each call: the loader replaces them after the model
+    is built."""
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...]):
+        self.owner, self.names = owner, names
+        self._fused: tuple[torch.device, tuple | None] | None = None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        linears = [getattr(self.owner, name) for name in self.names]
+        fused = self._fused_on(x.device, linears) if x.is_cuda else None
+        if fused is None or not kernel_fits(x, fused[0].weight):
+            return [linear(x) for linear in linears]
+        layout, sizes, bias = fused
+        if layout.columns is not None:
+            x = x.index_select(-1, layout.columns)
+        out = quant_matmul(x, layout.weight)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return list(out.split(sizes, dim=-1))
+
+    def _fused_on(self, device: torch.device, linears: list[nn.Module]) -> tuple | None:
+        if self._fused is None or self._fused[0] != device:
+            fused = None
+            resident = all(isinstance(linear, QuantLinear) and not linear.scheme.activation_bits
+                           and not any(buffer.is_meta for buffer in linear.buffers()) for linear in linears)
+            layout = fused_kernel_layout([linear.quantized_weight() for linear in linears]) if resident else None
+            if layout is not None:
+                biases = [linear.bias for linear in linears]
+                bias = None
+                if any(b is not None for b in biases):
+                    bias = torch.cat([b if b is not None else torch.zeros(linear.out_features, device=device)
+                                      for b, linear in zip(biases, linears)])
+                fused = (layout, [linear.out_features for linear in linears], bias)
+            self._fused = (device, fused)
+        return self._fused[1]

@@ -4,7 +4,7 @@ Face config, with the same parameter names as transformers' own, so checkpoints 
 RMSNorm, rotary embeddings (the rope-scaling variant of the config, with transformers' own
 frequency tables), grouped-query attention, SwiGLU, tied embeddings, q/k/v biases (Qwen2) and
 q/k norms (Qwen3). Linears are `nn.Linear` here; the loader swaps in `QuantLinear` for quantized
-ones. Two ways to run:
+ones; q/k/v and gate/up then run as one product each on CUDA (`FusedLinears`). Two ways to run:
 - `model(input_ids [B, L])`: whole windows, causal attention within each (perplexity); returns an
   object with `.logits`, as transformers' models do.
 - `model.forward_tokens(ids [T], positions [T], batch)`: the tokens of many sequences flattened,
@@ -22,6 +22,7 @@ from qtool.errors import QtoolError
 from qtool.kernels.elementwise import rms_norm, rotary, silu_mul
 from qtool.kernels.paged_attention import KVScales, round_trip
 from qtool.runtime.attention import PagedBatch, causal_attention, paged_attention
+from qtool.runtime.quant_linear import FusedLinears
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -122,6 +123,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(spec.hidden_size, spec.kv_heads * spec.head_dim, bias=spec.attention_bias)
         self.v_proj = nn.Linear(spec.hidden_size, spec.kv_heads * spec.head_dim, bias=spec.attention_bias)
         self.o_proj = nn.Linear(spec.heads * spec.head_dim, spec.hidden_size, bias=spec.output_bias)
+        self.qkv = FusedLinears(self, ("q_proj", "k_proj", "v_proj"))
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
@@ -148,9 +150,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch | None,
                 lengths: int | None) -> torch.Tensor:
         spec = self.spec
-        q = self.q_proj(x).view(-1, spec.heads, spec.head_dim)
-        k = self.k_proj(x).view(-1, spec.kv_heads, spec.head_dim)
-        v = self.v_proj(x).view(-1, spec.kv_heads, spec.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.view(-1, spec.heads, spec.head_dim)
+        k, v = k.view(-1, spec.kv_heads, spec.head_dim), v.view(-1, spec.kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, cos, sin)
@@ -173,9 +175,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_up = FusedLinears(self, ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu_mul(*self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -13,7 +13,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from qtool.kernels import elementwise, paged_attention, quant_matmul  # noqa: E402
 
-FLOATS = {"eps", "scale"}
+FLOATS = {"eps", "scale"}  # scalars passed as float; the others are int32
 
 
 def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num_warps: int = 4) -> None:

@@ -58,3 +58,23 @@ def test_silu_mul_matches_the_reference(monkeypatch, dtype):
     poisoned(monkeypatch)
     torch.testing.assert_close(triton_silu_mul(gate, up), expected, rtol=1e-5 if dtype == torch.float32 else 1e-3,
                                atol=1e-5)
+
+
+def test_rotary_reads_q_and_k_as_slices_of_one_product():
+    """q, k, v come as views of one [T, (heads + 2 kv_heads) * head_dim] product."""
+    tokens, heads, kv_heads, head_dim = 3, 4, 2, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)
+    angles = torch.rand(tokens, head_dim // 2, device=DEVICE).repeat(1, 2)
+    for out, want in zip(triton_rotary(q, k, angles.cos(), angles.sin()),
+                         reference_rotary(q.contiguous(), k.contiguous(), angles.cos(), angles.sin())):
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_silu_mul_reads_gate_and_up_as_halves_of_one_product():
+    gate_up = torch.randn(4, 2 * 300, device=DEVICE)
+    gate, up = gate_up.split([300, 300], dim=-1)
+    torch.testing.assert_close(triton_silu_mul(gate, up), reference_silu_mul(gate.contiguous(), up.contiguous()),
+                               rtol=1e-5, atol=1e-5)

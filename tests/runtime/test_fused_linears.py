@@ -1,0 +1,64 @@
+"""Linears that read one input (q/k/v, gate/up) joined into one quantized product: the joined
+kernel view gives each linear's own product, and weights of different kinds are not joined."""
+
+import pytest
+import torch
+from torch import nn
+
+from qtool.kernels.quant_matmul import triton_matmul
+from qtool.quantize.grid import fit_minmax, quantize_to_codes
+from qtool.quantize.qweight import QuantizedWeight
+from qtool.quantize.scheme import Scheme
+from qtool.runtime.quant_linear import FusedLinears, QuantLinear, fused_kernel_layout
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)
+
+
+def quantized(out_features: int, bits: int = 4, group: int = 32, symmetric: bool = False):
+    dense = torch.randn(out_features, 128) * 0.05
+    scheme = Scheme(bits, group, symmetric)
+    grid = fit_minmax(dense, scheme, torch.float16)
+    return QuantizedWeight.from_codes(quantize_to_codes(dense, grid, scheme), grid, scheme).to(DEVICE)
+
+
+def product(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    return (x.float() @ weight.dequantize(torch.float16).float().t().to(x.device)).half()
+
+
+def test_weights_of_one_kind_join_into_one_product():
+    weights = [quantized(48), quantized(16), quantized(16)]
+    layout = fused_kernel_layout(weights)
+    x = torch.randn(3, 128, dtype=torch.float16, device=DEVICE)
+    out = triton_matmul(x, layout.weight, config=SMALL)
+    expected = torch.cat([product(x, weight) for weight in weights], dim=-1)
+    assert out.shape == (3, 80)
+    assert ((out.double() - expected.double()).norm() / expected.double().norm()).item() < 2e-3
+
+
+@pytest.mark.parametrize("other", [dict(bits=8), dict(group=64), dict(symmetric=True)])
+def test_weights_of_different_kinds_stay_apart(other):
+    assert fused_kernel_layout([quantized(16), quantized(16, **other)]) is None
+
+
+def test_without_a_joined_product_each_linear_runs_alone():
+    owner = nn.Module()
+    owner.gate, owner.up = nn.Linear(128, 32), QuantLinear(quantized(32))
+    owner.to(DEVICE)
+    x = torch.randn(2, 128, device=DEVICE)
+    gate, up = FusedLinears(owner, ("gate", "up"))(x)  # a dense linear among them
+    torch.testing.assert_close(gate, owner.gate(x))
+    torch.testing.assert_close(up, owner.up(x))
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="linears are joined on CUDA only")
+def test_joined_linears_give_each_linear_its_own_output():
+    owner = nn.Module()
+    owner.q, owner.k = QuantLinear(quantized(64), torch.randn(64)), QuantLinear(quantized(32))
+    owner.half().to(DEVICE)
+    x = torch.randn(5, 128, dtype=torch.float16, device=DEVICE)
+    joined = FusedLinears(owner, ("q", "k"))
+    q, k = joined(x)
+    assert joined._fused[1] is not None  # one product ran
+    torch.testing.assert_close(q, owner.q(x), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(k, owner.k(x), rtol=2e-3, atol=2e-3)
