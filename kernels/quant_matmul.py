@@ -330,9 +330,10 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                 (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
     half2 = [dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages,
                   HALF2=True)
-             for block_n, block_k, split, warps, stages in (
-                 (256, 64, 8, 4, 1), (256, 64, 16, 4, 1), (256, 64, 4, 4, 1), (512, 64, 8, 8, 1), (128, 64, 16, 4, 1),
-                 (256, 128, 8, 4, 1), (256, 128, 4, 4, 1), (512, 128, 4, 8, 1), (128, 128, 8, 4, 1), (256, 64, 0, 4, 1))
+             for block_n, block_k, split, warps, stages in (  # the fastest of a sweep on an H200 among them
+                 (256, 64, 8, 2, 1), (512, 64, 8, 4, 1), (128, 64, 8, 4, 1), (128, 64, 8, 2, 1), (256, 64, 32, 2, 1),
+                 (512, 64, 32, 4, 1), (128, 64, 32, 2, 1), (256, 64, 16, 4, 1), (128, 64, 16, 4, 1),
+                 (256, 128, 8, 4, 1), (256, 128, 4, 4, 1), (512, 128, 4, 8, 1))
              if half2_fits(weight, dtype) and block_k <= _meta(weight)["GROUP"]]
     one = half2 + one
     few = tiles((16, 64, 256, 8, 4, 3), (16, 128, 128, 8, 4, 3), (16, 64, 128, 16, 4, 3), (16, 128, 256, 4, 8, 3),
