@@ -11,7 +11,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from qtool.kernels import elementwise, paged_attention, quant_matmul  # noqa: E402
+from qtool.kernels import elementwise, int8_matmul, paged_attention, quant_matmul  # noqa: E402
 
 FLOATS = {"eps", "scale"}  # scalars passed as float; the others are int32
 
@@ -45,6 +45,15 @@ def main() -> None:
     for bits in (4, 8):
         compile_for_sm90(quant_matmul._half2_kernel, dict(BITS=bits, GROUP=64, HAS_ZEROS=True, SPLIT=True, EVEN_N=True,
                                                           BLOCK_N=256, BLOCK_K=64, ASM=True), words)
+    compile_for_sm90(quant_matmul._dequantize_kernel, dict(BITS=4, GROUP=64, HAS_ZEROS=True, HAS_LUT=False, LUT_SIZE=1,
+                                                           EVEN_N=True, EVEN_K=True, BLOCK_N=128, BLOCK_K=64), words)
+    scales = {"s_ptr": "*fp32", "sa_ptr": "*fp32", "sw_ptr": "*fp32"}
+    compile_for_sm90(int8_matmul._quantize_kernel, dict(ROW=4096), dict(scales, q_ptr="*i8"))
+    compile_for_sm90(int8_matmul._gemm_kernel, dict(HAS_BIAS=False, SPLIT=False, EVEN_K=True, BLOCK_M=128, BLOCK_N=128,
+                                                    BLOCK_K=128, GROUP_M=8, STAGES=3),
+                     dict(scales, a_ptr="*i8", w_ptr="*i8", ws_ptr="*fp32", arrivals_ptr="*i32"), num_warps=8)
+    compile_for_sm90(int8_matmul._epilogue_kernel, dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128),
+                     dict(scales, sums_ptr="*i32"))
     decode = {"tables_ptr": "*i32", "lens_ptr": "*i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
               "values_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     for split in (False, True):
