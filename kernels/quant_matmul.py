@@ -416,10 +416,8 @@ if triton is not None:
         point (int32) [1, BLOCK_N]. Zero past K."""
         PER_WORD: tl.constexpr = 32 // BITS
         PAIRS: tl.constexpr = 16 // BITS
-        rows = start // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        words, rows, _ = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, False)
         in_k = (rows < K // PER_WORD)[:, None]
-        words = tl.load(w_ptr + rows[:, None] * N + cols_n[None, :], mask=in_k & in_n[None, :], other=0,
-                        eviction_policy="evict_first")
         pairs_ptr = row_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * PAIRS
         x0 = tl.load(pairs_ptr, mask=in_k, other=0)
         x1 = tl.load(pairs_ptr + 1, mask=in_k, other=0)
