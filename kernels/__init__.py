@@ -1,1 +1,2 @@
-"""Triton kernels, each beside a plain-torch reference and a dispatcher (none yet: the reference path lives in qtool.runtime.quant_linear)."""
+"""Triton kernels, each beside a plain-torch reference and a dispatcher (`dispatch.triton_runs`
+says where the kernels run)."""

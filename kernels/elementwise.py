@@ -21,20 +21,16 @@ QTOOL_KERNELS=reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from qtool.kernels.dispatch import triton_runs
 
 try:
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
-
-
-def _on_triton(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda and os.environ.get("QTOOL_KERNELS") != "reference"
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -49,7 +45,7 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """RMSNorm over the last dimension; with `residual`, of x + residual, returning (normed, sum)."""
-    if not _on_triton(x):
+    if not triton_runs(x):
         return reference_rms_norm(x, weight, eps, residual)
     return triton_rms_norm(x, weight, eps, residual)
 
@@ -78,7 +74,7 @@ def reference_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q [T, heads, head_dim] and k [T, kv_heads, head_dim] rotated by cos, sin [T, head_dim]."""
-    if not _on_triton(q):
+    if not triton_runs(q):
         return reference_rotary(q, k, cos, sin)
     return triton_rotary(q, k, cos, sin)
 
@@ -108,7 +104,7 @@ def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up, SiLU's result rounded to gate's dtype first, as torch does."""
-    if not _on_triton(gate):
+    if not triton_runs(gate):
         return reference_silu_mul(gate, up)
     return triton_silu_mul(gate, up)
 

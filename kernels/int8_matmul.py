@@ -35,11 +35,11 @@ the faster path there, but stays a candidate of the tuner.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
+from qtool.kernels.dispatch import triton_runs
 from qtool.kernels.quant_matmul import _launch_options, _Tuner, _workspace
 
 try:
@@ -98,8 +98,7 @@ def kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     16 and at most MAX_ROW, N * K below 2^31 (32-bit weight offsets)."""
     k = x.shape[-1]
     return (
-        triton is not None and x.is_cuda and os.environ.get("QTOOL_KERNELS") != "reference"
-        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        triton_runs(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and k % K_MULTIPLE == 0 and k <= MAX_ROW and weight.numel() < 2**31
     )
 

@@ -29,10 +29,11 @@ no scales and holds the values as they are.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
+
+from qtool.kernels.dispatch import triton_runs
 
 try:
     import triton
@@ -105,7 +106,7 @@ def reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, scales: KVScales | None = None) -> torch.Tensor:
-    if triton is not None and q.is_cuda and os.environ.get("QTOOL_KERNELS") != "reference":
+    if triton_runs(q):
         return triton_decode(q, k_cache, v_cache, block_tables, context_lens, scale, scales)
     return reference_decode(q, k_cache, v_cache, block_tables, context_lens, scale, scales)
 

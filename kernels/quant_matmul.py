@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qtool.kernels.dispatch import triton_runs
+
 try:
     import triton
     import triton.language as tl
@@ -157,8 +159,7 @@ def kernel_fits(x: torch.Tensor, weight: KernelWeight) -> bool:
     codes, one group per row or a power-of-two group of at least 16 columns."""
     group = weight.group_size
     return (
-        triton is not None and x.is_cuda and os.environ.get("QTOOL_KERNELS") != "reference"
-        and x.dtype in (torch.float16, torch.bfloat16) and weight.bits in KERNEL_BITS
+        triton_runs(x) and x.dtype in (torch.float16, torch.bfloat16) and weight.bits in KERNEL_BITS
         and (group == -1 or (group >= 16 and group & (group - 1) == 0))
     )
 

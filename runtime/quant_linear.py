@@ -63,10 +63,7 @@ class QuantLinear(nn.Module):
         layout = self._kernel_layout(x.device) if x.is_cuda else None
         if layout is None or not kernel_fits(x, layout.weight):
             return F.linear(x, self.quantized_weight().dequantize(x.dtype), bias)
-        if layout.columns is not None:
-            x = x.index_select(-1, layout.columns)
-        out = quant_matmul(x, layout.weight)
-        return out if bias is None else out + bias
+        return layout.multiply(x, bias)
 
     def _int8_weight(self, device: torch.device) -> int8_matmul.Int8Weight:
         """The codes as signed int8 [out, in] (unsigned codes less their fixed zero) and the scales
@@ -91,6 +88,13 @@ class KernelLayout:
 
     weight: KernelWeight
     columns: torch.Tensor | None = None
+
+    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias) through the kernel, x's columns put in the view's order first."""
+        if self.columns is not None:
+            x = x.index_select(-1, self.columns)
+        out = quant_matmul(x, self.weight)
+        return out if bias is None else out + bias
 
 
 def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
@@ -126,8 +130,7 @@ def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
         return None
     first, kernels = layouts[0], [layout.weight for layout in layouts]
     head = kernels[0]
-    if any(layout.columns is not None and (first.columns is None or not torch.equal(layout.columns, first.columns))
-           or layout.columns is None and first.columns is not None for layout in layouts):
+    if not all(_same_order(layout.columns, first.columns) for layout in layouts):
         return None
     if any(kernel.lut is not None or kernel.outlier_values is not None or kernel.bits != head.bits
            or kernel.group_size != head.group_size or kernel.in_features != head.in_features
@@ -140,6 +143,13 @@ def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
 
     return KernelLayout(KernelWeight(joined("packed"), head.bits, head.in_features, head.group_size,
                                      scales=joined("scales"), zeros=joined("zeros")), first.columns)
+
+
+def _same_order(columns: torch.Tensor | None, others: torch.Tensor | None) -> bool:
+    """Whether two views take their activations in one column order (None: as they come)."""
+    if columns is None or others is None:
+        return columns is others
+    return torch.equal(columns, others)
 
 
 class FusedLinears:
@@ -160,11 +170,7 @@ class FusedLinears:
         if fused is None or not kernel_fits(x, fused[0].weight):
             return [linear(x) for linear in linears]
         layout, sizes, bias = fused
-        if layout.columns is not None:
-            x = x.index_select(-1, layout.columns)
-        out = quant_matmul(x, layout.weight)
-        if bias is not None:
-            out = out + bias.to(out.dtype)
+        out = layout.multiply(x, None if bias is None else bias.to(x.dtype))
         return list(out.split(sizes, dim=-1))
 
     def _fused_on(self, device: torch.device, linears: list[nn.Module]) -> tuple | None:
@@ -175,10 +181,10 @@ class FusedLinears:
             layout = fused_kernel_layout([linear.quantized_weight() for linear in linears]) if resident else None
             if layout is not None:
                 biases = [linear.bias for linear in linears]
-                bias = None
-                if any(b is not None for b in biases):
-                    bias = torch.cat([b if b is not None else torch.zeros(linear.out_features, device=device)
-                                      for b, linear in zip(biases, linears)])
+                present = next((b for b in biases if b is not None), None)
+                bias = None if present is None else torch.cat([
+                    present.new_zeros(linear.out_features) if b is None else b
+                    for b, linear in zip(biases, linears)])
                 fused = (layout, [linear.out_features for linear in linears], bias)
             self._fused = (device, fused)
         return self._fused[1]
