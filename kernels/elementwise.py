@@ -32,6 +32,10 @@ try:
 except ImportError:
     triton = None
 
+# Launch options of every kernel here: no fused multiply-adds. Triton contracts a * b + c into one
+# FMA by default, which skips the rounding torch applies to a * b and changes the last bit.
+TORCH_ROUNDING = {"enable_fp_fusion": False}
+
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     if residual is not None:
@@ -58,7 +62,8 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     block = triton.next_power_of_2(size)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, rows if residual is None else residual.reshape(-1, size).contiguous(), weight.contiguous(), out, summed,
-        size, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)))
+        size, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)),
+        **TORCH_ROUNDING)
     out = out.view(x.shape)
     return out if residual is None else (out, summed.view(x.shape))
 
@@ -89,7 +94,7 @@ def triton_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     k_out = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     _rotary_kernel[(tokens, heads + kv_heads)](
         q, k, cos, sin, q_out, k_out, q.stride(0), k.stride(0), HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
-        HALF_PAD=triton.next_power_of_2(head_dim // 2), num_warps=1)
+        HALF_PAD=triton.next_power_of_2(head_dim // 2), num_warps=1, **TORCH_ROUNDING)
     return q_out, k_out
 
 
@@ -115,7 +120,8 @@ def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate_rows, up_rows = _rows(gate), _rows(up)
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(width, SILU_BLOCK))](
-        gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), BLOCK=SILU_BLOCK, num_warps=4)
+        gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), BLOCK=SILU_BLOCK, num_warps=4,
+        **TORCH_ROUNDING)
     return out
 
 

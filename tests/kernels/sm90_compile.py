@@ -16,8 +16,10 @@ from qtool.kernels import elementwise, int8_matmul, paged_attention, quant_matmu
 FLOATS = {"eps", "scale"}  # scalars passed as float; the others are int32
 
 
-def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num_warps: int = 4) -> None:
-    """Pointers default to fp16 (`pointers` names others), scalars to int32 (float32 for FLOATS)."""
+def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num_warps: int = 4,
+                     options: dict | None = None) -> str:
+    """Pointers default to fp16 (`pointers` names others), scalars to int32 (float32 for FLOATS);
+    `options` as the launch passes them. Returns the PTX."""
     pointers = pointers or {}
     signature = {}
     for param in kernel.params:
@@ -29,9 +31,10 @@ def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **(options or {})})
     assert compiled.asm["cubin"]
     print(kernel.__name__, constexprs)
+    return compiled.asm["ptx"]
 
 
 def main() -> None:
@@ -57,17 +60,26 @@ def main() -> None:
     decode = {"tables_ptr": "*i32", "lens_ptr": "*i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
               "values_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     for split in (False, True):
-        compile_for_sm90(paged_attention._decode_kernel, dict(HEADS=32, GROUP=4, GROUP_PAD=4, BLOCK_SIZE=16,
-                                                              HEAD_DIM=128, HEAD_DIM_PAD=128, SCALED=False,
-                                                              SPLIT=split), decode)
+        compile_for_sm90(paged_attention._decode_kernel, dict(HEADS=32, GROUP=4, GROUP_PAD=16, BLOCK_SIZE=16,
+                                                              HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=64,
+                                                              PRECISION="tf32", SCALED=False, SPLIT=split), decode)
+    for scaled in (False, True):  # an fp16 cache; a float8 one
+        compile_for_sm90(paged_attention._prefill_kernel, dict(HEADS=32, GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128,
+                                                               HEAD_DIM_PAD=128, TILE=64, PRECISION="tf32",
+                                                               SCALED=scaled),
+                         dict(decode, starts_ptr="*i32", k_ptr="*fp8e4nv" if scaled else "*fp16",
+                              v_ptr="*fp8e4nv" if scaled else "*fp16"))
     compile_for_sm90(paged_attention._merge_kernel, dict(HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, PARTITIONS=16,
                                                          PARTITIONS_PAD=16),
                      {"max_ptr": "*fp32", "sum_ptr": "*fp32", "values_ptr": "*fp32"})
+    rounding = elementwise.TORCH_ROUNDING
     for residual in (False, True):
-        compile_for_sm90(elementwise._rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=4096), num_warps=16)
-    compile_for_sm90(elementwise._rotary_kernel, dict(HEADS=32, KV_HEADS=8, HALF=64, HALF_PAD=64),
-                     {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}, num_warps=1)
-    compile_for_sm90(elementwise._silu_mul_kernel, dict(BLOCK=1024))
+        compile_for_sm90(elementwise._rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=4096), num_warps=16,
+                         options=rounding)
+    rotary = compile_for_sm90(elementwise._rotary_kernel, dict(HEADS=32, KV_HEADS=8, HALF=64, HALF_PAD=64),
+                              {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}, num_warps=1, options=rounding)
+    assert "fma" not in rotary, "x * cos + turned * sin contracted into an FMA: torch rounds each product"
+    compile_for_sm90(elementwise._silu_mul_kernel, dict(BLOCK=1024), options=rounding)
 
 
 if __name__ == "__main__":
