@@ -16,7 +16,7 @@ no scales and holds the values as they are.
   sequence's tokens, times v.
 - `triton_decode`: one program per (sequence, kv head, partition) computes all the query heads of
   that group over its partition's share of the sequence's blocks, walking them through the block
-  table with an online softmax in float32; with a float8 cache, the key scale is folded into q and
+  table with an online softmax in float32, the group's heads the rows of tensor-core products; with a float8 cache, the key scale is folded into q and
   the value scale into the output, so the loop reads one byte per element and multiplies nothing
   more. Few sequences split each sequence's blocks among partitions (flash-decoding), so that
   every multiprocessor has work; a second kernel merges the partitions' maxima, sums and
@@ -24,6 +24,13 @@ no scales and holds the values as they are.
   so a decode step can be captured in a CUDA graph.
 - `paged_decode`: the dispatcher: Triton on CUDA, the reference elsewhere or with
   QTOOL_KERNELS=reference.
+- `reference_prefill` / `triton_prefill` / `paged_prefill`: several new tokens per sequence (a
+  prompt, a chunk of one, or what a cached prefix leaves), each the last of its sequence's
+  context, attending causally to the whole context. The kernel reads K and V through the block
+  tables like the decode kernel (no gathered copy), one program per (sequence, head, tile of
+  queries), the products on the tensor cores in the activations' dtype (flash-attention style:
+  float32 scores and online softmax, weights rounded to that dtype for the second product); the
+  reference gathers each context and calls torch's attention.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from qtool.kernels.dispatch import triton_runs
 
@@ -113,6 +121,13 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 MAX_PARTITIONS = 16
 PROGRAMS_PER_MULTIPROCESSOR = 2
+DECODE_TILE = 64  # tokens (whole blocks) an iteration of the decode kernel
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' tensor-core products: float32 inputs exactly ("ieee": no TF32 rounding), fp16
+    and bf16 as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def decode_partitions(sequences: int, kv_heads: int, device: torch.device) -> int:
@@ -147,12 +162,12 @@ def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     maxima = torch.empty(sequences, heads, partitions, device=q.device, dtype=torch.float32) if split else out
     sums = torch.empty_like(maxima) if split else out
     values = torch.empty(sequences, heads, partitions, head_dim, device=q.device, dtype=torch.float32) if split else out
-    shape = dict(HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim))
+    shape = dict(HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)))
     _decode_kernel[(sequences, kv_heads, partitions)](
         q, k_cache, v_cache, block_tables, context_lens, out, maxima, sums, values, scale, keys_scale, values_scale,
         block_tables.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=group, GROUP_PAD=max(2, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, SCALED=fp8,
-        SPLIT=split, **shape,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, TILE=DECODE_TILE,
+        PRECISION=dot_precision(q.dtype), SCALED=fp8, SPLIT=split, **shape,
     )
     if split:
         _merge_kernel[(sequences, heads)](maxima, sums, values, out, PARTITIONS=partitions,
@@ -160,53 +175,128 @@ def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out
 
 
+def reference_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, query_starts: list[int], scale: float,
+                      scales: KVScales | None = None) -> torch.Tensor:
+    """q [T, heads, head_dim]: sequence s's new tokens are rows query_starts[s]:query_starts[s + 1],
+    the last positions of its context_lens[s] tokens in the cache. -> [T, heads, head_dim]."""
+    keys_scale, values_scale = scales if scales is not None else (None, None)
+    heads = q.shape[1]
+    out = torch.empty_like(q)
+    for s, length in enumerate(context_lens.tolist()):
+        first, last = query_starts[s], query_starts[s + 1]
+        keys = from_cache(gather_context(k_cache, block_tables[s], length), keys_scale)
+        values = from_cache(gather_context(v_cache, block_tables[s], length), values_scale)
+        keys = keys.repeat_interleave(heads // keys.shape[1], dim=1).transpose(0, 1)
+        values = values.repeat_interleave(heads // values.shape[1], dim=1).transpose(0, 1)
+        new = last - first
+        mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length, device=q.device)[:, None]
+        attended = F.scaled_dot_product_attention(q[first:last].transpose(0, 1), keys.to(q.dtype), values.to(q.dtype),
+                                                  attn_mask=mask, scale=scale)
+        out[first:last] = attended.transpose(0, 1)
+    return out
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, query_starts: list[int], scale: float,
+                  scales: KVScales | None = None) -> torch.Tensor:
+    if triton_runs(q):
+        return triton_prefill(q, k_cache, v_cache, block_tables, context_lens, query_starts, scale, scales)
+    return reference_prefill(q, k_cache, v_cache, block_tables, context_lens, query_starts, scale, scales)
+
+
+PREFILL_TILE = 64  # queries a program, and keys an iteration
+
+
+def triton_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   context_lens: torch.Tensor, query_starts: list[int], scale: float,
+                   scales: KVScales | None = None) -> torch.Tensor:
+    tokens, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    fp8 = k_cache.dtype == FP8
+    keys_scale, values_scale = (scales.keys.float().contiguous(), scales.values.float().contiguous()) if fp8 else (q, q)
+    q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+    starts = torch.tensor(query_starts, dtype=torch.int32).to(q.device, non_blocking=True)
+    longest = max(last - first for first, last in zip(query_starts, query_starts[1:]))
+    out = torch.empty_like(q)
+    _prefill_kernel[(len(query_starts) - 1, heads, triton.cdiv(longest, PREFILL_TILE))](
+        q, k_cache, v_cache, block_tables, context_lens, starts, out, scale, keys_scale, values_scale,
+        block_tables.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HEADS=heads, GROUP=heads // kv_heads, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), TILE=PREFILL_TILE, PRECISION=dot_precision(q.dtype),
+        SCALED=fp8, num_warps=4, num_stages=2)
+    return out
+
+
 if triton is not None:
+
+    @triton.jit
+    def _attend(q, k_ptr, v_ptr, table_ptr, kv_head, start, end, positions, scale, best, total, acc, stride_block,
+                stride_token, stride_head, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
+        """The online-softmax state (row maxima in log2 units, sums of weights, weighted values) of
+        the query rows q, moved on by one sequence's keys [start, min(start + TILE, end)) of one kv
+        head, found through its block-table row `table_ptr`; CAUSAL: row r sees the keys at
+        positions <= positions[r] only. `scale` includes log2(e)."""
+        dtype = q.dtype
+        dims = tl.arange(0, HEAD_DIM_PAD)
+        keys_at = start + tl.arange(0, TILE)
+        in_keys = keys_at < end
+        block = tl.load(table_ptr + keys_at // BLOCK_SIZE, mask=in_keys, other=0)
+        offsets = (block.to(tl.int64) * stride_block + (keys_at % BLOCK_SIZE) * stride_token
+                   + kv_head * stride_head)[:, None] + dims[None, :]
+        mask = in_keys[:, None] & (dims < HEAD_DIM)[None, :]
+        keys = tl.load(k_ptr + offsets, mask=mask, other=0.0).to(dtype)
+        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
+        visible = in_keys[None, :]
+        if CAUSAL:
+            visible = visible & (keys_at[None, :] <= positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        weights = tl.exp2(scores - new_best[:, None])
+        correction = tl.exp2(best - new_best)
+        total = total * correction + tl.sum(weights, axis=1)
+        values = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(dtype)
+        acc = acc * correction[:, None] + tl.dot(weights.to(dtype), values, input_precision=PRECISION)
+        return new_best, total, acc
 
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr, values_ptr, scale,
                        k_scale_ptr, v_scale_ptr, max_blocks, stride_block, stride_token, stride_head,
                        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SCALED: tl.constexpr,
-                       SPLIT: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr,
+                       PRECISION: tl.constexpr, SCALED: tl.constexpr, SPLIT: tl.constexpr):
         """The attention of one kv head's query heads over one partition's share of a sequence's
-        blocks: the output itself, or (SPLIT) the share's maximum, sum of weights and weighted
-        values for `_merge_kernel` (an empty share: -inf, 0, 0)."""
+        blocks, TILE tokens an iteration read through the block table: the output itself, or
+        (SPLIT) the share's maximum, sum of weights and weighted values for `_merge_kernel` (an
+        empty share: -inf, 0, 0). The group's heads are the rows of both products on the tensor
+        cores (padded to GROUP_PAD >= 16), as in `_prefill_kernel`."""
         sequence, kv_head, partition = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
         in_group = tl.arange(0, GROUP_PAD) < GROUP
         dims = tl.arange(0, HEAD_DIM_PAD)
         in_dim = dims < HEAD_DIM
         q = tl.load(q_ptr + (sequence * HEADS + heads)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=in_group[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
+                    mask=in_group[:, None] & in_dim[None, :], other=0.0)
         if SCALED:
             scale = scale * tl.load(k_scale_ptr + kv_head)
+        scale = scale * 1.4426950408889634  # log2(e): exp2 below
         length = tl.load(lens_ptr + sequence)
         best = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         total = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM_PAD), tl.float32)
-        tokens = tl.arange(0, BLOCK_SIZE)
-        blocks = tl.cdiv(length, BLOCK_SIZE)
-        share = tl.cdiv(blocks, tl.num_programs(2))
-        for index in range(partition * share, tl.minimum((partition + 1) * share, blocks)):
-            block = tl.load(tables_ptr + sequence * max_blocks + index).to(tl.int64)
-            offsets = block * stride_block + tokens[:, None] * stride_token + kv_head * stride_head + dims[None, :]
-            present = (index * BLOCK_SIZE + tokens) < length
-            keys = tl.load(k_ptr + offsets, mask=present[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
-            values = tl.load(v_ptr + offsets, mask=present[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * scale  # [group, tokens]
-            scores = tl.where(present[None, :], scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=1))
-            weights = tl.exp(scores - new_best[:, None])
-            correction = tl.exp(best - new_best)
-            total = total * correction + tl.sum(weights, axis=1)
-            acc = acc * correction[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
-            best = new_best
+        share = tl.cdiv(tl.cdiv(length, BLOCK_SIZE), tl.num_programs(2)) * BLOCK_SIZE  # whole blocks
+        end = tl.minimum((partition + 1) * share, length)
+        for start in range(partition * share, end, TILE):
+            best, total, acc = _attend(q, k_ptr, v_ptr, tables_ptr + sequence * max_blocks, kv_head, start, end, 0,
+                                       scale, best, total, acc, stride_block, stride_token, stride_head, BLOCK_SIZE,
+                                       HEAD_DIM, HEAD_DIM_PAD, TILE, PRECISION, False)
         if SCALED:
             acc = acc * tl.load(v_scale_ptr + kv_head)
         mask = in_group[:, None] & in_dim[None, :]
-        if SPLIT:
+        if SPLIT:  # the maximum back in natural-log units for the merge
             rows = (sequence * HEADS + heads) * tl.num_programs(2) + partition
-            tl.store(max_ptr + rows, best, mask=in_group)
+            tl.store(max_ptr + rows, best * 0.6931471805599453, mask=in_group)
             tl.store(sum_ptr + rows, total, mask=in_group)
             tl.store(values_ptr + rows[:, None] * HEAD_DIM + dims[None, :], acc, mask=mask)
         else:
@@ -230,3 +320,42 @@ if triton is not None:
                          mask=present[:, None] & in_dim[None, :], other=0.0)
         out = tl.sum(weights[:, None] * values, axis=0) / total
         tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=in_dim)
+
+    @triton.jit
+    def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, starts_ptr, out_ptr, scale, k_scale_ptr,
+                        v_scale_ptr, max_blocks, stride_block, stride_token, stride_head,
+                        HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+                        SCALED: tl.constexpr):
+        """One head of one tile of a sequence's new tokens (queries), over the keys up to the tile's
+        last position, TILE keys an iteration read through the block table; a tile past the
+        sequence's new tokens does nothing. Scores and softmax in float32 (base 2, the scale
+        folded in), the weights rounded to the activations' dtype for their product with V."""
+        sequence, head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        first = tl.load(starts_ptr + sequence)
+        new = tl.load(starts_ptr + sequence + 1) - first
+        if tile * TILE < new:
+            dtype = q_ptr.dtype.element_ty
+            kv_head = head // GROUP
+            length = tl.load(lens_ptr + sequence)
+            rows = tile * TILE + tl.arange(0, TILE)
+            positions = length - new + rows  # of the queries in the sequence
+            dims = tl.arange(0, HEAD_DIM_PAD)
+            in_dim = dims < HEAD_DIM
+            q = tl.load(q_ptr + ((first + rows) * HEADS + head)[:, None] * HEAD_DIM + dims[None, :],
+                        mask=(rows < new)[:, None] & in_dim[None, :], other=0.0)
+            if SCALED:
+                scale = scale * tl.load(k_scale_ptr + kv_head)
+            scale = scale * 1.4426950408889634  # log2(e): exp2 below
+            best = tl.full((TILE,), float("-inf"), tl.float32)
+            total = tl.zeros((TILE,), tl.float32)
+            acc = tl.zeros((TILE, HEAD_DIM_PAD), tl.float32)
+            end = length - new + tl.minimum(new, (tile + 1) * TILE)  # keys [0, end) can be seen
+            for start in range(0, end, TILE):
+                best, total, acc = _attend(q, k_ptr, v_ptr, tables_ptr + sequence * max_blocks, kv_head, start, end,
+                                           positions, scale, best, total, acc, stride_block, stride_token,
+                                           stride_head, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, TILE, PRECISION, True)
+            if SCALED:
+                acc = acc * tl.load(v_scale_ptr + kv_head)
+            tl.store(out_ptr + ((first + rows) * HEADS + head)[:, None] * HEAD_DIM + dims[None, :],
+                     (acc / total[:, None]).to(dtype), mask=(rows < new)[:, None] & in_dim[None, :])

@@ -4,8 +4,8 @@ A `PagedBatch` describes one engine step: the new tokens of several sequences, f
 each sequence where they start, how long its context is once they are added, and its block table.
 Their keys and values are written to the cache first; then each sequence's queries attend to its
 whole context: a step where every sequence adds one token (decode) goes through the paged decode
-kernel; otherwise (prefill, chunked prefill, mixed) each sequence's context is gathered from its
-blocks and attended with causal offsets.
+kernel; otherwise (prefill, chunked prefill, mixed) through the paged prefill kernel, each
+sequence's new tokens attending causally to its whole context (`qtool.kernels.paged_attention`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qtool.kernels.paged_attention import KVScales, from_cache, gather_context, paged_decode, store_kv
+from qtool.kernels.paged_attention import KVScales, paged_decode, paged_prefill, store_kv
 
 
 @dataclass
@@ -79,18 +79,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Pa
     store_kv(k, v, k_cache, v_cache, batch.slots, scales)
     if batch.decode:
         return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, scales)
-    keys_scale, values_scale = scales if scales is not None else (None, None)
-    heads = q.shape[1]
-    out = torch.empty_like(q)
-    starts = batch.query_starts
-    for s, length in enumerate(batch.context_lens.tolist()):
-        first, last = starts[s], starts[s + 1]
-        keys = from_cache(gather_context(k_cache, batch.block_tables[s], length), keys_scale)
-        values = from_cache(gather_context(v_cache, batch.block_tables[s], length), values_scale)
-        keys, values = repeat_kv(keys, heads).transpose(0, 1), repeat_kv(values, heads).transpose(0, 1)
-        new = last - first  # the queries are the last `new` positions of the context
-        mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length, device=q.device)[:, None]
-        attended = F.scaled_dot_product_attention(q[first:last].transpose(0, 1), keys.to(q.dtype), values.to(q.dtype),
-                                                  attn_mask=mask, scale=scale)
-        out[first:last] = attended.transpose(0, 1)
-    return out
+    return paged_prefill(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.query_starts, scale,
+                         scales)

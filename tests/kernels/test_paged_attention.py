@@ -1,10 +1,13 @@
-"""The paged decode kernel against its torch reference on random caches: GQA groups, contexts that
-end inside a block, block tables out of order (interpreter on the CPU, the GPU where there is one)."""
+"""The paged decode and prefill kernels against their torch references on random caches: GQA
+groups, contexts that end inside a block, block tables out of order, new tokens after a cached
+prefix (interpreter on the CPU, the GPU where there is one)."""
 
 import pytest
 import torch
 
-from qtool.kernels.paged_attention import gather_context, reference_decode, store_kv, triton_decode
+from qtool.kernels.paged_attention import (
+    FP8, FP8_MAX, KVScales, gather_context, reference_decode, reference_prefill, store_kv, triton_decode, triton_prefill,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,3 +50,44 @@ def test_stored_tokens_are_read_back_in_order():
     store_kv(keys, values, k_cache, v_cache, slots)
     assert torch.equal(gather_context(k_cache, table, 20), keys)
     assert torch.equal(gather_context(v_cache, table, 20), values)
+
+
+# (new tokens, context length) per sequence: a whole prompt; a chunk after a prefix, more than one
+# tile of queries and of keys; one token; a prompt ending inside a block
+PREFILL = [(5, 5), (70, 90), (1, 17), (9, 9)]
+
+
+def prefill_inputs(heads, kv_heads, head_dim, dtype, cache_dtype=None):
+    blocks, block_size = 24, 8
+    k_cache, v_cache = random_cache(blocks, block_size, kv_heads, head_dim, dtype)
+    if cache_dtype == FP8:
+        k_cache, v_cache = ((cache * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8) for cache in (k_cache, v_cache))
+    tables = torch.stack([torch.randperm(blocks, device=DEVICE)[:12] for _ in PREFILL]).to(torch.int32)
+    lengths = torch.tensor([length for _, length in PREFILL], dtype=torch.int32, device=DEVICE)
+    starts = [0]
+    for new, _ in PREFILL:
+        starts.append(starts[-1] + new)
+    q = torch.randn(starts[-1], heads, head_dim, device=DEVICE).to(dtype)
+    return q, k_cache, v_cache, tables, lengths, starts
+
+
+HALF = DEVICE == "cuda"  # the kernel's products run in the activations' dtype: fp16 on the GPU
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 32), (6, 2, 24), (2, 2, 16)])
+def test_prefill_kernel_matches_the_reference(heads, kv_heads, head_dim):
+    dtype = torch.float16 if HALF else torch.float32
+    q, k_cache, v_cache, tables, lengths, starts = prefill_inputs(heads, kv_heads, head_dim, dtype)
+    expected = reference_prefill(q, k_cache, v_cache, tables, lengths, starts, head_dim**-0.5)
+    out = triton_prefill(q, k_cache, v_cache, tables, lengths, starts, head_dim**-0.5)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=2e-3 if HALF else 1e-4, rtol=2e-3 if HALF else 1e-4)
+
+
+def test_prefill_kernel_on_a_float8_cache():
+    dtype = torch.float16 if HALF else torch.float32
+    q, k_cache, v_cache, tables, lengths, starts = prefill_inputs(4, 2, 32, dtype, FP8)
+    scales = KVScales(torch.rand(2, device=DEVICE) * 0.02 + 0.001, torch.rand(2, device=DEVICE) * 0.02 + 0.001)
+    expected = reference_prefill(q, k_cache, v_cache, tables, lengths, starts, 32**-0.5, scales)
+    out = triton_prefill(q, k_cache, v_cache, tables, lengths, starts, 32**-0.5, scales)
+    torch.testing.assert_close(out, expected, atol=2e-3 if HALF else 1e-4, rtol=2e-3 if HALF else 1e-4)
