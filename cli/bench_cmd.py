@@ -41,10 +41,11 @@ def run_bench(checkpoint: str | None, batch_sizes: list[int], prompt_len: int, o
         with console.working("loading", target, show):
             engine = _engine(checkpoint if index == 0 else compare, synthetic, bits if index == 0 else None, group_size,
                              device, torch_dtype, trust_remote_code, kv_cache_dtype, engine_options)
-        # warm up: kernels compile and tune for these token counts outside the measurement, on other prompts
-        # than the measured ones, which the prefix cache would otherwise serve (a shorter, untuned prefill)
+        # warm up with the same loads on other prompts (the prefix cache would serve the measured ones): every
+        # token count the measured steps see (chunked prefills, mixed steps, the batch shrinking at the end)
+        # has its kernels compiled and tuned, and its CUDA graph captured, outside the measurement
         for size in batch_sizes:
-            run_load(engine, size, prompt_len, 2, seed=1)
+            run_load(engine, size, prompt_len, output_len, seed=1)
         with console.working("measuring", target, show):
             rows[target] = [run_load(engine, size, prompt_len, output_len).to_dict() for size in batch_sizes]
         del engine
