@@ -46,15 +46,15 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """Next token [S] for each row of `logits` [S, V] under its settings and generator."""
+    if all(p.greedy for p in params):  # decided on the host: no float32 copy of the logits, no device sync
+        return logits.argmax(dim=-1)
     logits = logits.float()
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     chosen = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        return chosen
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
     logits = logits / temperature[:, None]
     logits = _keep_top_k(logits, [p.top_k for p in params])
-    logits = _keep_top_p(logits, torch.tensor([p.top_p for p in params], device=logits.device))
+    logits = _keep_top_p(logits, [p.top_p for p in params])
     probabilities = logits.softmax(dim=-1)
     noise = torch.stack([
         torch.empty(logits.shape[1], device="cpu").exponential_(generator=generator).to(logits.device)
@@ -73,10 +73,11 @@ def _keep_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def _keep_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _keep_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches top_p (at least one)."""
-    if bool((top_p >= 1).all()):
+    if all(p >= 1 for p in top_p):
         return logits
+    top_p = torch.tensor(top_p, device=logits.device)
     ordered, order = logits.sort(dim=-1, descending=True)
     before = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1)  # mass of the tokens ranked above
     drop = before >= top_p[:, None]
