@@ -18,11 +18,16 @@ from collections import OrderedDict
 NO_HASH = None
 
 
+def chained_hash(parent: int, block: list[int]) -> int:
+    """A full block's hash: its tokens chained with its predecessor's hash (0 for the first)."""
+    return hash((parent, tuple(block)))
+
+
 def block_hashes(tokens: list[int], block_size: int) -> list[int]:
     """The chained hash of each full block of `tokens`."""
     hashes, parent = [], 0
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = hash((parent, tuple(tokens[start : start + block_size])))
+        parent = chained_hash(parent, tokens[start : start + block_size])
         hashes.append(parent)
     return hashes
 

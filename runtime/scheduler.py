@@ -20,7 +20,7 @@ from enum import Enum
 import torch
 
 from qtool.errors import QtoolError
-from qtool.runtime.cache import BlockPool, block_hashes
+from qtool.runtime.cache import BlockPool, chained_hash
 from qtool.runtime.sampling import SamplingParams
 
 
@@ -42,6 +42,7 @@ class Sequence:
     computed: int = 0
     blocks: list[int] = field(default_factory=list)
     registered: int = 0  # leading full blocks entered in the prefix index
+    last_hash: int = 0  # the chained hash of the last of them (0: none)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
@@ -119,6 +120,7 @@ class Scheduler:
             self.pool.acquire(cached)
             sequence.blocks = cached + self.pool.allocate(needed)
             sequence.computed, sequence.registered = start, len(cached)
+            sequence.last_hash = self.pool.hash_of[cached[-1]] if cached else 0
             sequence.status = Status.RUNNING
             self.running.append(sequence)
             step.append(Scheduled(sequence, start, count))
@@ -141,21 +143,24 @@ class Scheduler:
     def _preempt(self, sequence: Sequence) -> None:
         self.running.remove(sequence)
         self.pool.release(sequence.blocks)
-        sequence.blocks, sequence.computed, sequence.registered = [], 0, 0
+        sequence.blocks, sequence.computed, sequence.registered, sequence.last_hash = [], 0, 0, 0
         sequence.status = Status.WAITING
         sequence.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(sequence)
 
     def finish_step(self, step: list[Scheduled]) -> None:
-        """After a step: mark its tokens computed and enter newly full blocks in the prefix index."""
+        """After a step: mark its tokens computed and enter newly full blocks in the prefix index,
+        each hash chained on from the last one entered (a step hashes only its new blocks)."""
+        size = self.pool.block_size
         for item in step:
             sequence = item.sequence
             sequence.computed = item.start + item.count
-            hashes = block_hashes(sequence.tokens[: sequence.computed], self.pool.block_size)
-            for index in range(sequence.registered, len(hashes)):
-                self.pool.register(sequence.blocks[index], hashes[index])
-            sequence.registered = len(hashes)
+            for index in range(sequence.registered, sequence.computed // size):
+                block_tokens = sequence.tokens[index * size : (index + 1) * size]
+                sequence.last_hash = chained_hash(sequence.last_hash, block_tokens)
+                self.pool.register(sequence.blocks[index], sequence.last_hash)
+            sequence.registered = sequence.computed // size
 
     def abort(self, sequence: Sequence) -> None:
         """Drop a request wherever it is (a client went away): its blocks go back to the pool."""

@@ -5,7 +5,7 @@ prefix caching, and sampling."""
 import pytest
 import torch
 
-from qtool.runtime.cache import BlockPool
+from qtool.runtime.cache import BlockPool, block_hashes
 from qtool.runtime.engine import Engine
 from qtool.runtime.models.llama import LlamaForCausalLM, LlamaSpec
 from qtool.runtime.sampling import SamplingParams, sample
@@ -102,6 +102,24 @@ def test_prompts_sharing_a_prefix_share_its_blocks():
     assert all(engine.pool.counts[block] == 2 for block in first.blocks[:5])
     finished = engine.run()
     assert finished[second.id].token_ids == greedy_reference(reference, shared + [9], 3)
+
+
+def test_blocks_enter_the_prefix_index_under_the_hash_of_their_whole_prefix():
+    """Hashes are chained on step by step (blocks that decoded tokens fill too, and a sequence
+    admitted on a cached prefix continues that prefix's chain)."""
+    _, model = pair(std=0.5)
+    engine = engine_for(model, block_size=4)
+    shared = list(range(30, 50))
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    first = engine.add(shared + [7, 8], params)
+    engine.step()
+    second = engine.add(shared + [9], params)
+    for _ in range(6):
+        engine.step()
+    for sequence in (first, second):
+        expected = block_hashes(sequence.tokens[: sequence.computed], 4)
+        assert sequence.registered == len(expected) == sequence.computed // 4 > 5
+        assert [engine.pool.by_hash[value] for value in expected] == sequence.blocks[: len(expected)]
 
 
 def test_a_request_larger_than_the_whole_cache_is_refused():
