@@ -16,9 +16,9 @@ no scales and holds the values as they are.
   sequence's tokens, times v.
 - `triton_decode`: one program per (sequence, kv head, partition) computes all the query heads of
   that group over its partition's share of the sequence's blocks, walking them through the block
-  table with an online softmax in float32, the group's heads the rows of tensor-core products; with a float8 cache, the key scale is folded into q and
-  the value scale into the output, so the loop reads one byte per element and multiplies nothing
-  more. Few sequences split each sequence's blocks among partitions (flash-decoding), so that
+  table with an online softmax in float32, the group's heads the rows of tensor-core products;
+  with a float8 cache, the key scale is folded into the score scale and the value scale into the
+  output, so the loop reads one byte per element and multiplies nothing more. Few sequences split each sequence's blocks among partitions (flash-decoding), so that
   every multiprocessor has work; a second kernel merges the partitions' maxima, sums and
   weighted values. The partition count depends only on the batch's shape, never on the lengths,
   so a decode step can be captured in a CUDA graph.
@@ -190,7 +190,8 @@ def reference_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         keys = keys.repeat_interleave(heads // keys.shape[1], dim=1).transpose(0, 1)
         values = values.repeat_interleave(heads // values.shape[1], dim=1).transpose(0, 1)
         new = last - first
-        mask = torch.arange(length, device=q.device)[None, :] <= torch.arange(length - new, length, device=q.device)[:, None]
+        positions = torch.arange(length - new, length, device=q.device)  # of the queries
+        mask = torch.arange(length, device=q.device)[None, :] <= positions[:, None]
         attended = F.scaled_dot_product_attention(q[first:last].transpose(0, 1), keys.to(q.dtype), values.to(q.dtype),
                                                   attn_mask=mask, scale=scale)
         out[first:last] = attended.transpose(0, 1)

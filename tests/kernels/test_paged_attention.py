@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qtool.kernels.paged_attention import (
-    FP8, FP8_MAX, KVScales, gather_context, reference_decode, reference_prefill, store_kv, triton_decode, triton_prefill,
+    FP8, FP8_MAX, KVScales, gather_context, reference_decode, reference_prefill, store_kv, triton_decode,
+    triton_prefill,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
