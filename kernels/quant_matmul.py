@@ -191,7 +191,9 @@ def _meta(weight: KernelWeight) -> dict:
 
 def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor:
     """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel (or the
-    half2 kernel of one token a program row) on a grid of N tiles x M tiles x shares of K."""
+    half2 kernel of one token a program row) on a grid of N tiles x M tiles x shares of K. HALF2:
+    half2 arithmetic, for one token in its own kernel, for tiles of tokens in the weights the
+    matmul kernel's dot takes."""
     if config.get("DEQUANTIZE"):
         return x @ dequantize_t(weight, x.dtype, config)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
@@ -199,7 +201,9 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     half2 = config.get("HALF2", False)
     if half2 and not half2_fits(weight, x.dtype):
         raise ValueError("the half2 path takes fp16 activations and uniform grids without outliers")
-    block_k = min(config["BLOCK_K"], meta["GROUP"]) if half2 else config["BLOCK_K"]
+    one_token_half2 = half2 and config["BLOCK_M"] == 1
+    asm = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
+    block_k = min(config["BLOCK_K"], meta["GROUP"]) if one_token_half2 else config["BLOCK_K"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
             config["SPLIT_K"] or triton.cdiv(k, block_k))
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -210,17 +214,16 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
                 for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)]
     common = dict(SPLIT=split, EVEN_N=_even(n, k, config)["EVEN_N"], BLOCK_N=config["BLOCK_N"],
                   BLOCK_K=block_k, **_launch_options(config))
-    if half2:
+    if one_token_half2:
         _half2_kernel[grid](
             x, weight.packed, weight.scales, dummy if weight.zeros is None else weight.zeros, out, workspace, arrivals,
-            m, n, k, BITS=weight.bits, GROUP=meta["GROUP"], HAS_ZEROS=meta["HAS_ZEROS"],
-            ASM=os.environ.get("TRITON_INTERPRET") != "1", **common)
+            m, n, k, BITS=weight.bits, GROUP=meta["GROUP"], HAS_ZEROS=meta["HAS_ZEROS"], ASM=asm, **common)
     else:
         _matmul_kernel[grid](
             x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
             weight.max_row_outliers, **meta, HAS_OUTLIERS=weight.outlier_values is not None,
             EVEN_K=_even(n, k, config)["EVEN_K"], BLOCK_M=config["BLOCK_M"], STAGES=config.get("num_stages", 1),
-            **common)
+            HALF2=half2, ASM=asm, **common)
     return out
 
 
@@ -308,16 +311,17 @@ _TUNER = _Tuner()
 
 
 def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:
-    """Whether the half2 path of one token takes this weight: fp16 activations, a uniform grid
-    without outliers, inputs in whole words."""
+    """Whether the half2 paths (one token; the dot's weights) take this weight: fp16 activations, a
+    uniform grid without outliers, inputs in whole words."""
     return (dtype == torch.float16 and weight.lut is None and weight.outlier_values is None
             and weight.in_features % (32 // weight.bits) == 0)
 
 
 def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     """The configurations worth timing for m tokens: CUDA-core tiles of one token (in half2 where
-    the weight allows), 16-row dots for a few, larger dots and dequantize-then-cuBLAS for many. A
-    dot needs 16 rows of words."""
+    the weight allows), 16-row dots for a few, larger dots and dequantize-then-cuBLAS for many (the
+    dots' weights made in float32, and in half2 where the weight allows). A dot needs 16 rows of
+    words."""
     bits = weight.bits
 
     def tiles(*shapes):
@@ -343,6 +347,8 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                  (64, 128, 256, 4, 8, 2))
     many = tiles((64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3),
                  (64, 256, 128, 1, 8, 3), (128, 128, 128, 2, 8, 3))
+    if half2_fits(weight, dtype):  # each dot tile also with its weights made in half2 arithmetic
+        few, some, many = (configs + [dict(config, HALF2=True) for config in configs] for configs in (few, some, many))
     dequantize = [dict(DEQUANTIZE=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
                   dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
     by_bucket = {1: one, 4: one + few, 16: few, 64: few + some, 256: some + many + dequantize}
@@ -377,10 +383,26 @@ def half2_dot_ptx(bits: int) -> str:
     return "\n".join(lines)
 
 
+
+def half2_weights_ptx(bits: int) -> str:
+    """PTX for two weights from a word shifted right by `bits` x pair: the codes at bit 0 and bit 16
+    (codes 2 pair and 2 pair + 1: `code_slots`) taken into the halves of a half2 as 1024 + q by one
+    LOP3 (4 bits) or PRMT (8 bits) under fp16's exponent of 1024, less 1024 + z (exact), times the
+    scale (one rounding, as the reference rounds (q - z) s). Operands: $0, $1 the two weights
+    (fp16), $2 the shifted word, $3 the zero as half2 (1024 + z, twice), $4 the scale as half2."""
+    if bits == 4:
+        take = "lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea;"  # (word & mask) | exponent
+    else:
+        take = "prmt.b32 t, $2, 0x64646464, 0x4240;"  # bytes 0 and 2, each under the exponent's byte
+    return "\n".join(["{", ".reg .b32 t;", take, "sub.rn.f16x2 t, t, $3;", "mul.rn.f16x2 t, t, $4;",
+                      "mov.b32 {$0, $1}, t;", "}"])
+
 if triton is not None:
     _EXPONENT = tl.constexpr(HALF2_EXPONENT)
     _HALF2_DOT_4 = tl.constexpr(half2_dot_ptx(4))
     _HALF2_DOT_8 = tl.constexpr(half2_dot_ptx(8))
+    _HALF2_WEIGHTS_4 = tl.constexpr(half2_weights_ptx(4))
+    _HALF2_WEIGHTS_8 = tl.constexpr(half2_weights_ptx(8))
 
     @triton.jit
     def _below(index, bound, EVEN: tl.constexpr):
@@ -553,6 +575,42 @@ if triton is not None:
         return weights.to(dtype)
 
     @triton.jit
+    def _half2_pair(words, pair: tl.constexpr, zero2, scale2, zero, scale, BITS: tl.constexpr, ASM: tl.constexpr):
+        """The weights [rows, BLOCK_N] (fp16) of codes 2 pair and 2 pair + 1 of each word."""
+        shifted = words >> (BITS * pair)
+        if ASM:
+            if BITS == 4:
+                low, high = tl.inline_asm_elementwise(_HALF2_WEIGHTS_4, "=h,=h,r,r,r", [shifted, zero2, scale2],
+                                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+            else:
+                low, high = tl.inline_asm_elementwise(_HALF2_WEIGHTS_8, "=h,=h,r,r,r", [shifted, zero2, scale2],
+                                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        else:  # the interpreter runs no PTX: the same arithmetic in Triton's operations
+            MASK: tl.constexpr = (1 << BITS) - 1
+            low = ((shifted & MASK) - zero).to(tl.float16) * scale
+            high = (((shifted >> 16) & MASK) - zero).to(tl.float16) * scale
+        return low, high
+
+    @triton.jit
+    def _half2_tile_weights(words, a, b, BITS: tl.constexpr, ASM: tl.constexpr):
+        """All the words' codes as fp16 weights [BLOCK_K, BLOCK_N] in input order, made two at a
+        time in half2 arithmetic (`half2_weights_ptx`: about two instructions a weight), from the
+        float32 scale `a` and zero `b` of each word row that `_load_tile` gives."""
+        zero = b.to(tl.int32)
+        scale = a.to(tl.float16)
+        zero2 = (zero | 0x6400) * 0x10001
+        scale2 = (scale.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
+        p0 = tl.join(*_half2_pair(words, 0, zero2, scale2, zero, scale, BITS, ASM))  # [rows, N, 2]: codes 0, 1
+        p1 = tl.join(*_half2_pair(words, 1, zero2, scale2, zero, scale, BITS, ASM))
+        if BITS == 4:
+            p2 = tl.join(*_half2_pair(words, 2, zero2, scale2, zero, scale, BITS, ASM))
+            p3 = tl.join(*_half2_pair(words, 3, zero2, scale2, zero, scale, BITS, ASM))
+            tile = tl.permute(tl.join(tl.join(p0, p1), tl.join(p2, p3)), (0, 4, 3, 2, 1))  # code 4 i1 + 2 i0 + p
+        else:
+            tile = tl.permute(tl.join(p0, p1), (0, 3, 2, 1))  # code 2 i + p
+        return tl.reshape(tile, (words.shape[0] * (32 // BITS), words.shape[1]))
+
+    @triton.jit
     def _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, in_m, cols_n, in_n, K, MAX_ROW_OUTLIERS,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """This program's share of sum_j x[m, column_j] * value_j over its rows' outliers: slots
@@ -594,7 +652,8 @@ if triton is not None:
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
                        LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                       HALF2: tl.constexpr, ASM: tl.constexpr):
         PER_WORD: tl.constexpr = 32 // BITS
         ROWS: tl.constexpr = BLOCK_K // PER_WORD
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -621,7 +680,10 @@ if triton is not None:
                 inputs = start + tl.arange(0, BLOCK_K)
                 xs = tl.load(x_ptr + rows_m[:, None] * K + inputs[None, :],
                              mask=in_m[:, None] & _below(inputs, K, EVEN_K)[None, :], other=0.0)
-                acc = tl.dot(xs, _tile_weights(words, a, b, BITS, HAS_LUT, xs.dtype), acc)
+                if HALF2:
+                    acc = tl.dot(xs, _half2_tile_weights(words, a, b, BITS, ASM), acc)
+                else:
+                    acc = tl.dot(xs, _tile_weights(words, a, b, BITS, HAS_LUT, xs.dtype), acc)
         if BLOCK_M == 1:
             acc = tl.sum(acc, axis=0)[None, :]
         if HAS_OUTLIERS:
