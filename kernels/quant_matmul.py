@@ -199,9 +199,10 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     m, n, k = x.shape[0], weight.out_features, weight.in_features
     meta = _meta(weight)
     half2 = config.get("HALF2", False)
-    if half2 and not half2_fits(weight, x.dtype):
-        raise ValueError("the half2 path takes fp16 activations and uniform grids without outliers")
     one_token_half2 = half2 and config["BLOCK_M"] == 1
+    if half2 and not (half2_fits if one_token_half2 else half2_tiles_fit)(weight, x.dtype):
+        raise ValueError("the half2 paths take fp16 activations and uniform grids without outliers (the dot's, "
+                         "fp16 scales)")
     asm = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
     block_k = min(config["BLOCK_K"], meta["GROUP"]) if one_token_half2 else config["BLOCK_K"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
@@ -317,6 +318,12 @@ def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:
             and weight.in_features % (32 // weight.bits) == 0)
 
 
+def half2_tiles_fit(weight: KernelWeight, dtype: torch.dtype) -> bool:
+    """Whether the dot's weights can be made in half2 arithmetic: what `half2_fits` asks, and fp16
+    scales (an fp32 or bf16 scale rounded to fp16 first would round the weight twice)."""
+    return half2_fits(weight, dtype) and weight.scales.dtype == torch.float16
+
+
 def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     """The configurations worth timing for m tokens: CUDA-core tiles of one token (in half2 where
     the weight allows), 16-row dots for a few, larger dots and dequantize-then-cuBLAS for many (the
@@ -347,7 +354,7 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                  (64, 128, 256, 4, 8, 2))
     many = tiles((64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3),
                  (64, 256, 128, 1, 8, 3), (128, 128, 128, 2, 8, 3))
-    if half2_fits(weight, dtype):  # each dot tile also with its weights made in half2 arithmetic
+    if half2_tiles_fit(weight, dtype):  # each dot tile also with its weights made in half2 arithmetic
         few, some, many = (configs + [dict(config, HALF2=True) for config in configs] for configs in (few, some, many))
     dequantize = [dict(DEQUANTIZE=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
                   dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
@@ -383,7 +390,6 @@ def half2_dot_ptx(bits: int) -> str:
     return "\n".join(lines)
 
 
-
 def half2_weights_ptx(bits: int) -> str:
     """PTX for two weights from a word shifted right by `bits` x pair: the codes at bit 0 and bit 16
     (codes 2 pair and 2 pair + 1: `code_slots`) taken into the halves of a half2 as 1024 + q by one
@@ -396,6 +402,7 @@ def half2_weights_ptx(bits: int) -> str:
         take = "prmt.b32 t, $2, 0x64646464, 0x4240;"  # bytes 0 and 2, each under the exponent's byte
     return "\n".join(["{", ".reg .b32 t;", take, "sub.rn.f16x2 t, t, $3;", "mul.rn.f16x2 t, t, $4;",
                       "mov.b32 {$0, $1}, t;", "}"])
+
 
 if triton is not None:
     _EXPONENT = tl.constexpr(HALF2_EXPONENT)

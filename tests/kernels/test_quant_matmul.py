@@ -98,6 +98,8 @@ def test_the_half2_path_refuses_weights_it_cannot_compute():
         triton_matmul(x.bfloat16(), uniform_weight(16, 192, 4, 64, False, torch.bfloat16), config=HALF2)
     with pytest.raises(ValueError, match="half2"):
         triton_matmul(x.expand(3, -1), lut_weight(16, 192, 16, -1), config=HALF2_TILES)
+    with pytest.raises(ValueError, match="half2"):  # float32 scales: the dot's half2 weights would round twice
+        triton_matmul(x.expand(3, -1), uniform_weight(16, 192, 4, 64, False, torch.float32), config=HALF2_TILES)
 
 
 @pytest.mark.parametrize("entries", [16, 8])  # 4-bit tables, and 3-bit ones with their codes in 4-bit slots
