@@ -18,10 +18,11 @@ no scales and holds the values as they are.
   that group over its partition's share of the sequence's blocks, walking them through the block
   table with an online softmax in float32, the group's heads the rows of tensor-core products;
   with a float8 cache, the key scale is folded into the score scale and the value scale into the
-  output, so the loop reads one byte per element and multiplies nothing more. Few sequences split each sequence's blocks among partitions (flash-decoding), so that
-  every multiprocessor has work; a second kernel merges the partitions' maxima, sums and
-  weighted values. The partition count depends only on the batch's shape, never on the lengths,
-  so a decode step can be captured in a CUDA graph.
+  output, so the loop reads one byte per element and multiplies nothing more. Few sequences split
+  each sequence's blocks among partitions (flash-decoding), so that every multiprocessor has
+  work; a second kernel merges the partitions' maxima, sums and weighted values. The partition
+  count depends only on the batch's shape, never on the lengths, so a decode step can be captured
+  in a CUDA graph.
 - `paged_decode`: the dispatcher: Triton on CUDA, the reference elsewhere or with
   QTOOL_KERNELS=reference.
 - `reference_prefill` / `triton_prefill` / `paged_prefill`: several new tokens per sequence (a
