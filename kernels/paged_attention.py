@@ -92,6 +92,11 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
         cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, stored)
 
 
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., kv_heads, d] -> [..., heads, d]: each kv head serves heads / kv_heads query heads."""
+    return x.repeat_interleave(heads // x.shape[-2], dim=-2)
+
+
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """One sequence's first `length` cached tokens [length, kv_heads, head_dim], in order, as stored."""
     blocks = block_table[: -(-length // cache.shape[1])].long()
@@ -101,13 +106,13 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 def reference_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, scales: KVScales | None = None) -> torch.Tensor:
     """q [S, heads, head_dim] -> [S, heads, head_dim] in q's dtype."""
-    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    heads = q.shape[1]
     keys_scale, values_scale = scales if scales is not None else (None, None)
     out = torch.empty_like(q)
     for s, length in enumerate(context_lens.tolist()):
         keys = from_cache(gather_context(k_cache, block_tables[s], length), keys_scale)
         values = from_cache(gather_context(v_cache, block_tables[s], length), values_scale)
-        keys, values = keys.repeat_interleave(heads // kv_heads, dim=1), values.repeat_interleave(heads // kv_heads, dim=1)
+        keys, values = repeat_kv(keys, heads), repeat_kv(values, heads)
         scores = torch.einsum("hd,thd->ht", q[s].float(), keys) * scale
         out[s] = torch.einsum("ht,thd->hd", scores.softmax(dim=-1), values).to(q.dtype)
     return out
@@ -188,8 +193,7 @@ def reference_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         first, last = query_starts[s], query_starts[s + 1]
         keys = from_cache(gather_context(k_cache, block_tables[s], length), keys_scale)
         values = from_cache(gather_context(v_cache, block_tables[s], length), values_scale)
-        keys = keys.repeat_interleave(heads // keys.shape[1], dim=1).transpose(0, 1)
-        values = values.repeat_interleave(heads // values.shape[1], dim=1).transpose(0, 1)
+        keys, values = repeat_kv(keys, heads).transpose(0, 1), repeat_kv(values, heads).transpose(0, 1)
         new = last - first
         positions = torch.arange(length - new, length, device=q.device)  # of the queries
         mask = torch.arange(length, device=q.device)[None, :] <= positions[:, None]

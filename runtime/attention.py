@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qtool.kernels.paged_attention import KVScales, paged_decode, paged_prefill, store_kv
+from qtool.kernels.paged_attention import KVScales, paged_decode, paged_prefill, repeat_kv, store_kv
 
 
 @dataclass
@@ -53,11 +53,6 @@ class PagedBatch:
     @property
     def decode(self) -> bool:
         return len(self.query_starts) - 1 == self.query_starts[-1]
-
-
-def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[..., kv_heads, d] -> [..., heads, d]: each kv head serves heads / kv_heads query heads."""
-    return x.repeat_interleave(heads // x.shape[-2], dim=-2)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float) -> torch.Tensor:
