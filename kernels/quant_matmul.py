@@ -504,11 +504,11 @@ if triton is not None:
     @triton.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
-                   LUT_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                   LUT_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, RAW: tl.constexpr):
         """The words of inputs [start, start + BLOCK_K) for columns cols_n, and what turns their codes
-        into weights, per word row: the scale and the zero point in float32 (uniform grids), or the
-        tile's tables and each row's offset into them (look-up tables; a tile may span several
-        groups)."""
+        into weights, per word row: the scale and the zero point in float32 (uniform grids; RAW: as
+        stored, and the zero as an int32), or the tile's tables and each row's offset into them
+        (look-up tables; a tile may span several groups)."""
         PER_WORD: tl.constexpr = 32 // BITS
         words, rows, mask = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, EVEN_K)
         group = rows * PER_WORD // GROUP
@@ -520,12 +520,14 @@ if triton is not None:
             a = tl.load(lut_ptr + (first * LUT_SIZE + entries)[:, None] * N + cols_n[None, :], mask=present, other=0.0)
             b = ((group - first) * LUT_SIZE)[:, None]
         else:
-            a = tl.load(s_ptr + group[:, None] * N + cols_n[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:  # the byte under the exponent of 2**23, less 2**23: exact, no int-to-float conversion
-                zero = tl.load(z_ptr + group[:, None] * N + cols_n[None, :], mask=mask, other=0).to(tl.int32)
-                b = (zero | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            a = tl.load(s_ptr + group[:, None] * N + cols_n[None, :], mask=mask, other=0.0)
+            if HAS_ZEROS:
+                b = tl.load(z_ptr + group[:, None] * N + cols_n[None, :], mask=mask, other=0).to(tl.int32)
             else:
-                b = tl.full(words.shape, 1 << (BITS - 1), tl.float32)
+                b = tl.full(words.shape, 1 << (BITS - 1), tl.int32)
+            if not RAW:  # the zero byte under the exponent of 2**23, less 2**23: exact, no int-to-float conversion
+                a = a.to(tl.float32)
+                b = (b | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         return words, a, b
 
     @triton.jit
@@ -599,12 +601,10 @@ if triton is not None:
         return low, high
 
     @triton.jit
-    def _half2_tile_weights(words, a, b, BITS: tl.constexpr, ASM: tl.constexpr):
+    def _half2_tile_weights(words, scale, zero, BITS: tl.constexpr, ASM: tl.constexpr):
         """All the words' codes as fp16 weights [BLOCK_K, BLOCK_N] in input order, made two at a
-        time in half2 arithmetic (`half2_weights_ptx`: about two instructions a weight), from the
-        float32 scale `a` and zero `b` of each word row that `_load_tile` gives."""
-        zero = b.to(tl.int32)
-        scale = a.to(tl.float16)
+        time in half2 arithmetic (`half2_weights_ptx`: about two instructions a weight), from each
+        word row's fp16 scale and int32 zero (`_load_tile` RAW)."""
         zero2 = (zero | 0x6400) * 0x10001
         scale2 = (scale.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001
         p0 = tl.join(*_half2_pair(words, 0, zero2, scale2, zero, scale, BITS, ASM))  # [rows, N, 2]: codes 0, 1
@@ -674,7 +674,7 @@ if triton is not None:
         # software-pipelined: STAGES - 1 tiles' loads in flight (through shared memory) during the arithmetic
         for start in tl.range(pid_k * BLOCK_K, K, BLOCK_K * tl.num_programs(2), num_stages=STAGES):
             words, a, b = _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
-                                     BITS, GROUP, HAS_ZEROS, HAS_LUT, LUT_SIZE, BLOCK_K, EVEN_K)
+                                     BITS, GROUP, HAS_ZEROS, HAS_LUT, LUT_SIZE, BLOCK_K, EVEN_K, HALF2)
             ks = start + tl.arange(0, ROWS) * PER_WORD  # the input of code 0 of each word row
             if BLOCK_M == 1:
                 if HAS_LUT:
@@ -733,7 +733,7 @@ if triton is not None:
         in_n = _below(cols_n, N, EVEN_N)
         start = tl.program_id(1) * BLOCK_K
         words, a, b = _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
-                                 BITS, GROUP, HAS_ZEROS, HAS_LUT, LUT_SIZE, BLOCK_K, EVEN_K)
+                                 BITS, GROUP, HAS_ZEROS, HAS_LUT, LUT_SIZE, BLOCK_K, EVEN_K, False)
         inputs = start + tl.arange(0, BLOCK_K)
         tl.store(out_ptr + inputs[:, None] * N + cols_n[None, :],
                  _tile_weights(words, a, b, BITS, HAS_LUT, out_ptr.dtype.element_ty),
