@@ -205,9 +205,10 @@ def reference_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, query_starts: list[int], scale: float,
-                  scales: KVScales | None = None) -> torch.Tensor:
+                  scales: KVScales | None = None, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """`starts`: query_starts already on q's device (int32), for the kernel."""
     if triton_runs(q):
-        return triton_prefill(q, k_cache, v_cache, block_tables, context_lens, query_starts, scale, scales)
+        return triton_prefill(q, k_cache, v_cache, block_tables, context_lens, query_starts, scale, scales, starts)
     return reference_prefill(q, k_cache, v_cache, block_tables, context_lens, query_starts, scale, scales)
 
 
@@ -216,13 +217,15 @@ PREFILL_TILE = 64  # queries a program, and keys an iteration
 
 def triton_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                    context_lens: torch.Tensor, query_starts: list[int], scale: float,
-                   scales: KVScales | None = None) -> torch.Tensor:
+                   scales: KVScales | None = None, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """`starts`: query_starts already on q's device (int32); copied there otherwise."""
     tokens, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     fp8 = k_cache.dtype == FP8
     keys_scale, values_scale = (scales.keys.float().contiguous(), scales.values.float().contiguous()) if fp8 else (q, q)
     q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
-    starts = torch.tensor(query_starts, dtype=torch.int32).to(q.device, non_blocking=True)
+    if starts is None:
+        starts = torch.tensor(query_starts, dtype=torch.int32, device=q.device)
     longest = max(last - first for first, last in zip(query_starts, query_starts[1:]))
     out = torch.empty_like(q)
     _prefill_kernel[(len(query_starts) - 1, heads, triton.cdiv(longest, PREFILL_TILE))](

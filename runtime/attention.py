@@ -10,6 +10,7 @@ sequence's new tokens attending causally to its whole context (`qtool.kernels.pa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,11 @@ class PagedBatch:
     def decode(self) -> bool:
         return len(self.query_starts) - 1 == self.query_starts[-1]
 
+    @functools.cached_property
+    def device_query_starts(self) -> torch.Tensor:
+        """`query_starts` as int32 on the batch's device: copied once a step, for every layer."""
+        return torch.tensor(self.query_starts, dtype=torch.int32, device=self.slots.device)
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float) -> torch.Tensor:
     """Windows of `length` tokens flattened: q [B * L, heads, d], k and v [B * L, kv_heads, d]."""
@@ -75,4 +81,4 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Pa
     if batch.decode:
         return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, scales)
     return paged_prefill(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.query_starts, scale,
-                         scales)
+                         scales, starts=batch.device_query_starts)

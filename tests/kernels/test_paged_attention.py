@@ -83,6 +83,8 @@ def test_prefill_kernel_matches_the_reference(heads, kv_heads, head_dim):
     out = triton_prefill(q, k_cache, v_cache, tables, lengths, starts, head_dim**-0.5)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=2e-3 if HALF else 1e-4, rtol=2e-3 if HALF else 1e-4)
+    held = torch.tensor(starts, dtype=torch.int32, device=DEVICE)  # as an engine step holds them for every layer
+    assert torch.equal(triton_prefill(q, k_cache, v_cache, tables, lengths, starts, head_dim**-0.5, starts=held), out)
 
 
 def test_prefill_kernel_on_a_float8_cache():
