@@ -193,7 +193,8 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel (or the
     half2 kernel of one token a program row) on a grid of N tiles x M tiles x shares of K. HALF2:
     half2 arithmetic, for one token in its own kernel, for tiles of tokens in the weights the
-    matmul kernel's dot takes."""
+    matmul kernel's dot takes. SWAP: the dot computes y^T = W x^T, so the weights are its first
+    operand (on Hopper that one may come from registers) and a few tokens fill its columns."""
     if config.get("DEQUANTIZE"):
         return x @ dequantize_t(weight, x.dtype, config)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
@@ -224,7 +225,7 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
             x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
             weight.max_row_outliers, **meta, HAS_OUTLIERS=weight.outlier_values is not None,
             EVEN_K=_even(n, k, config)["EVEN_K"], BLOCK_M=config["BLOCK_M"], STAGES=config.get("num_stages", 1),
-            HALF2=half2, ASM=asm, **common)
+            HALF2=half2, SWAP=config.get("SWAP", False), ASM=asm, **common)
     return out
 
 
@@ -326,39 +327,39 @@ def half2_tiles_fit(weight: KernelWeight, dtype: torch.dtype) -> bool:
 
 def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     """The configurations worth timing for m tokens: CUDA-core tiles of one token (in half2 where
-    the weight allows), 16-row dots for a few, larger dots and dequantize-then-cuBLAS for many (the
-    dots' weights made in float32, and in half2 where the weight allows). A dot needs 16 rows of
-    words."""
+    the weight allows); up to 64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as
+    the dot's columns; the weights made in half2 arithmetic where the weight allows); for more,
+    dots of 64-128 tokens in float32 weights and dequantize-then-cuBLAS. The tiles are the fastest
+    of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
     bits = weight.bits
 
-    def tiles(*shapes):
+    def tiles(*shapes, **form):
         return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
-                     num_stages=stages)
+                     num_stages=stages, **form)
                 for block_m, block_n, block_k, split, warps, stages in shapes
-                if block_m == 1 or block_k * bits // 32 >= 16]
+                if block_m == 1 or block_k * bits // 32 >= 8]
 
     one = tiles((1, 64, 256, 8, 4, 3), (1, 64, 256, 16, 4, 3), (1, 128, 256, 8, 4, 3), (1, 64, 512, 0, 4, 1),
                 (1, 128, 128, 16, 4, 4), (1, 256, 128, 8, 8, 3), (1, 64, 128, 32, 4, 3), (1, 256, 128, 0, 4, 1),
                 (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
     half2 = [dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages,
                   HALF2=True)
-             for block_n, block_k, split, warps, stages in (  # the fastest of a sweep on an H200 among them
+             for block_n, block_k, split, warps, stages in (
                  (256, 64, 8, 2, 1), (512, 64, 8, 4, 1), (128, 64, 8, 4, 1), (128, 64, 8, 2, 1), (256, 64, 32, 2, 1),
                  (512, 64, 32, 4, 1), (128, 64, 32, 2, 1), (256, 64, 16, 4, 1), (128, 64, 16, 4, 1),
                  (256, 128, 8, 4, 1), (256, 128, 4, 4, 1), (512, 128, 4, 8, 1))
              if half2_fits(weight, dtype) and block_k <= _meta(weight)["GROUP"]]
     one = half2 + one
-    few = tiles((16, 64, 256, 8, 4, 3), (16, 128, 128, 8, 4, 3), (16, 64, 128, 16, 4, 3), (16, 128, 256, 4, 8, 3),
-                (16, 32, 256, 16, 4, 3))
-    some = tiles((32, 64, 256, 8, 4, 3), (64, 64, 128, 8, 4, 3), (64, 128, 128, 4, 8, 3), (32, 128, 128, 8, 4, 3),
-                 (64, 128, 256, 4, 8, 2))
+    swapped = dict(SWAP=True, HALF2=half2_tiles_fit(weight, dtype))
+    few = tiles((16, 64, 64, 8, 4, 3), (16, 64, 64, 4, 4, 3), (16, 64, 64, 16, 4, 3), (16, 64, 128, 8, 4, 3),
+                (16, 128, 64, 16, 4, 3), (16, 128, 64, 8, 8, 3), **swapped)
+    some = tiles((64, 64, 64, 4, 4, 3), (64, 64, 64, 8, 4, 3), (64, 64, 128, 4, 4, 3), (64, 64, 128, 8, 4, 2),
+                 (64, 128, 64, 8, 8, 3), (32, 64, 64, 8, 4, 3), **swapped)
     many = tiles((64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3),
                  (64, 256, 128, 1, 8, 3), (128, 128, 128, 2, 8, 3))
-    if half2_tiles_fit(weight, dtype):  # each dot tile also with its weights made in half2 arithmetic
-        few, some, many = (configs + [dict(config, HALF2=True) for config in configs] for configs in (few, some, many))
     dequantize = [dict(DEQUANTIZE=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
                   dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
-    by_bucket = {1: one, 4: one + few, 16: few, 64: few + some, 256: some + many + dequantize}
+    by_bucket = {1: one, 4: one + few, 16: few, 64: some, 256: some + many + dequantize}
     return by_bucket.get(m_bucket(m), many + dequantize)
 
 
@@ -660,7 +661,7 @@ if triton is not None:
                        LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                       HALF2: tl.constexpr, ASM: tl.constexpr):
+                       HALF2: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
         PER_WORD: tl.constexpr = 32 // BITS
         ROWS: tl.constexpr = BLOCK_K // PER_WORD
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -669,6 +670,8 @@ if triton is not None:
         in_m, in_n = rows_m < M, _below(cols_n, N, EVEN_N)
         if BLOCK_M == 1:  # CUDA cores: products kept per word row, summed over rows at the end
             acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        elif SWAP:  # y^T = W x^T: the weights are the dot's first operand, the tokens its columns
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # software-pipelined: STAGES - 1 tiles' loads in flight (through shared memory) during the arithmetic
@@ -684,15 +687,22 @@ if triton is not None:
                     products, sums = _one_token(x_ptr + pid_m * K, words, ks, K, BITS, EVEN_K)
                     acc += (a * (1 << BITS)) * (products - (1.0 + b * (1.0 / (1 << BITS))) * sums)
             else:
-                inputs = start + tl.arange(0, BLOCK_K)
-                xs = tl.load(x_ptr + rows_m[:, None] * K + inputs[None, :],
-                             mask=in_m[:, None] & _below(inputs, K, EVEN_K)[None, :], other=0.0)
                 if HALF2:
-                    acc = tl.dot(xs, _half2_tile_weights(words, a, b, BITS, ASM), acc)
+                    weights = _half2_tile_weights(words, a, b, BITS, ASM)
                 else:
-                    acc = tl.dot(xs, _tile_weights(words, a, b, BITS, HAS_LUT, xs.dtype), acc)
+                    weights = _tile_weights(words, a, b, BITS, HAS_LUT, x_ptr.dtype.element_ty)
+                inputs = start + tl.arange(0, BLOCK_K)
+                present = in_m[:, None] & _below(inputs, K, EVEN_K)[None, :]
+                if SWAP:
+                    xt = tl.load(x_ptr + rows_m[None, :] * K + inputs[:, None], mask=tl.trans(present), other=0.0)
+                    acc = tl.dot(tl.trans(weights), xt, acc)
+                else:
+                    xs = tl.load(x_ptr + rows_m[:, None] * K + inputs[None, :], mask=present, other=0.0)
+                    acc = tl.dot(xs, weights, acc)
         if BLOCK_M == 1:
             acc = tl.sum(acc, axis=0)[None, :]
+        elif SWAP:
+            acc = tl.trans(acc)
         if HAS_OUTLIERS:
             acc += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, in_m, cols_n, in_n, K, MAX_ROW_OUTLIERS,
                              BLOCK_M, BLOCK_N)

@@ -10,6 +10,7 @@ from qtool.quantize import packing
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)  # small tiles keep the interpreter quick; a dot
 HALF2_TILES = dict(SMALL, HALF2=True)  # the dot's weights made two at a time in half2 arithmetic
+SWAPPED = dict(SMALL, SWAP=True)  # y^T = W x^T: the weights as the dot's first operand
 ONE_TOKEN = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=0)  # the CUDA-core path, one program per 32 inputs
 HALF2 = dict(ONE_TOKEN, HALF2=True)  # one token in half2 arithmetic (PTX on a GPU, Triton's operations here)
 DEQUANTIZE = dict(DEQUANTIZE=True, BLOCK_N=16, BLOCK_K=32)  # W^T by the Triton kernel, then cuBLAS
@@ -64,13 +65,14 @@ def test_codes_are_read_in_the_canonical_packing():
 def test_uniform_grids_match_the_reference(bits, group_size, symmetric, m):
     check(uniform_weight(48, 192, bits, group_size, symmetric), m)  # N, K not powers of two
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=HALF2_TILES)
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2_TILES, SWAP=True, BLOCK_K=64))
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=ONE_TOKEN)
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=HALF2)
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, BLOCK_K=64))  # 2 groups of 32
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=DEQUANTIZE)
 
 
-@pytest.mark.parametrize("config", [SMALL, HALF2_TILES])
+@pytest.mark.parametrize("config", [SMALL, HALF2_TILES, SWAPPED, dict(HALF2_TILES, SWAP=True, BLOCK_K=64)])
 @pytest.mark.parametrize("bits, group_size, symmetric", [(4, 64, False), (8, -1, True)])
 def test_dot_weights_are_the_references_exactly(config, bits, group_size, symmetric):
     """One-hot tokens read single weights out: each must be (q - z) s rounded once to fp16."""
@@ -108,6 +110,7 @@ def test_the_half2_path_refuses_weights_it_cannot_compute():
 def test_lookup_tables_match_the_reference(entries, group_size, m):
     check(lut_weight(40, 192, entries, group_size), m)
     check(lut_weight(40, 192, entries, group_size), m, config=ONE_TOKEN)
+    check(lut_weight(40, 192, entries, group_size), m, config=dict(SWAPPED, BLOCK_K=64))  # 8 rows of words
     check(lut_weight(40, 192, entries, group_size), m, config=DEQUANTIZE)
 
 
@@ -117,12 +120,14 @@ def test_sparse_outliers_are_added_once(m):
     assert weight.max_row_outliers > 1
     check(weight, m)
     check(weight, m, config=dict(SMALL, SPLIT_K=3))  # each slot added by one share of K; one share empty
+    check(weight, m, config=dict(SWAPPED, SPLIT_K=3))
     check(weight, m, config=dict(ONE_TOKEN, SPLIT_K=2))
     check(weight, m, config=DEQUANTIZE)
 
 
 @pytest.mark.parametrize("config", [dict(SMALL, SPLIT_K=2), dict(SMALL, SPLIT_K=0), dict(ONE_TOKEN, SPLIT_K=3),
-                                    dict(HALF2, BLOCK_K=128, SPLIT_K=3), dict(HALF2_TILES, SPLIT_K=3)])
+                                    dict(HALF2, BLOCK_K=128, SPLIT_K=3), dict(HALF2_TILES, SPLIT_K=3),
+                                    dict(SWAPPED, SPLIT_K=3)])
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
     weight = uniform_weight(40, 640, 4, 64, False)
     for _ in range(3):  # the last program of each tile resets the workspace for the next launch
@@ -132,6 +137,7 @@ def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
 def test_a_tail_of_columns_is_masked():
     check(uniform_weight(24, 128 + 32, 4, 32, False), 2)  # K not a multiple of 128
     check(uniform_weight(24, 128 + 32, 8, 32, False), 2, config=HALF2_TILES)
+    check(uniform_weight(24, 128 + 32, 4, 32, False), 2, config=SWAPPED)
     check(uniform_weight(24, 128 + 32, 4, 32, False), 1, config=ONE_TOKEN)
     check(uniform_weight(24, 128 + 32, 4, -1, False), 1, config=dict(HALF2, BLOCK_K=64))
     check(uniform_weight(24, 128 + 32, 8, -1, True), 1, config=dict(HALF2, BLOCK_K=64))
