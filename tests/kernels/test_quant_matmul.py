@@ -146,6 +146,8 @@ def test_a_tail_of_columns_is_masked():
 @pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 tiles as integers (tl.dot)")
 def test_bf16_activations():
     check(uniform_weight(24, 160, 4, 32, False, torch.bfloat16), 2, dtype=torch.bfloat16, tolerance=1e-2)
+    check(uniform_weight(24, 160, 4, 32, False, torch.bfloat16), 2, config=SWAPPED, dtype=torch.bfloat16,
+          tolerance=1e-2)
 
 
 def test_every_output_is_written(monkeypatch):
