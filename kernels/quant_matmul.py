@@ -329,8 +329,9 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     """The configurations worth timing for m tokens: CUDA-core tiles of one token (in half2 where
     the weight allows); up to 64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as
     the dot's columns; the weights made in half2 arithmetic where the weight allows); for more,
-    dots of 64-128 tokens in float32 weights and dequantize-then-cuBLAS. The tiles are the fastest
-    of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
+    dots of 64-128 tokens in float32 weights, swapped dots of 128-256 tokens, and
+    dequantize-then-cuBLAS. Tiles up to 64 tokens are the fastest of sweeps on an H200
+    (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
     bits = weight.bits
 
     def tiles(*shapes, **form):
@@ -357,6 +358,10 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                  (64, 128, 64, 8, 8, 3), (32, 64, 64, 8, 4, 3), **swapped)
     many = tiles((64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3),
                  (64, 256, 128, 1, 8, 3), (128, 128, 128, 2, 8, 3))
+    # swapped, the tile's wgmma stays in flight while the next tile's weights are made (in the other
+    # orientation the weights' shared-memory copy must be read before they are overwritten)
+    many += tiles((128, 128, 64, 1, 8, 3), (256, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 3), (128, 128, 64, 2, 8, 3),
+                  **swapped)
     dequantize = [dict(DEQUANTIZE=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
                   dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
     by_bucket = {1: one, 4: one + few, 16: few, 64: some, 256: some + many + dequantize}

@@ -14,15 +14,19 @@ from triton.compiler import ASTSource  # noqa: E402
 from qtool.kernels import elementwise, int8_matmul, paged_attention, quant_matmul  # noqa: E402
 
 FLOATS = {"eps", "scale"}  # scalars passed as float; the others are int32
+# what a launch on model shapes specialises on: pointers and these sizes divisible by 16 (without it
+# loads are not vectorised, and none goes through cp.async)
+ALIGNED = {"N", "K"}
 
 
 def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num_warps: int = 4,
                      options: dict | None = None) -> str:
     """Pointers default to fp16 (`pointers` names others), scalars to int32 (float32 for FLOATS);
-    `options` as the launch passes them. Returns the PTX."""
+    pointers and ALIGNED sizes divisible by 16; `options` as the launch passes them. Returns the
+    PTX."""
     pointers = pointers or {}
-    signature = {}
-    for param in kernel.params:
+    signature, attrs = {}, {}
+    for index, param in enumerate(kernel.params):
         name = param.name
         if param.is_constexpr:
             signature[name] = "constexpr"
@@ -30,7 +34,9 @@ def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num
             signature[name] = pointers.get(name, "*fp16")
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        if name.endswith("_ptr") or name in ALIGNED:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **(options or {})})
     assert compiled.asm["cubin"]
     print(kernel.__name__, constexprs)
