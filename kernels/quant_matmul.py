@@ -202,8 +202,8 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     half2 = config.get("HALF2", False)
     one_token_half2 = half2 and config["BLOCK_M"] == 1
     if half2 and not (half2_fits if one_token_half2 else half2_tiles_fit)(weight, x.dtype):
-        raise ValueError("the half2 paths take fp16 activations and uniform grids without outliers (the dot's, "
-                         "fp16 scales)")
+        raise ValueError("the half2 paths take fp16 activations, and for one token a uniform grid or one table of "
+                         "4-bit codes per row; for the dot a uniform grid with fp16 scales and no outliers")
     asm = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
     block_k = min(config["BLOCK_K"], meta["GROUP"]) if one_token_half2 else config["BLOCK_K"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
@@ -211,21 +211,18 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     split = grid[2] > 1
     workspace, arrivals = _workspace(x.device, m * n if split else 1, grid[0] * grid[1] if split else 1)
-    dummy = weight.packed
-    outliers = [dummy if tensor is None else tensor
+    outliers = [weight.packed if tensor is None else tensor  # (unread when absent)
                 for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)]
-    common = dict(SPLIT=split, EVEN_N=_even(n, k, config)["EVEN_N"], BLOCK_N=config["BLOCK_N"],
-                  BLOCK_K=block_k, **_launch_options(config))
+    common = dict(SPLIT=split, EVEN_N=_even(n, k, config)["EVEN_N"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
+                  HAS_OUTLIERS=weight.outlier_values is not None, ASM=asm, **meta, **_launch_options(config))
     if one_token_half2:
-        _half2_kernel[grid](
-            x, weight.packed, weight.scales, dummy if weight.zeros is None else weight.zeros, out, workspace, arrivals,
-            m, n, k, BITS=weight.bits, GROUP=meta["GROUP"], HAS_ZEROS=meta["HAS_ZEROS"], ASM=asm, **common)
+        _half2_kernel[grid](x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k,
+                            weight.max_row_outliers, **common)
     else:
         _matmul_kernel[grid](
             x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
-            weight.max_row_outliers, **meta, HAS_OUTLIERS=weight.outlier_values is not None,
-            EVEN_K=_even(n, k, config)["EVEN_K"], BLOCK_M=config["BLOCK_M"], STAGES=config.get("num_stages", 1),
-            HALF2=half2, SWAP=config.get("SWAP", False), ASM=asm, **common)
+            weight.max_row_outliers, EVEN_K=_even(n, k, config)["EVEN_K"], BLOCK_M=config["BLOCK_M"],
+            STAGES=config.get("num_stages", 1), HALF2=half2, SWAP=config.get("SWAP", False), **common)
     return out
 
 
@@ -313,16 +310,18 @@ _TUNER = _Tuner()
 
 
 def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:
-    """Whether the half2 paths (one token; the dot's weights) take this weight: fp16 activations, a
-    uniform grid without outliers, inputs in whole words."""
-    return (dtype == torch.float16 and weight.lut is None and weight.outlier_values is None
-            and weight.in_features % (32 // weight.bits) == 0)
+    """Whether the one-token half2 kernel takes this weight: fp16 activations, inputs in whole
+    words, and a uniform grid or one table of 4-bit codes per row (outliers or not)."""
+    whole_words = weight.in_features % (32 // weight.bits) == 0
+    return dtype == torch.float16 and whole_words and (weight.lut is None or (weight.bits == 4 and weight.groups == 1))
 
 
 def half2_tiles_fit(weight: KernelWeight, dtype: torch.dtype) -> bool:
-    """Whether the dot's weights can be made in half2 arithmetic: what `half2_fits` asks, and fp16
-    scales (an fp32 or bf16 scale rounded to fp16 first would round the weight twice)."""
-    return half2_fits(weight, dtype) and weight.scales.dtype == torch.float16
+    """Whether the dot's weights can be made in half2 arithmetic: fp16 activations, inputs in whole
+    words, a uniform grid without outliers, and fp16 scales (an fp32 or bf16 scale rounded to fp16
+    first would round the weight twice)."""
+    return (dtype == torch.float16 and weight.in_features % (32 // weight.bits) == 0 and weight.lut is None
+            and weight.outlier_values is None and weight.scales.dtype == torch.float16)
 
 
 def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
@@ -410,12 +409,47 @@ def half2_weights_ptx(bits: int) -> str:
                       "mov.b32 {$0, $1}, t;", "}"])
 
 
+def half2_table_dot_ptx(entries: int) -> str:
+    """PTX for one word of 4-bit codes looked up in a table of `entries` (8 or 16) fp16 values and
+    times one token's inputs, in half2 arithmetic: PRMT takes four codes as byte selectors at once,
+    so the table lives in registers as byte planes (`_table_planes`: the low bytes of entries 4r..4r
+    + 3 in one word, their high bytes in another). Codes of 8 and more select from the planes of
+    entries 8-15 (PRMT reads a selector's top bit as "replicate the sign", so those codes' bit 3 is
+    flipped first and a byte mask picks the right look-up). The entries of inputs (0, 2), (4, 6)
+    (the even slots) and (1, 3), (5, 7) (the odd ones) times those inputs, summed in fp16, returned
+    as float32 bits. Operands: $1 the word, $2-$5 the inputs (0, 2), (1, 3), (4, 6), (5, 7) as half2,
+    then the planes: low bytes of entries 0-3, 4-7[, 8-11, 12-15], then the high bytes alike."""
+    planes = entries // 4
+    low = [f"${6 + r}" for r in range(planes)]
+    high = [f"${6 + planes + r}" for r in range(planes)]
+    lines = ["{", ".reg .b32 w, t, m, wb, a, b, lo, hi, p0, p1, p2, p3, acc;", ".reg .b16 l, h;", ".reg .f32 f;"]
+    for half, (first, second) in enumerate((("p0", "p2"), ("p1", "p3"))):  # even slots, then odd ones
+        lines.append("mov.b32 w, $1;" if half == 0 else "shr.u32 w, $1, 16;")
+        if entries == 16:
+            lines += ["shr.u32 t, w, 1;", "and.b32 t, t, 0x4444;",
+                      "prmt.b32 m, 0, 0xffffffff, t;",  # byte k all ones where code k is 8 or more
+                      "xor.b32 wb, w, 0x8888;"]
+        for plane, out in ((low, "lo"), (high, "hi")):
+            if entries == 16:
+                lines += [f"prmt.b32 a, {plane[0]}, {plane[1]}, w;", f"prmt.b32 b, {plane[2]}, {plane[3]}, wb;",
+                          f"lop3.b32 {out}, a, b, m, 0xd8;"]  # m ? b : a
+            else:
+                lines.append(f"prmt.b32 {out}, {plane[0]}, {plane[1]}, w;")
+        lines += [f"prmt.b32 {first}, lo, hi, 0x5140;", f"prmt.b32 {second}, lo, hi, 0x7362;"]
+    lines += ["mul.rn.f16x2 acc, p0, $2;", "fma.rn.f16x2 acc, p1, $3, acc;", "fma.rn.f16x2 acc, p2, $4, acc;",
+              "fma.rn.f16x2 acc, p3, $5, acc;", "mov.b32 {l, h}, acc;", "add.rn.f16 l, l, h;", "cvt.f32.f16 f, l;",
+              "mov.b32 $0, f;", "}"]
+    return "\n".join(lines)
+
+
 if triton is not None:
     _EXPONENT = tl.constexpr(HALF2_EXPONENT)
     _HALF2_DOT_4 = tl.constexpr(half2_dot_ptx(4))
     _HALF2_DOT_8 = tl.constexpr(half2_dot_ptx(8))
     _HALF2_WEIGHTS_4 = tl.constexpr(half2_weights_ptx(4))
     _HALF2_WEIGHTS_8 = tl.constexpr(half2_weights_ptx(8))
+    _HALF2_TABLE_16 = tl.constexpr(half2_table_dot_ptx(16))
+    _HALF2_TABLE_8 = tl.constexpr(half2_table_dot_ptx(8))
 
     @triton.jit
     def _below(index, bound, EVEN: tl.constexpr):
@@ -445,11 +479,12 @@ if triton is not None:
 
     @triton.jit
     def _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
-                    HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
+                    HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr, BLOCK_K: tl.constexpr):
         """What one token's products with inputs [start, start + BLOCK_K) (inside one group) read:
         the words [rows, BLOCK_N]; the inputs as int32 pairs of fp16, a column [rows, 1] per pair
         (8-bit words use two; the others repeat them and go unread); the scale (fp16) and the zero
-        point (int32) [1, BLOCK_N]. Zero past K."""
+        point (int32) [1, BLOCK_N] of a uniform grid (zeros for a table: `_table_planes`). Zero
+        past K."""
         PER_WORD: tl.constexpr = 32 // BITS
         PAIRS: tl.constexpr = 16 // BITS
         words, rows, _ = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, False)
@@ -464,12 +499,79 @@ if triton is not None:
             x2, x3 = x0, x1
         present = in_n & (start + 0 * cols_n < K)  # as a tensor: the interpreter's masks take no Python bool
         group = start // GROUP
-        scale = tl.load(s_ptr + group * N + cols_n, mask=present, other=0.0)[None, :]
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + group * N + cols_n, mask=present, other=0).to(tl.int32)[None, :]
+        if HAS_LUT:
+            scale = tl.zeros((1, cols_n.shape[0]), tl.float16)
+            zero = tl.zeros((1, cols_n.shape[0]), tl.int32)
         else:
-            zero = tl.full((1, cols_n.shape[0]), 1 << (BITS - 1), tl.int32)
+            scale = tl.load(s_ptr + group * N + cols_n, mask=present, other=0.0)[None, :]
+            if HAS_ZEROS:
+                zero = tl.load(z_ptr + group * N + cols_n, mask=present, other=0).to(tl.int32)[None, :]
+            else:
+                zero = tl.full((1, cols_n.shape[0]), 1 << (BITS - 1), tl.int32)
         return words, x0, x1, x2, x3, scale, zero
+
+    @triton.jit
+    def _table_planes(lut_ptr, r: tl.constexpr, cols_n, in_n, N, LUT_SIZE: tl.constexpr):
+        """Entries 4r..4r + 3 of each column's table (one table per row) as two int32 byte planes
+        [1, BLOCK_N]: their low bytes, their high bytes (of the entries rounded to fp16)."""
+        low = tl.zeros(cols_n.shape, tl.int32)
+        high = tl.zeros(cols_n.shape, tl.int32)
+        for i in tl.static_range(4):
+            if 4 * r + i < LUT_SIZE:
+                entry = tl.load(lut_ptr + (4 * r + i) * N + cols_n, mask=in_n, other=0.0).to(tl.float16)
+                bits = entry.to(tl.int16, bitcast=True).to(tl.int32)
+                low |= (bits & 0xFF) << (8 * i)
+                high |= ((bits >> 8) & 0xFF) << (8 * i)
+        return low[None, :], high[None, :]
+
+    @triton.jit
+    def _table_entry(codes, l0, l1, l2, l3, h0, h1, h2, h3):
+        """Table entry `codes` as fp16 out of the byte planes (what the PRMT look-ups select)."""
+        which = codes >> 2
+        shift = (codes & 3) * 8
+        low = tl.where(which == 0, l0, tl.where(which == 1, l1, tl.where(which == 2, l2, l3)))
+        high = tl.where(which == 0, h0, tl.where(which == 1, h1, tl.where(which == 2, h2, h3)))
+        bits = ((low >> shift) & 0xFF) | (((high >> shift) & 0xFF) << 8)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _half2_table_dot(words, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE: tl.constexpr,
+                         ASM: tl.constexpr):
+        """Each word's codes looked up in their column's table and times their inputs, in half2
+        arithmetic (`half2_table_dot_ptx`), as float32 [rows, BLOCK_N]; the inputs regrouped per
+        word row into the pairs (0, 2), (1, 3), (4, 6), (5, 7) that the look-ups give. Under the
+        interpreter the same sums in Triton's operations."""
+        x02 = (x0 & 0xFFFF) | (x1 << 16)
+        x13 = ((x0 >> 16) & 0xFFFF) | (x1 & -65536)
+        x46 = (x2 & 0xFFFF) | (x3 << 16)
+        x57 = ((x2 >> 16) & 0xFFFF) | (x3 & -65536)
+        if ASM:
+            if LUT_SIZE == 16:
+                sums = tl.inline_asm_elementwise(_HALF2_TABLE_16, "=r" + ",r" * 13,
+                                                 [words, x02, x13, x46, x57, l0, l1, l2, l3, h0, h1, h2, h3],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                sums = tl.inline_asm_elementwise(_HALF2_TABLE_8, "=r" + ",r" * 9,
+                                                 [words, x02, x13, x46, x57, l0, l1, h0, h1],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            partial = sums.to(tl.float32, bitcast=True)
+        else:  # lanes as the PTX sums them: inputs 0, 1, 4, 5 and 2, 3, 6, 7
+            lanes = tl.zeros(words.shape, tl.float16)
+            other = tl.zeros(words.shape, tl.float16)
+            for j in tl.static_range(8):
+                if j % 4 < 2:
+                    pair = x0 if j < 4 else x2
+                else:
+                    pair = x1 if j < 4 else x3
+                half = (pair >> (16 * (j % 2))) & 0xFFFF
+                x_j = half.to(tl.int16).to(tl.float16, bitcast=True)
+                product = _table_entry(_code(words, j, 4), l0, l1, l2, l3, h0, h1, h2, h3) * x_j
+                if j % 4 < 2:
+                    lanes += product
+                else:
+                    other += product
+            partial = (lanes + other).to(tl.float32)
+        return partial
 
     @triton.jit
     def _half2_dot(words, x0, x1, x2, x3, scale, zero, BITS: tl.constexpr, ASM: tl.constexpr):
@@ -714,28 +816,41 @@ if triton is not None:
         _write(y_ptr, ws_ptr, arrivals_ptr, acc, rows_m, in_m, cols_n, in_n, N, SPLIT)
 
     @triton.jit
-    def _half2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, arrivals_ptr, M, N, K,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr,
+    def _half2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, ov_ptr, oc_ptr, oo_ptr, y_ptr, ws_ptr, arrivals_ptr,
+                      M, N, K, MAX_ROW_OUTLIERS,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
+                      LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
                       EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
         """y[m, tile of BLOCK_N] for one token m in half2 arithmetic, over this program's share of K
-        in tiles of BLOCK_K inputs inside one group. The next tile's loads are issued before this
-        tile's arithmetic (held in registers: a copy through shared memory costs more than it
-        hides here)."""
+        in tiles of BLOCK_K inputs inside one group (a uniform grid), or with one table per row
+        held in registers. The next tile's loads are issued before this tile's arithmetic (held in
+        registers: a copy through shared memory costs more than it hides here)."""
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = _below(cols_n, N, EVEN_N)
         row_ptr = x_ptr + pid_m * K
         step = BLOCK_K * tl.num_programs(2)
+        if HAS_LUT:
+            l0, h0 = _table_planes(lut_ptr, 0, cols_n, in_n, N, LUT_SIZE)
+            l1, h1 = _table_planes(lut_ptr, 1, cols_n, in_n, N, LUT_SIZE)
+            l2, h2 = _table_planes(lut_ptr, 2, cols_n, in_n, N, LUT_SIZE)
+            l3, h3 = _table_planes(lut_ptr, 3, cols_n, in_n, N, LUT_SIZE)
         words, x0, x1, x2, x3, scale, zero = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, pid_k * BLOCK_K, cols_n, in_n,
-                                                        N, K, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+                                                        N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K)
         acc = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)
         for start in range(pid_k * BLOCK_K, K, step):
             following = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, start + step, cols_n, in_n, N, K, BITS, GROUP,
-                                    HAS_ZEROS, BLOCK_K)
-            acc += _half2_dot(words, x0, x1, x2, x3, scale, zero, BITS, ASM)
+                                    HAS_ZEROS, HAS_LUT, BLOCK_K)
+            if HAS_LUT:
+                acc += _half2_table_dot(words, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
+            else:
+                acc += _half2_dot(words, x0, x1, x2, x3, scale, zero, BITS, ASM)
             words, x0, x1, x2, x3, scale, zero = following
         total = tl.sum(acc, axis=0)[None, :]
         rows_m = pid_m + tl.arange(0, 1)
+        if HAS_OUTLIERS:
+            total += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, rows_m < M, cols_n, in_n, K, MAX_ROW_OUTLIERS, 1,
+                               BLOCK_N)
         _write(y_ptr, ws_ptr, arrivals_ptr, total, rows_m, rows_m < M, cols_n, in_n, N, SPLIT)
 
     @triton.jit

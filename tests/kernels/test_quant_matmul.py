@@ -82,6 +82,16 @@ def test_dot_weights_are_the_references_exactly(config, bits, group_size, symmet
     x[torch.arange(16), picked] = 1.0
     assert torch.equal(triton_matmul(x, weight, config=config), reference(x, weight))
 
+@pytest.mark.parametrize("entries", [16, 8])
+def test_half2_table_lookups_read_every_entry_exactly(entries):
+    """One-hot tokens through the one-token half2 kernel read single table entries out: each code
+    of each word slot must select its own entry (the PRMT byte planes on a GPU)."""
+    weight = lut_weight(40, 192, entries, -1)
+    x = torch.zeros(16, 192, dtype=torch.float16, device=DEVICE)
+    x[torch.arange(16), torch.randperm(192)[:16]] = 1.0
+    assert torch.equal(triton_matmul(x, weight, config=HALF2), reference(x, weight))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_half2_sums_stay_finite_for_large_fp16_inputs(bits):
     """The half2 path sums a word's products in fp16; large inputs must not overflow them."""
@@ -94,8 +104,8 @@ def test_half2_sums_stay_finite_for_large_fp16_inputs(bits):
 
 def test_the_half2_path_refuses_weights_it_cannot_compute():
     x = torch.randn(1, 192, dtype=torch.float16, device=DEVICE)
-    with pytest.raises(ValueError, match="half2"):
-        triton_matmul(x, lut_weight(16, 192, 16, -1), config=HALF2)
+    with pytest.raises(ValueError, match="half2"):  # tables per group: one token in half2 takes one table per row
+        triton_matmul(x, lut_weight(16, 192, 16, 64), config=HALF2)
     with pytest.raises(ValueError, match="half2"):
         triton_matmul(x.bfloat16(), uniform_weight(16, 192, 4, 64, False, torch.bfloat16), config=HALF2)
     with pytest.raises(ValueError, match="half2"):
@@ -111,6 +121,8 @@ def test_lookup_tables_match_the_reference(entries, group_size, m):
     check(lut_weight(40, 192, entries, group_size), m)
     check(lut_weight(40, 192, entries, group_size), m, config=ONE_TOKEN)
     check(lut_weight(40, 192, entries, group_size), m, config=dict(SWAPPED, BLOCK_K=64))  # 8 rows of words
+    if group_size == -1:
+        check(lut_weight(40, 192, entries, group_size), m, config=HALF2)
     check(lut_weight(40, 192, entries, group_size), m, config=DEQUANTIZE)
 
 
@@ -122,6 +134,7 @@ def test_sparse_outliers_are_added_once(m):
     check(weight, m, config=dict(SMALL, SPLIT_K=3))  # each slot added by one share of K; one share empty
     check(weight, m, config=dict(SWAPPED, SPLIT_K=3))
     check(weight, m, config=dict(ONE_TOKEN, SPLIT_K=2))
+    check(weight, m, config=dict(HALF2, SPLIT_K=2))
     check(weight, m, config=DEQUANTIZE)
 
 
