@@ -234,9 +234,9 @@ def dequantize_t(weight: KernelWeight, dtype: torch.dtype, config: dict) -> torc
     _dequantize_kernel[grid](
         *_weight_args(weight), out, n, k, weight.groups, **_meta(weight), **_even(n, k, config),
         BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], **_launch_options(config))
-    if weight.outlier_values is not None:
-        out.index_put_((weight.outlier_columns.long(), weight.outlier_rows), weight.outlier_values.to(dtype),
-                       accumulate=True)
+    if weight.outlier_values is not None:  # each (input, output) once: a gather and a scatter, no sorting
+        at = (weight.outlier_columns.long(), weight.outlier_rows)
+        out[at] += weight.outlier_values.to(dtype)
     return out
 
 
