@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
     args = parser.parse_args()
+    _TUNER.persist = False  # every candidate timed here, for the notes
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name()
     slug = gpu.split()[-1].lower() if gpu.startswith("NVIDIA") else "gpu"

@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
+    _TUNER.persist = False  # every candidate timed here, for the notes
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     rows = []

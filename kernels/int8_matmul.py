@@ -185,7 +185,7 @@ def _launch(codes: torch.Tensor, scales: torch.Tensor, weight: Int8Weight, bias:
     return out
 
 
-_TUNER = _Tuner()
+_TUNER = _Tuner(__file__)
 
 
 def candidates(m: int, n: int, k: int) -> list[dict]:

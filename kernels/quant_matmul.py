@@ -18,26 +18,33 @@ Three things, as every kernel here:
   (code j of every word, taken out with a shift and a mask, is a [BLOCK_K / per word, BLOCK_N]
   tile of weights for the inputs k = per word * row + j: no reshape; it lands in an fp32
   mantissa as 1 + q / 2**bits, so there is no int-to-float conversion, and the scale and zero
-  apply once per word); with fp16 activations and a uniform grid, a second kernel does it in half2
-  arithmetic, two codes an instruction (`half2_dot_ptx`). More tokens dequantize the tile exactly
-  to the activations' dtype (codes [rows, per word, N] merged into K) and multiply on the tensor
-  cores (`tl.dot`). K is
+  apply once per word); with fp16 activations and a uniform grid or one table per row, a second
+  kernel does it in half2 arithmetic, two codes an instruction (`half2_dot_ptx`,
+  `half2_table_dot_ptx`). More tokens dequantize the tile exactly to the activations' dtype (codes
+  [rows, per word, N] merged into K) and multiply on the tensor cores (`tl.dot`; up to 64 tokens
+  as y^T = W x^T, the weights the first operand). K is
   split among many programs so that every multiprocessor streams weights; they add into a float32
   workspace and the last to arrive writes y (one launch; no zeroing, no cast). Many tokens may
   instead dequantize W once (a Triton kernel) and call cuBLAS. Block shapes, the split and the
-  path are chosen per shape by timing candidates once on the device (`_Tuner`).
+  path are chosen per shape by timing candidates once on the device, and the choices kept on disk
+  for later processes (`_Tuner`).
 - `quant_matmul`: the dispatcher: the kernel on CUDA for 4/8-bit codes and power-of-two groups,
   the reference elsewhere or when QTOOL_KERNELS=reference.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from qtool.cache import cache_dir
 from qtool.kernels.dispatch import triton_runs
 
 try:
@@ -272,16 +279,26 @@ def _workspace(device: torch.device, size: int, tiles: int) -> tuple[torch.Tenso
 
 class _Tuner:
     """The fastest candidate configuration per key, timed once on the device (median replay of a
-    CUDA graph of one launch) the first time the key is seen, and kept for the process; `timings`
-    keeps every candidate's time for the benchmark's notes."""
+    CUDA graph of one launch) the first time the key is seen, and kept: for the process, and on
+    disk, so that later processes skip the timing (`cache_dir()/tuning`, a file per kernel module
+    source, GPU and Triton version; a stored choice no longer among the candidates is timed
+    again). `timings` keeps every candidate's time for the benchmarks' notes; they set `persist`
+    False to time everything afresh."""
 
-    def __init__(self):
+    def __init__(self, source: str):
+        self.source = Path(source)  # the kernels' module: its digest names the stored choices
+        self.persist = True
+        self.stored: dict[str, dict] | None = None  # repr(key) -> configuration, read at first use
         self.best: dict[tuple, dict] = {}
         self.timings: dict[tuple, list[tuple[float, dict]]] = {}
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def choose(self, key: tuple, launch, candidates: list[dict]) -> dict:
         if key not in self.best:
+            stored = self._stored().get(repr(key)) if self.persist else None
+            if stored in candidates:
+                self.best[key] = stored
+                return stored
             timings = []
             for candidate in candidates:
                 try:
@@ -291,7 +308,32 @@ class _Tuner:
                 timings.append((milliseconds, candidate))
             self.timings[key] = sorted(timings, key=lambda timed: timed[0])
             self.best[key] = self.timings[key][0][1]
+            if self.persist:
+                self._store(repr(key), self.best[key])
         return self.best[key]
+
+    def _path(self) -> Path:
+        digest = hashlib.sha256(self.source.read_bytes()).hexdigest()[:16]
+        gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name())
+        return cache_dir() / "tuning" / f"{self.source.stem}-{gpu}-triton{triton.__version__}-{digest}.json"
+
+    def _stored(self) -> dict[str, dict]:
+        if self.stored is None:
+            try:
+                self.stored = json.loads(self._path().read_text())
+            except (OSError, ValueError):  # none yet, or unreadable: time again
+                self.stored = {}
+        return self.stored
+
+    def _store(self, key: str, config: dict) -> None:
+        """Adds a choice to the file (written whole to a temporary name, then renamed: a reader sees the
+        old file or the new one)."""
+        self._stored()[key] = config
+        path = self._path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.stored, indent=1, sort_keys=True))
+        temporary.replace(path)
 
     def milliseconds(self, call) -> float:
         """Median time of a CUDA graph of one call, the L2 cache flushed before each replay: neither
@@ -306,7 +348,7 @@ class _Tuner:
         return triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median")
 
 
-_TUNER = _Tuner()
+_TUNER = _Tuner(__file__)
 
 
 def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:

@@ -198,3 +198,35 @@ def test_kernel_layouts_of_act_order_and_3_bit_table_weights():
         expected = (x.float() @ weight.dequantize(torch.float16).float().t().to(DEVICE)).half()
         shuffled = x if layout.columns is None else x[:, layout.columns]
         assert relative_error(triton_matmul(shuffled, layout.weight, config=SMALL), expected) < 2e-3
+
+
+def test_tuned_choices_are_stored_and_read_back(monkeypatch, tmp_path):
+    """A later process takes the stored choice without timing; a choice that is no longer among the
+    candidates, or another kernel source, is timed again. (The timing itself needs a GPU: here a
+    table of fixed times stands in for it.)"""
+    from qtool.kernels.quant_matmul import _Tuner
+
+    monkeypatch.setenv("QTOOL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA Test GPU")
+    times = {1: 3.0, 2: 1.0, 3: 2.0}
+    timed = []
+
+    def milliseconds(self, call):
+        return times[call()]
+
+    monkeypatch.setattr(_Tuner, "milliseconds", milliseconds)
+    source = tmp_path / "kernels.py"
+    source.write_text("kernel source")
+    candidates = [dict(BLOCK_N=n) for n in times]
+
+    def launch(config):
+        timed.append(config["BLOCK_N"])
+        return config["BLOCK_N"]
+
+    key = (16, 4096, 14336, torch.float16)
+    assert _Tuner(str(source)).choose(key, launch, candidates) == dict(BLOCK_N=2) and len(timed) == 3
+    assert _Tuner(str(source)).choose(key, launch, candidates) == dict(BLOCK_N=2) and len(timed) == 3
+    assert _Tuner(str(source)).choose(key, launch, candidates[:1] + candidates[2:]) == dict(BLOCK_N=3)
+    assert len(timed) == 5
+    source.write_text("changed kernel source")
+    assert _Tuner(str(source)).choose(key, launch, candidates) == dict(BLOCK_N=2) and len(timed) == 8
