@@ -209,8 +209,8 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     half2 = config.get("HALF2", False)
     one_token_half2 = half2 and config["BLOCK_M"] == 1
     if half2 and not (half2_fits if one_token_half2 else half2_tiles_fit)(weight, x.dtype):
-        raise ValueError("the half2 paths take fp16 activations, and for one token a uniform grid or one table of "
-                         "4-bit codes per row; for the dot a uniform grid with fp16 scales and no outliers")
+        raise ValueError("the half2 paths take fp16 activations and a uniform grid (the dot's with fp16 scales) or "
+                         "one table of 4-bit codes per row")
     asm = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
     block_k = min(config["BLOCK_K"], meta["GROUP"]) if one_token_half2 else config["BLOCK_K"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
@@ -359,11 +359,10 @@ def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:
 
 
 def half2_tiles_fit(weight: KernelWeight, dtype: torch.dtype) -> bool:
-    """Whether the dot's weights can be made in half2 arithmetic: fp16 activations, inputs in whole
-    words, a uniform grid without outliers, and fp16 scales (an fp32 or bf16 scale rounded to fp16
+    """Whether the dot's weights can be made in half2 arithmetic (a table's looked up by PRMT): what
+    `half2_fits` asks, and for a uniform grid fp16 scales (an fp32 or bf16 scale rounded to fp16
     first would round the weight twice)."""
-    return (dtype == torch.float16 and weight.in_features % (32 // weight.bits) == 0 and weight.lut is None
-            and weight.outlier_values is None and weight.scales.dtype == torch.float16)
+    return half2_fits(weight, dtype) and (weight.lut is not None or weight.scales.dtype == torch.float16)
 
 
 def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
@@ -451,22 +450,21 @@ def half2_weights_ptx(bits: int) -> str:
                       "mov.b32 {$0, $1}, t;", "}"])
 
 
-def half2_table_dot_ptx(entries: int) -> str:
-    """PTX for one word of 4-bit codes looked up in a table of `entries` (8 or 16) fp16 values and
-    times one token's inputs, in half2 arithmetic: PRMT takes four codes as byte selectors at once,
-    so the table lives in registers as byte planes (`_table_planes`: the low bytes of entries 4r..4r
-    + 3 in one word, their high bytes in another). Codes of 8 and more select from the planes of
-    entries 8-15 (PRMT reads a selector's top bit as "replicate the sign", so those codes' bit 3 is
-    flipped first and a byte mask picks the right look-up). The entries of inputs (0, 2), (4, 6)
-    (the even slots) and (1, 3), (5, 7) (the odd ones) times those inputs, summed in fp16, returned
-    as float32 bits. Operands: $1 the word, $2-$5 the inputs (0, 2), (1, 3), (4, 6), (5, 7) as half2,
-    then the planes: low bytes of entries 0-3, 4-7[, 8-11, 12-15], then the high bytes alike."""
+def _table_lookup_ptx(entries: int, word: str, first_plane: int) -> list[str]:
+    """PTX lines that look a word's eight 4-bit codes up in a table of `entries` (8 or 16) fp16
+    values held in registers as byte planes (`_table_planes`: the low bytes of entries 4r..4r + 3 in
+    one word, their high bytes in another; operands from $first_plane: the low planes, then the
+    high ones), leaving the entries of inputs (0, 2), (1, 3), (4, 6), (5, 7) as half2 in p0-p3.
+    PRMT takes four codes as byte selectors at once (a word's even slots, then its odd ones); codes
+    of 8 and more select from the planes of entries 8-15 (PRMT reads a selector's top bit as
+    "replicate the sign", so those codes' bit 3 is flipped first and a byte mask picks the right
+    look-up)."""
     planes = entries // 4
-    low = [f"${6 + r}" for r in range(planes)]
-    high = [f"${6 + planes + r}" for r in range(planes)]
-    lines = ["{", ".reg .b32 w, t, m, wb, a, b, lo, hi, p0, p1, p2, p3, acc;", ".reg .b16 l, h;", ".reg .f32 f;"]
+    low = [f"${first_plane + r}" for r in range(planes)]
+    high = [f"${first_plane + planes + r}" for r in range(planes)]
+    lines = [".reg .b32 w, t, m, wb, a, b, lo, hi, p0, p1, p2, p3;"]
     for half, (first, second) in enumerate((("p0", "p2"), ("p1", "p3"))):  # even slots, then odd ones
-        lines.append("mov.b32 w, $1;" if half == 0 else "shr.u32 w, $1, 16;")
+        lines.append(f"mov.b32 w, {word};" if half == 0 else f"shr.u32 w, {word}, 16;")
         if entries == 16:
             lines += ["shr.u32 t, w, 1;", "and.b32 t, t, 0x4444;",
                       "prmt.b32 m, 0, 0xffffffff, t;",  # byte k all ones where code k is 8 or more
@@ -478,10 +476,24 @@ def half2_table_dot_ptx(entries: int) -> str:
             else:
                 lines.append(f"prmt.b32 {out}, {plane[0]}, {plane[1]}, w;")
         lines += [f"prmt.b32 {first}, lo, hi, 0x5140;", f"prmt.b32 {second}, lo, hi, 0x7362;"]
-    lines += ["mul.rn.f16x2 acc, p0, $2;", "fma.rn.f16x2 acc, p1, $3, acc;", "fma.rn.f16x2 acc, p2, $4, acc;",
-              "fma.rn.f16x2 acc, p3, $5, acc;", "mov.b32 {l, h}, acc;", "add.rn.f16 l, l, h;", "cvt.f32.f16 f, l;",
-              "mov.b32 $0, f;", "}"]
-    return "\n".join(lines)
+    return lines
+
+
+def half2_table_dot_ptx(entries: int) -> str:
+    """PTX for one word of 4-bit codes looked up in a table (`_table_lookup_ptx`) and times one
+    token's inputs, in half2 arithmetic, summed in fp16 and returned as float32 bits. Operands: $1
+    the word, $2-$5 the inputs (0, 2), (1, 3), (4, 6), (5, 7) as half2, then the planes."""
+    return "\n".join(["{", ".reg .b32 acc;", ".reg .b16 l, h;", ".reg .f32 f;", *_table_lookup_ptx(entries, "$1", 6),
+                      "mul.rn.f16x2 acc, p0, $2;", "fma.rn.f16x2 acc, p1, $3, acc;", "fma.rn.f16x2 acc, p2, $4, acc;",
+                      "fma.rn.f16x2 acc, p3, $5, acc;", "mov.b32 {l, h}, acc;", "add.rn.f16 l, l, h;",
+                      "cvt.f32.f16 f, l;", "mov.b32 $0, f;", "}"])
+
+
+def half2_table_weights_ptx(entries: int) -> str:
+    """PTX for the eight weights of one word of 4-bit codes looked up in a table
+    (`_table_lookup_ptx`): $0-$7 the fp16 weights of inputs 0-7, $8 the word, then the planes."""
+    return "\n".join(["{", *_table_lookup_ptx(entries, "$8", 9), "mov.b32 {$0, $2}, p0;", "mov.b32 {$1, $3}, p1;",
+                      "mov.b32 {$4, $6}, p2;", "mov.b32 {$5, $7}, p3;", "}"])
 
 
 if triton is not None:
@@ -492,6 +504,8 @@ if triton is not None:
     _HALF2_WEIGHTS_8 = tl.constexpr(half2_weights_ptx(8))
     _HALF2_TABLE_16 = tl.constexpr(half2_table_dot_ptx(16))
     _HALF2_TABLE_8 = tl.constexpr(half2_table_dot_ptx(8))
+    _TABLE_WEIGHTS_16 = tl.constexpr(half2_table_weights_ptx(16))
+    _TABLE_WEIGHTS_8 = tl.constexpr(half2_table_weights_ptx(8))
 
     @triton.jit
     def _below(index, bound, EVEN: tl.constexpr):
@@ -762,10 +776,44 @@ if triton is not None:
         if BITS == 4:
             p2 = tl.join(*_half2_pair(words, 2, zero2, scale2, zero, scale, BITS, ASM))
             p3 = tl.join(*_half2_pair(words, 3, zero2, scale2, zero, scale, BITS, ASM))
-            tile = tl.permute(tl.join(tl.join(p0, p1), tl.join(p2, p3)), (0, 4, 3, 2, 1))  # code 4 i1 + 2 i0 + p
+            tile = _nibble_tile(p0, p1, p2, p3)
         else:
-            tile = tl.permute(tl.join(p0, p1), (0, 3, 2, 1))  # code 2 i + p
-        return tl.reshape(tile, (words.shape[0] * (32 // BITS), words.shape[1]))
+            tile = tl.reshape(tl.permute(tl.join(p0, p1), (0, 3, 2, 1)), (words.shape[0] * 4, words.shape[1]))  # 2 i + p
+        return tile
+
+    @triton.jit
+    def _nibble_tile(p0, p1, p2, p3):
+        """A tile [rows * 8, N] in input order from the weights of 4-bit codes (0, 1), (2, 3), (4, 5)
+        and (6, 7) of each word, joined in pairs [rows, N, 2]."""
+        tile = tl.permute(tl.join(tl.join(p0, p1), tl.join(p2, p3)), (0, 4, 3, 2, 1))  # code 4 i1 + 2 i0 + p
+        return tl.reshape(tile, (p0.shape[0] * 8, p0.shape[1]))
+
+    @triton.jit
+    def _table_tile_weights(words, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE: tl.constexpr, ASM: tl.constexpr):
+        """All the words' 4-bit codes looked up in their column's table (byte planes from
+        `_table_planes`) as fp16 weights [BLOCK_K, BLOCK_N] in input order: eight a word from one
+        inline-asm block (`half2_table_weights_ptx`), where `tl.gather` spends about 19 instructions
+        a weight. Under the interpreter the same look-ups in Triton's operations."""
+        if ASM:
+            f16 = tl.float16
+            if LUT_SIZE == 16:
+                w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                    _TABLE_WEIGHTS_16, "=h," * 8 + "r" + ",r" * 8, [words, l0, l1, l2, l3, h0, h1, h2, h3],
+                    dtype=(f16, f16, f16, f16, f16, f16, f16, f16), is_pure=True, pack=1)
+            else:
+                w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                    _TABLE_WEIGHTS_8, "=h," * 8 + "r" + ",r" * 4, [words, l0, l1, h0, h1],
+                    dtype=(f16, f16, f16, f16, f16, f16, f16, f16), is_pure=True, pack=1)
+        else:
+            w0 = _table_entry(_code(words, 0, 4), l0, l1, l2, l3, h0, h1, h2, h3)
+            w1 = _table_entry(_code(words, 1, 4), l0, l1, l2, l3, h0, h1, h2, h3)
+            w2 = _table_entry(_code(words, 2, 4), l0, l1, l2, l3, h0, h1, h2, h3)
+            w3 = _table_entry(_code(words, 3, 4), l0, l1, l2, l3, h0, h1, h2, h3)
+            w4 = _table_entry(_code(words, 4, 4), l0, l1, l2, l3, h0, h1, h2, h3)
+            w5 = _table_entry(_code(words, 5, 4), l0, l1, l2, l3, h0, h1, h2, h3)
+            w6 = _table_entry(_code(words, 6, 4), l0, l1, l2, l3, h0, h1, h2, h3)
+            w7 = _table_entry(_code(words, 7, 4), l0, l1, l2, l3, h0, h1, h2, h3)
+        return _nibble_tile(tl.join(w0, w1), tl.join(w2, w3), tl.join(w4, w5), tl.join(w6, w7))
 
     @triton.jit
     def _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, in_m, cols_n, in_n, K, MAX_ROW_OUTLIERS,
@@ -824,9 +872,18 @@ if triton is not None:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # software-pipelined: STAGES - 1 tiles' loads in flight (through shared memory) during the arithmetic
+        TABLES_IN_REGISTERS: tl.constexpr = HALF2 and HAS_LUT  # one table per row, looked up by PRMT
+        if TABLES_IN_REGISTERS:
+            l0, h0 = _table_planes(lut_ptr, 0, cols_n, in_n, N, LUT_SIZE)
+            l1, h1 = _table_planes(lut_ptr, 1, cols_n, in_n, N, LUT_SIZE)
+            l2, h2 = _table_planes(lut_ptr, 2, cols_n, in_n, N, LUT_SIZE)
+            l3, h3 = _table_planes(lut_ptr, 3, cols_n, in_n, N, LUT_SIZE)
         for start in tl.range(pid_k * BLOCK_K, K, BLOCK_K * tl.num_programs(2), num_stages=STAGES):
-            words, a, b = _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
-                                     BITS, GROUP, HAS_ZEROS, HAS_LUT, LUT_SIZE, BLOCK_K, EVEN_K, HALF2)
+            if TABLES_IN_REGISTERS:
+                words, _, _ = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, EVEN_K)
+            else:
+                words, a, b = _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
+                                         BITS, GROUP, HAS_ZEROS, HAS_LUT, LUT_SIZE, BLOCK_K, EVEN_K, HALF2)
             ks = start + tl.arange(0, ROWS) * PER_WORD  # the input of code 0 of each word row
             if BLOCK_M == 1:
                 if HAS_LUT:
@@ -836,7 +893,9 @@ if triton is not None:
                     products, sums = _one_token(x_ptr + pid_m * K, words, ks, K, BITS, EVEN_K)
                     acc += (a * (1 << BITS)) * (products - (1.0 + b * (1.0 / (1 << BITS))) * sums)
             else:
-                if HALF2:
+                if TABLES_IN_REGISTERS:
+                    weights = _table_tile_weights(words, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
+                elif HALF2:
                     weights = _half2_tile_weights(words, a, b, BITS, ASM)
                 else:
                     weights = _tile_weights(words, a, b, BITS, HAS_LUT, x_ptr.dtype.element_ty)

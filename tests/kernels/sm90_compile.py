@@ -47,12 +47,14 @@ def main() -> None:
     words = {"w_ptr": "*i32", "z_ptr": "*u8", "ws_ptr": "*fp32", "arrivals_ptr": "*i32"}
     matmul = dict(words, oc_ptr="*i32", oo_ptr="*i32")
     # one token on the CUDA cores; a dot (mma, wgmma), its weights in float32 or half2 arithmetic, its
-    # operands swapped (the weights first)
-    for bits, block_m, block_k, half2, swap in ((4, 1, 256, False, False), (4, 16, 128, False, False),
-                                                (4, 64, 128, True, False), (8, 16, 128, True, False),
-                                                (4, 16, 128, False, True), (4, 64, 128, True, True)):
-        compile_for_sm90(quant_matmul._matmul_kernel, dict(BITS=bits, GROUP=64, HAS_ZEROS=True, HAS_LUT=False,
-                                                           LUT_SIZE=1, HAS_OUTLIERS=False, SPLIT=True, EVEN_N=True,
+    # operands swapped (the weights first); tables of 16 and 8 entries looked up in registers
+    for bits, block_m, block_k, half2, swap, entries in (
+            (4, 1, 256, False, False, 0), (4, 16, 128, False, False, 0), (4, 64, 128, True, False, 0),
+            (8, 16, 128, True, False, 0), (4, 16, 128, False, True, 0), (4, 64, 128, True, True, 0),
+            (4, 16, 64, True, True, 16), (4, 64, 64, True, True, 8)):
+        compile_for_sm90(quant_matmul._matmul_kernel, dict(BITS=bits, GROUP=64, HAS_ZEROS=not entries,
+                                                           HAS_LUT=bool(entries), LUT_SIZE=max(entries, 1),
+                                                           HAS_OUTLIERS=False, SPLIT=True, EVEN_N=True,
                                                            EVEN_K=True, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k,
                                                            STAGES=3, HALF2=half2, SWAP=swap, ASM=True),
                          matmul)

@@ -5,7 +5,8 @@ before a GPU runs it."""
 import numpy as np
 import pytest
 
-from qtool.kernels.quant_matmul import code_slots, half2_dot_ptx, half2_table_dot_ptx, half2_weights_ptx
+from qtool.kernels.quant_matmul import (code_slots, half2_dot_ptx, half2_table_dot_ptx, half2_table_weights_ptx,
+                                       half2_weights_ptx)
 
 from ptx_model import run  # beside this file (pytest puts its folder on the path)
 
@@ -56,6 +57,16 @@ def test_table_lookups_select_each_codes_entry(entries):
             x = np.zeros(8, dtype=np.float16)
             x[j] = 1.0
             assert table_dot(table, codes, x) == float(table[codes[j]])
+
+
+@pytest.mark.parametrize("entries", [16, 8])
+def test_table_weights_are_each_codes_entry(entries):
+    table = (RNG.standard_normal(entries) * 0.05).astype(np.float16)
+    for _ in range(50):
+        codes = RNG.integers(0, entries, 8)
+        operands = {8: word_of(codes, 4), **{9 + i: plane for i, plane in enumerate(planes(table))}}
+        out = run(half2_table_weights_ptx(entries), operands)
+        assert [out[j] for j in range(8)] == list(fp16_bits(table[codes]))
 
 
 @pytest.mark.parametrize("entries", [16, 8])

@@ -82,14 +82,15 @@ def test_dot_weights_are_the_references_exactly(config, bits, group_size, symmet
     x[torch.arange(16), picked] = 1.0
     assert torch.equal(triton_matmul(x, weight, config=config), reference(x, weight))
 
+@pytest.mark.parametrize("config", [HALF2, dict(HALF2_TILES, SWAP=True)])
 @pytest.mark.parametrize("entries", [16, 8])
-def test_half2_table_lookups_read_every_entry_exactly(entries):
-    """One-hot tokens through the one-token half2 kernel read single table entries out: each code
-    of each word slot must select its own entry (the PRMT byte planes on a GPU)."""
+def test_half2_table_lookups_read_every_entry_exactly(entries, config):
+    """One-hot tokens read single table entries out (one token a program, or a dot): each code of
+    each word slot must select its own entry (the PRMT byte planes on a GPU)."""
     weight = lut_weight(40, 192, entries, -1)
     x = torch.zeros(16, 192, dtype=torch.float16, device=DEVICE)
     x[torch.arange(16), torch.randperm(192)[:16]] = 1.0
-    assert torch.equal(triton_matmul(x, weight, config=HALF2), reference(x, weight))
+    assert torch.equal(triton_matmul(x, weight, config=config), reference(x, weight))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -109,7 +110,7 @@ def test_the_half2_path_refuses_weights_it_cannot_compute():
     with pytest.raises(ValueError, match="half2"):
         triton_matmul(x.bfloat16(), uniform_weight(16, 192, 4, 64, False, torch.bfloat16), config=HALF2)
     with pytest.raises(ValueError, match="half2"):
-        triton_matmul(x.expand(3, -1), lut_weight(16, 192, 16, -1), config=HALF2_TILES)
+        triton_matmul(x.expand(3, -1), lut_weight(16, 192, 16, 64), config=HALF2_TILES)
     with pytest.raises(ValueError, match="half2"):  # float32 scales: the dot's half2 weights would round twice
         triton_matmul(x.expand(3, -1), uniform_weight(16, 192, 4, 64, False, torch.float32), config=HALF2_TILES)
 
@@ -121,8 +122,9 @@ def test_lookup_tables_match_the_reference(entries, group_size, m):
     check(lut_weight(40, 192, entries, group_size), m)
     check(lut_weight(40, 192, entries, group_size), m, config=ONE_TOKEN)
     check(lut_weight(40, 192, entries, group_size), m, config=dict(SWAPPED, BLOCK_K=64))  # 8 rows of words
-    if group_size == -1:
+    if group_size == -1:  # one table per row: held in registers, looked up by PRMT on a GPU
         check(lut_weight(40, 192, entries, group_size), m, config=HALF2)
+        check(lut_weight(40, 192, entries, group_size), m, config=dict(HALF2_TILES, SWAP=True, BLOCK_K=64))
     check(lut_weight(40, 192, entries, group_size), m, config=DEQUANTIZE)
 
 
@@ -133,6 +135,7 @@ def test_sparse_outliers_are_added_once(m):
     check(weight, m)
     check(weight, m, config=dict(SMALL, SPLIT_K=3))  # each slot added by one share of K; one share empty
     check(weight, m, config=dict(SWAPPED, SPLIT_K=3))
+    check(weight, m, config=dict(HALF2_TILES, SPLIT_K=3))
     check(weight, m, config=dict(ONE_TOKEN, SPLIT_K=2))
     check(weight, m, config=dict(HALF2, SPLIT_K=2))
     check(weight, m, config=DEQUANTIZE)
