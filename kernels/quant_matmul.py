@@ -871,13 +871,13 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # software-pipelined: STAGES - 1 tiles' loads in flight (through shared memory) during the arithmetic
         TABLES_IN_REGISTERS: tl.constexpr = HALF2 and HAS_LUT  # one table per row, looked up by PRMT
         if TABLES_IN_REGISTERS:
             l0, h0 = _table_planes(lut_ptr, 0, cols_n, in_n, N, LUT_SIZE)
             l1, h1 = _table_planes(lut_ptr, 1, cols_n, in_n, N, LUT_SIZE)
             l2, h2 = _table_planes(lut_ptr, 2, cols_n, in_n, N, LUT_SIZE)
             l3, h3 = _table_planes(lut_ptr, 3, cols_n, in_n, N, LUT_SIZE)
+        # software-pipelined: STAGES - 1 tiles' loads in flight (through shared memory) during the arithmetic
         for start in tl.range(pid_k * BLOCK_K, K, BLOCK_K * tl.num_programs(2), num_stages=STAGES):
             if TABLES_IN_REGISTERS:
                 words, _, _ = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, EVEN_K)
