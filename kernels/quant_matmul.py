@@ -581,6 +581,16 @@ if triton is not None:
         return low[None, :], high[None, :]
 
     @triton.jit
+    def _tables(lut_ptr, cols_n, in_n, N, LUT_SIZE: tl.constexpr):
+        """Each column's table (one per row) as the byte planes of entries 0-3, ..., 12-15: the four
+        of low bytes, then the four of high bytes (zero past the table)."""
+        l0, h0 = _table_planes(lut_ptr, 0, cols_n, in_n, N, LUT_SIZE)
+        l1, h1 = _table_planes(lut_ptr, 1, cols_n, in_n, N, LUT_SIZE)
+        l2, h2 = _table_planes(lut_ptr, 2, cols_n, in_n, N, LUT_SIZE)
+        l3, h3 = _table_planes(lut_ptr, 3, cols_n, in_n, N, LUT_SIZE)
+        return l0, l1, l2, l3, h0, h1, h2, h3
+
+    @triton.jit
     def _table_entry(codes, l0, l1, l2, l3, h0, h1, h2, h3):
         """Table entry `codes` as fp16 out of the byte planes (what the PRMT look-ups select)."""
         which = codes >> 2
@@ -873,10 +883,7 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         TABLES_IN_REGISTERS: tl.constexpr = HALF2 and HAS_LUT  # one table per row, looked up by PRMT
         if TABLES_IN_REGISTERS:
-            l0, h0 = _table_planes(lut_ptr, 0, cols_n, in_n, N, LUT_SIZE)
-            l1, h1 = _table_planes(lut_ptr, 1, cols_n, in_n, N, LUT_SIZE)
-            l2, h2 = _table_planes(lut_ptr, 2, cols_n, in_n, N, LUT_SIZE)
-            l3, h3 = _table_planes(lut_ptr, 3, cols_n, in_n, N, LUT_SIZE)
+            l0, l1, l2, l3, h0, h1, h2, h3 = _tables(lut_ptr, cols_n, in_n, N, LUT_SIZE)
         # software-pipelined: STAGES - 1 tiles' loads in flight (through shared memory) during the arithmetic
         for start in tl.range(pid_k * BLOCK_K, K, BLOCK_K * tl.num_programs(2), num_stages=STAGES):
             if TABLES_IN_REGISTERS:
@@ -932,10 +939,7 @@ if triton is not None:
         row_ptr = x_ptr + pid_m * K
         step = BLOCK_K * tl.num_programs(2)
         if HAS_LUT:
-            l0, h0 = _table_planes(lut_ptr, 0, cols_n, in_n, N, LUT_SIZE)
-            l1, h1 = _table_planes(lut_ptr, 1, cols_n, in_n, N, LUT_SIZE)
-            l2, h2 = _table_planes(lut_ptr, 2, cols_n, in_n, N, LUT_SIZE)
-            l3, h3 = _table_planes(lut_ptr, 3, cols_n, in_n, N, LUT_SIZE)
+            l0, l1, l2, l3, h0, h1, h2, h3 = _tables(lut_ptr, cols_n, in_n, N, LUT_SIZE)
         words, x0, x1, x2, x3, scale, zero = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, pid_k * BLOCK_K, cols_n, in_n,
                                                         N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K)
         acc = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)
