@@ -200,8 +200,9 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel (or the
     half2 kernel of one token a program row) on a grid of N tiles x M tiles x shares of K. HALF2:
     half2 arithmetic, for one token in its own kernel, for tiles of tokens in the weights the
-    matmul kernel's dot takes. SWAP: the dot computes y^T = W x^T, so the weights are its first
-    operand (on Hopper that one may come from registers) and a few tokens fill its columns."""
+    matmul kernel's dot takes (DEPTH: the one-token kernel's tiles of loads in flight, 1 or 2).
+    SWAP: the dot computes y^T = W x^T, so the weights are its first operand (on Hopper that one
+    may come from registers) and a few tokens fill its columns."""
     if config.get("DEQUANTIZE"):
         return x @ dequantize_t(weight, x.dtype, config)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
@@ -224,7 +225,7 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
                   HAS_OUTLIERS=weight.outlier_values is not None, ASM=asm, **meta, **_launch_options(config))
     if one_token_half2:
         _half2_kernel[grid](x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k,
-                            weight.max_row_outliers, **common)
+                            weight.max_row_outliers, DEPTH=config.get("DEPTH", 1), **common)
     else:
         _matmul_kernel[grid](
             x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
@@ -383,12 +384,13 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     one = tiles((1, 64, 256, 8, 4, 3), (1, 64, 256, 16, 4, 3), (1, 128, 256, 8, 4, 3), (1, 64, 512, 0, 4, 1),
                 (1, 128, 128, 16, 4, 4), (1, 256, 128, 8, 8, 3), (1, 64, 128, 32, 4, 3), (1, 256, 128, 0, 4, 1),
                 (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
-    half2 = [dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages,
-                  HALF2=True)
-             for block_n, block_k, split, warps, stages in (
+    half2 = [dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=1,
+                  HALF2=True, DEPTH=depth)
+             for block_n, block_k, split, warps, depth in (  # DEPTH 2: two tiles of loads in flight, not one
                  (256, 64, 8, 2, 1), (512, 64, 8, 4, 1), (128, 64, 8, 4, 1), (128, 64, 8, 2, 1), (256, 64, 32, 2, 1),
                  (512, 64, 32, 4, 1), (128, 64, 32, 2, 1), (256, 64, 16, 4, 1), (128, 64, 16, 4, 1),
-                 (256, 128, 8, 4, 1), (256, 128, 4, 4, 1), (512, 128, 4, 8, 1))
+                 (256, 128, 8, 4, 1), (256, 128, 4, 4, 1), (512, 128, 4, 8, 1),
+                 (256, 64, 8, 2, 2), (128, 64, 8, 2, 2), (256, 64, 16, 4, 2), (128, 64, 16, 4, 2), (512, 64, 8, 4, 2))
              if half2_fits(weight, dtype) and block_k <= _meta(weight)["GROUP"]]
     one = half2 + one
     swapped = dict(SWAP=True, HALF2=half2_tiles_fit(weight, dtype))
@@ -928,29 +930,38 @@ if triton is not None:
                       M, N, K, MAX_ROW_OUTLIERS,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
                       LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
-                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEPTH: tl.constexpr,
+                      ASM: tl.constexpr):
         """y[m, tile of BLOCK_N] for one token m in half2 arithmetic, over this program's share of K
         in tiles of BLOCK_K inputs inside one group (a uniform grid), or with one table per row
-        held in registers. The next tile's loads are issued before this tile's arithmetic (held in
-        registers: a copy through shared memory costs more than it hides here)."""
+        held in registers. The loads of the next DEPTH (1 or 2) tiles are issued before this tile's
+        arithmetic (held in registers: a copy through shared memory costs more than it hides here)."""
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = _below(cols_n, N, EVEN_N)
         row_ptr = x_ptr + pid_m * K
         step = BLOCK_K * tl.num_programs(2)
+        first = pid_k * BLOCK_K
         if HAS_LUT:
             l0, l1, l2, l3, h0, h1, h2, h3 = _tables(lut_ptr, cols_n, in_n, N, LUT_SIZE)
-        words, x0, x1, x2, x3, scale, zero = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, pid_k * BLOCK_K, cols_n, in_n,
+        words, x0, x1, x2, x3, scale, zero = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, first, cols_n, in_n,
                                                         N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K)
+        if DEPTH == 2:
+            words1, y0, y1, y2, y3, scale1, zero1 = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, first + step, cols_n,
+                                                                in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K)
         acc = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)
-        for start in range(pid_k * BLOCK_K, K, step):
-            following = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, start + step, cols_n, in_n, N, K, BITS, GROUP,
-                                    HAS_ZEROS, HAS_LUT, BLOCK_K)
+        for start in range(first, K, step):
+            following = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, start + DEPTH * step, cols_n, in_n, N, K, BITS,
+                                    GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K)
             if HAS_LUT:
                 acc += _half2_table_dot(words, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
             else:
                 acc += _half2_dot(words, x0, x1, x2, x3, scale, zero, BITS, ASM)
-            words, x0, x1, x2, x3, scale, zero = following
+            if DEPTH == 2:
+                words, x0, x1, x2, x3, scale, zero = words1, y0, y1, y2, y3, scale1, zero1
+                words1, y0, y1, y2, y3, scale1, zero1 = following
+            else:
+                words, x0, x1, x2, x3, scale, zero = following
         total = tl.sum(acc, axis=0)[None, :]
         rows_m = pid_m + tl.arange(0, 1)
         if HAS_OUTLIERS:

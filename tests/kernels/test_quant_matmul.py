@@ -69,6 +69,7 @@ def test_uniform_grids_match_the_reference(bits, group_size, symmetric, m):
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=ONE_TOKEN)
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=HALF2)
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, BLOCK_K=64))  # 2 groups of 32
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, SPLIT_K=2, DEPTH=2))
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=DEQUANTIZE)
 
 
@@ -142,7 +143,8 @@ def test_sparse_outliers_are_added_once(m):
 
 
 @pytest.mark.parametrize("config", [dict(SMALL, SPLIT_K=2), dict(SMALL, SPLIT_K=0), dict(ONE_TOKEN, SPLIT_K=3),
-                                    dict(HALF2, BLOCK_K=128, SPLIT_K=3), dict(HALF2_TILES, SPLIT_K=3),
+                                    dict(HALF2, BLOCK_K=128, SPLIT_K=3), dict(HALF2, SPLIT_K=3, DEPTH=2),
+                                    dict(HALF2_TILES, SPLIT_K=3),
                                     dict(SWAPPED, SPLIT_K=3)])
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
     weight = uniform_weight(40, 640, 4, 64, False)
