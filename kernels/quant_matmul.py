@@ -34,6 +34,7 @@ Three things, as every kernel here:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -313,7 +314,9 @@ class _Tuner:
                 self._store(repr(key), self.best[key])
         return self.best[key]
 
+    @functools.cached_property
     def _path(self) -> Path:
+        """Named once a process: the source's digest, the GPU and the Triton version do not change."""
         digest = hashlib.sha256(self.source.read_bytes()).hexdigest()[:16]
         gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name())
         return cache_dir() / "tuning" / f"{self.source.stem}-{gpu}-triton{triton.__version__}-{digest}.json"
@@ -321,7 +324,7 @@ class _Tuner:
     def _stored(self) -> dict[str, dict]:
         if self.stored is None:
             try:
-                self.stored = json.loads(self._path().read_text())
+                self.stored = json.loads(self._path.read_text())
             except (OSError, ValueError):  # none yet, or unreadable: time again
                 self.stored = {}
         return self.stored
@@ -330,7 +333,7 @@ class _Tuner:
         """Adds a choice to the file (written whole to a temporary name, then renamed: a reader sees the
         old file or the new one)."""
         self._stored()[key] = config
-        path = self._path()
+        path = self._path
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(self.stored, indent=1, sort_keys=True))
