@@ -12,6 +12,10 @@ dtype where the torch form rounds.
   that sum comes back too (the next residual).
 - `rotary(q, k, cos, sin)`: q and k [T, heads, head_dim] rotated by their token's angles (the
   halves convention: x * cos + [-x2, x1] * sin), both in one launch.
+- `rotary_into_cache(q, k, v, cos, sin, k_cache, v_cache, slots)`: the same rotation, with the
+  rotated keys and the values written straight into their paged-cache slots (a cache of the
+  activations' dtype): the rotary embedding and the KV store of a layer in one launch, where they
+  were three (two `index_copy_`, as long together as the decode attention at one sequence).
 - `silu_mul(gate, up)`: SiLU(gate) * up.
 
 Each has a plain-torch reference that defines it and runs anywhere, and a Triton twin
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.kernels.dispatch import triton_runs
+from qtool.kernels.paged_attention import store_kv
 
 try:
     import triton
@@ -86,16 +91,36 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 def triton_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q and k may be views with a token stride of their own (slices of one q/k/v product)."""
+    k_out = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    return _rotate(q, k, cos, sin, k_out), k_out
+
+
+def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """q rotated; k rotated and v [T, kv_heads, head_dim] stored at the cache slots [T] of one
+    layer's k_cache and v_cache [blocks, block_size, kv_heads, head_dim] (not float8)."""
+    if not triton_runs(q):
+        q, k = reference_rotary(q, k, cos, sin)
+        store_kv(k, v, k_cache, v_cache, slots)
+        return q
+    return _rotate(q, k, cos, sin, k_cache, (_heads_packed(v), v_cache, slots))
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_target: torch.Tensor,
+            values: tuple | None = None) -> torch.Tensor:
+    """The rotated q (packed); the rotated k into `k_target`: packed [T, kv_heads, head_dim], or, with
+    `values` = (v, v_cache, slots), a cache whose slot slots[t] takes token t, as v_cache takes v."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     q, k = _heads_packed(q), _heads_packed(k)
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    k_out = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    v, v_cache, slots = values if values is not None else (k, k_target, k_target)  # unread without STORE
     _rotary_kernel[(tokens, heads + kv_heads)](
-        q, k, cos, sin, q_out, k_out, q.stride(0), k.stride(0), HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2,
-        HALF_PAD=triton.next_power_of_2(head_dim // 2), num_warps=1, **TORCH_ROUNDING)
-    return q_out, k_out
+        q, k, v, cos, sin, q_out, k_target, v_cache, slots, q.stride(0), k.stride(0), v.stride(0), HEADS=heads,
+        KV_HEADS=kv_heads, HALF=head_dim // 2, HALF_PAD=triton.next_power_of_2(head_dim // 2), STORE=values is not None,
+        num_warps=1, **TORCH_ROUNDING)
+    return q_out
 
 
 def _heads_packed(x: torch.Tensor) -> torch.Tensor:
@@ -159,20 +184,31 @@ if triton is not None:
         return x.to(dtype).to(tl.float32)
 
     @triton.jit
-    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, q_stride, k_stride,
-                       HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slots_ptr, q_stride,
+                       k_stride, v_stride, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                       HALF_PAD: tl.constexpr, STORE: tl.constexpr):
         """One head of one token: program (token, head), heads first, then kv heads. The inputs'
-        tokens are `q_stride` / `k_stride` elements apart; the outputs are packed."""
+        tokens are `q_stride` / `k_stride` / `v_stride` elements apart; the outputs are packed, the
+        keys (and, STORE, the values copied as they are) at row slots[token] of the cache."""
         token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        dims = tl.arange(0, HALF_PAD)
+        inside = dims < HALF
         if head < HEADS:
             source = q_ptr + token * q_stride + head * 2 * HALF
             target = q_out_ptr + (token * HEADS + head) * 2 * HALF
         else:
-            source = k_ptr + token * k_stride + (head - HEADS) * 2 * HALF
-            target = k_out_ptr + (token * KV_HEADS + head - HEADS) * 2 * HALF
+            kv_head = head - HEADS
+            row = token
+            if STORE:
+                row = tl.load(slots_ptr + token).to(tl.int64)
+            source = k_ptr + token * k_stride + kv_head * 2 * HALF
+            target = k_out_ptr + (row * KV_HEADS + kv_head) * 2 * HALF
+            if STORE:
+                values = v_ptr + token * v_stride + kv_head * 2 * HALF
+                stored = v_out_ptr + (row * KV_HEADS + kv_head) * 2 * HALF
+                tl.store(stored + dims, tl.load(values + dims, mask=inside), mask=inside)
+                tl.store(stored + HALF + dims, tl.load(values + HALF + dims, mask=inside), mask=inside)
         dtype = q_ptr.dtype.element_ty
-        dims = tl.arange(0, HALF_PAD)
-        inside = dims < HALF
         first = tl.load(source + dims, mask=inside, other=0.0).to(tl.float32)
         second = tl.load(source + HALF + dims, mask=inside, other=0.0).to(tl.float32)
         angles = cos_ptr + token * 2 * HALF
@@ -184,8 +220,9 @@ if triton is not None:
         # x * cos + [-second, first] * sin, each product and the sum rounded as in `dtype`
         out_first = _rounded(first * cos_first, dtype) + _rounded(-second * sin_first, dtype)
         out_second = _rounded(second * cos_second, dtype) + _rounded(first * sin_second, dtype)
-        tl.store(target + dims, out_first.to(dtype), mask=inside)
-        tl.store(target + HALF + dims, out_second.to(dtype), mask=inside)
+        out_type = target.dtype.element_ty
+        tl.store(target + dims, out_first.to(out_type), mask=inside)
+        tl.store(target + HALF + dims, out_second.to(out_type), mask=inside)
 
     @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, BLOCK: tl.constexpr):

@@ -10,8 +10,9 @@ x / scale, saturated to e4m3's +-448, and readers multiply it back. An fp16/bf16
 no scales and holds the values as they are.
 
 - `store_kv`: writes new tokens' keys and values into their cache slots (block * block_size +
-  offset). One `index_copy_` per tensor: a single fused device kernel already, so it has no Triton
-  twin.
+  offset), one `index_copy_` per tensor. Where the cache holds the activations' dtype and nothing
+  observes the keys, the runtime stores them from the rotary kernel instead
+  (`qtool.kernels.elementwise.rotary_into_cache`), which this is the reference of.
 - `reference_decode`: the plain-torch definition: softmax in float32 of q.k * scale over the
   sequence's tokens, times v.
 - `triton_decode`: one program per (sequence, kv head, partition) computes all the query heads of

@@ -2,8 +2,8 @@
 
 A `PagedBatch` describes one engine step: the new tokens of several sequences, flattened, and for
 each sequence where they start, how long its context is once they are added, and its block table.
-Their keys and values are written to the cache first; then each sequence's queries attend to its
-whole context: a step where every sequence adds one token (decode) goes through the paged decode
+Their keys and values are written to the cache first (by `paged_attention`, or by the rotary
+kernel before `cached_attention`); then each sequence's queries attend to its whole context: a step where every sequence adds one token (decode) goes through the paged decode
 kernel; otherwise (prefill, chunked prefill, mixed) through the paged prefill kernel, each
 sequence's new tokens attending causally to its whole context (`qtool.kernels.paged_attention`).
 """
@@ -55,6 +55,10 @@ class PagedBatch:
     def decode(self) -> bool:
         return len(self.query_starts) - 1 == self.query_starts[-1]
 
+    def layer_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values [blocks, block_size, kv_heads, head_dim]."""
+        return self.cache.keys[layer], self.cache.values[layer]
+
     @functools.cached_property
     def device_query_starts(self) -> torch.Tensor:
         """`query_starts` as int32 on the batch's device: copied once a step, for every layer."""
@@ -76,8 +80,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PagedBatch, layer: int,
                     scale: float, scales: KVScales | None = None) -> torch.Tensor:
     """`scales`: the layer's per-head scales, for a float8 cache."""
-    k_cache, v_cache = batch.cache.keys[layer], batch.cache.values[layer]
-    store_kv(k, v, k_cache, v_cache, batch.slots, scales)
+    store_kv(k, v, *batch.layer_cache(layer), batch.slots, scales)
+    return cached_attention(q, batch, layer, scale, scales)
+
+
+def cached_attention(q: torch.Tensor, batch: PagedBatch, layer: int, scale: float,
+                     scales: KVScales | None = None) -> torch.Tensor:
+    """The step's queries over their contexts, the new tokens' keys and values already stored."""
+    k_cache, v_cache = batch.layer_cache(layer)
     if batch.decode:
         return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, scales)
     return paged_prefill(q, k_cache, v_cache, batch.block_tables, batch.context_lens, batch.query_starts, scale,

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from qtool.errors import QtoolError
-from qtool.kernels.elementwise import rms_norm, rotary, silu_mul
+from qtool.kernels.elementwise import rms_norm, rotary, rotary_into_cache, silu_mul
 from qtool.kernels.paged_attention import KVScales, round_trip
-from qtool.runtime.attention import PagedBatch, causal_attention, paged_attention
+from qtool.runtime.attention import PagedBatch, cached_attention, causal_attention, paged_attention
 from qtool.runtime.quant_linear import FusedLinears
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -155,18 +155,26 @@ class Attention(nn.Module):
         k, v = k.view(-1, spec.kv_heads, spec.head_dim), v.view(-1, spec.kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        scale = spec.head_dim**-0.5
+        if batch is not None and self.kv_cache_dtype is None and self.kv_observer is None:
+            # one launch rotates q and k and stores the keys and values in the cache
+            q = rotary_into_cache(q, k, v, cos, sin, *batch.layer_cache(self.index), batch.slots)
+            out = cached_attention(q, batch, self.index, scale)
+        else:
+            out = self._attention(q, k, v, cos, sin, batch, lengths, scale)
+        return self.o_proj(out.reshape(-1, spec.heads * spec.head_dim))
+
+    def _attention(self, q, k, v, cos, sin, batch: PagedBatch | None, lengths: int | None, scale: float):
+        """Attention where the keys are observed, moved into a float8 cache's key space, or not cached."""
         q, k = rotary(q, k, cos, sin)
         if self.kv_observer is not None:
             self.kv_observer(k, v)
         if self.kv_cache_dtype is not None:
             q, k = self.key_space(q, k)
-        scale = spec.head_dim**-0.5
         if batch is None:  # attention reads K and V as a cache of kv_cache_dtype would give them back
             k, v = round_trip(k, self.kv_cache_dtype, self.k_scale), round_trip(v, self.kv_cache_dtype, self.v_scale)
-            out = causal_attention(q, k, v, lengths, scale)
-        else:
-            out = paged_attention(q, k, v, batch, self.index, scale, self.kv_scales)
-        return self.o_proj(out.reshape(-1, spec.heads * spec.head_dim))
+            return causal_attention(q, k, v, lengths, scale)
+        return paged_attention(q, k, v, batch, self.index, scale, self.kv_scales)
 
 
 class MLP(nn.Module):

@@ -95,9 +95,12 @@ def main() -> None:
     for residual in (False, True):
         compile_for_sm90(elementwise._rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=4096), num_warps=16,
                          options=rounding)
-    rotary = compile_for_sm90(elementwise._rotary_kernel, dict(HEADS=32, KV_HEADS=8, HALF=64, HALF_PAD=64),
-                              {"cos_ptr": "*fp32", "sin_ptr": "*fp32"}, num_warps=1, options=rounding)
-    assert "fma" not in rotary, "x * cos + turned * sin contracted into an FMA: torch rounds each product"
+    for store in (False, True):  # rotated keys packed; into their cache slots, with the values
+        rotary = compile_for_sm90(elementwise._rotary_kernel, dict(HEADS=32, KV_HEADS=8, HALF=64, HALF_PAD=64,
+                                                                   STORE=store),
+                                  {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i32"}, num_warps=1,
+                                  options=rounding)
+        assert "fma" not in rotary, "x * cos + turned * sin contracted into an FMA: torch rounds each product"
     compile_for_sm90(elementwise._silu_mul_kernel, dict(BLOCK=1024), options=rounding)
 
 

@@ -4,8 +4,11 @@ of odd sizes (interpreter on the CPU, the GPU where there is one)."""
 import pytest
 import torch
 
+from qtool.kernels import elementwise
+from qtool.kernels.paged_attention import store_kv
 from qtool.kernels.elementwise import (
-    reference_rms_norm, reference_rotary, reference_silu_mul, triton_rms_norm, triton_rotary, triton_silu_mul,
+    reference_rms_norm, reference_rotary, reference_silu_mul, rotary_into_cache, triton_rms_norm, triton_rotary,
+    triton_silu_mul,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +74,28 @@ def test_rotary_reads_q_and_k_as_slices_of_one_product():
                          reference_rotary(q.contiguous(), k.contiguous(), angles.cos(), angles.sin())):
         assert out.is_contiguous()
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_into_cache_stores_what_rotary_and_store_kv_store(monkeypatch, dtype):
+    """q, k, v as views of one product; the keys rotated and the values land in their slots, every
+    other slot keeps what it held, and q comes back rotated as `rotary` rotates it."""
+    tokens, heads, kv_heads, head_dim, blocks, block_size = 5, 6, 2, 24, 4, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    angles = torch.rand(tokens, head_dim // 2, device=DEVICE).repeat(1, 2) * 6
+    slots = torch.randperm(blocks * block_size, device=DEVICE)[:tokens]
+    caches = [torch.randn(blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(2)]
+    expected = [cache.clone() for cache in caches]
+    want_q, rotated_k = reference_rotary(q, k, angles.cos(), angles.sin())
+    store_kv(rotated_k, v, *expected, slots)
+    if DEVICE == "cpu":  # the interpreter
+        monkeypatch.setattr(elementwise, "triton_runs", lambda x: True)
+    got_q = rotary_into_cache(q, k, v, angles.cos(), angles.sin(), *caches, slots)
+    assert got_q.is_contiguous()
+    for got, want in zip([got_q, *caches], [want_q, *expected]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_silu_mul_reads_gate_and_up_as_halves_of_one_product():
