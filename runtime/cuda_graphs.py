@@ -6,9 +6,9 @@ A graph replays fixed addresses and shapes, so each batch size gets its own grap
 input buffers, and batches are padded up to the next captured size (1, 2, 4, 8, then steps of
 16). Padding rows write their keys and values into a scratch block that no sequence owns, and
 attend to that one slot. Everything the step reads that varies (token ids, positions, cache
-slots, context lengths, block tables) is copied into the buffers before the replay; the paged
-decode kernel loops over each sequence's own length, so a table as wide as the longest context
-serves every step. A size is captured on first use, after one eager run at that size (kernels
+slots, context lengths, block tables) is copied into the buffers before the replay, in two
+copies from the one upload the engine makes; the paged decode kernel loops over each sequence's
+own length, so a table as wide as the longest context serves every step. A size is captured on first use, after one eager run at that size (kernels
 compile and tune there, never inside a capture). The graphs share one memory pool: they never
 run at once, and each keeps only its logits alive between replays.
 """
@@ -41,10 +41,11 @@ class DecodeGraphs:
         block_size = cache.keys.shape[2]
         self.scratch_slot = scratch_block * block_size
         self.scratch_block = scratch_block
-        self.ids = torch.zeros(largest, dtype=torch.long, device=device)
-        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
-        self.slots = torch.full((largest,), self.scratch_slot, dtype=torch.long, device=device)
-        self.context_lens = torch.ones(largest, dtype=torch.int32, device=device)
+        # ids, positions, cache slots and context lengths: one row each, so that one copy fills them
+        self.rows = torch.zeros(4, largest, dtype=torch.int32, device=device)
+        self.ids, self.positions, self.slots, self.context_lens = self.rows
+        self.slots.fill_(self.scratch_slot)
+        self.context_lens.fill_(1)
         self.tables = torch.full((largest, max_blocks), scratch_block, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -53,31 +54,19 @@ class DecodeGraphs:
         """The captured size a batch of `batch` decoding sequences runs at (None: too many)."""
         return next((size for size in self.sizes if size >= batch), None)
 
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor,
-               tables: torch.Tensor) -> torch.Tensor:
-        """The next-token logits [batch, vocab] of one decode step, through the graph of its size."""
-        batch = ids.shape[0]
-        size = self.size_for(batch)
-        self.ids[:batch].copy_(ids)
-        self.positions[:batch].copy_(positions)
-        self.slots[:batch].copy_(slots)
-        self.context_lens[:batch].copy_(context_lens)
-        self.tables[:batch, : tables.shape[1]].copy_(tables)
-        self.tables[:batch, tables.shape[1]:].fill_(self.scratch_block)
-        self._pad(batch, size)
+    def logits(self, inputs) -> torch.Tensor:
+        """The next-token logits [size, vocab] of one decode step through the graph of its size, from
+        the engine's `StepInputs` of that many rows (those past the batch's sequences decode the
+        scratch slot alone). Table entries past a row's width keep older values: the kernels read
+        a sequence's table only up to its length."""
+        size = inputs.sequences
+        self.rows[:, :size].copy_(inputs.flat[: 4 * size].view(4, size))
+        self.tables[:size, : inputs.width].copy_(inputs.block_tables)
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[:batch]
-
-    def _pad(self, batch: int, size: int) -> None:
-        """Rows batch..size attend to the scratch slot alone."""
-        self.ids[batch:size].zero_()
-        self.positions[batch:size].zero_()
-        self.slots[batch:size].fill_(self.scratch_slot)
-        self.context_lens[batch:size].fill_(1)
-        self.tables[batch:size].fill_(self.scratch_block)
+        return logits
 
     def _step(self, size: int) -> torch.Tensor:
         batch = PagedBatch(self.cache, self.slots[:size], list(range(size + 1)), self.context_lens[:size],

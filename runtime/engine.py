@@ -57,6 +57,52 @@ class StepEvent:
     finished: RequestOutput | None
 
 
+@dataclass
+class StepInputs:
+    """One step's int32 inputs on the device, one after the other in `flat` (a single upload): token
+    ids, positions and cache slots [tokens], context lengths [sequences], the hidden rows to sample
+    [sampled], block tables [sequences, width]; `query_starts` where each sequence's tokens start."""
+
+    flat: torch.Tensor
+    tokens: int
+    sequences: int
+    sampled: int
+    width: int
+    query_starts: list[int]
+
+    def _part(self, index: int) -> torch.Tensor:
+        return self.flat[index * self.tokens : (index + 1) * self.tokens]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self._part(0)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._part(1)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self._part(2)
+
+    @property
+    def context_lens(self) -> torch.Tensor:
+        return self.flat[3 * self.tokens : 3 * self.tokens + self.sequences]
+
+    @property
+    def sampled_rows(self) -> torch.Tensor:
+        start = 3 * self.tokens + self.sequences
+        return self.flat[start : start + self.sampled]
+
+    @property
+    def block_tables(self) -> torch.Tensor:
+        start = 3 * self.tokens + self.sequences + self.sampled
+        return self.flat[start:].view(self.sequences, self.width)
+
+    def batch(self, cache: KVCache) -> PagedBatch:
+        return PagedBatch(cache, self.slots, self.query_starts, self.context_lens, self.block_tables)
+
+
 class Engine:
     def __init__(self, model, tokenizer, device: torch.device | str, dtype: torch.dtype, block_size: int = 16,
                  max_batched_tokens: int = 2048, max_sequences: int = 256, cache_bytes: int | None = None,
@@ -110,17 +156,16 @@ class Engine:
         if not plan:
             return []
         sampling = [index for index, item in enumerate(plan) if item.samples]
-        ids, positions, batch = self._inputs(plan)
         if self._replays_graph(plan, sampling):
-            logits = self.graphs.logits(ids, positions, batch.slots, batch.context_lens, batch.block_tables)
+            logits = self.graphs.logits(self._inputs(plan, self.graphs.size_for(len(plan))))[: len(plan)]
             self.scheduler.finish_step(plan)
         else:
-            hidden = self.model.forward_tokens(ids, positions, batch)
-            ends = torch.tensor(list(itertools.accumulate(item.count for item in plan)), device=self.device) - 1
+            inputs = self._inputs(plan, sampling=sampling)
+            hidden = self.model.forward_tokens(inputs.ids, inputs.positions, inputs.batch(self.cache))
             self.scheduler.finish_step(plan)
             if not sampling:
                 return []
-            logits = self.model.compute_logits(hidden[ends[sampling]])
+            logits = self.model.compute_logits(hidden[inputs.sampled_rows])
         sequences = [plan[index].sequence for index in sampling]
         tokens = sample(logits, [s.params for s in sequences], [s.generator for s in sequences]).tolist()
         return [self._advance(sequence, token) for sequence, token in zip(sequences, tokens)]
@@ -130,25 +175,32 @@ class Engine:
         decoding = self.last_step.decoding and len(sampling) == len(plan)
         return self.graphs is not None and decoding and self.graphs.size_for(len(plan)) is not None
 
-    def _inputs(self, plan: list[Scheduled]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
+    def _inputs(self, plan: list[Scheduled], rows: int | None = None, sampling: list[int] = ()) -> StepInputs:
+        """The step's inputs on the device, in one copy from pinned host memory. `rows`: a captured
+        graph's batch size, the rows past the plan's decoding the scratch slot alone; `sampling`:
+        the plan's items whose last token's hidden state is sampled."""
         block_size = self.pool.block_size
-        ids, positions, slots, starts = [], [], [], [0]
+        ids, positions, slots, lengths, ends, tables = [], [], [], [], [], []
         for item in plan:
             sequence = item.sequence
             span = range(item.start, item.start + item.count)
             ids += sequence.tokens[item.start : item.start + item.count]
             positions += span
             slots += [sequence.blocks[p // block_size] * block_size + p % block_size for p in span]
-            starts.append(starts[-1] + item.count)
-        width = max(len(item.sequence.blocks) for item in plan)
-        tables = [item.sequence.blocks + [0] * (width - len(item.sequence.blocks)) for item in plan]
-
-        def tensor(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        batch = PagedBatch(self.cache, tensor(slots), starts, tensor([i.start + i.count for i in plan], torch.int32),
-                           tensor(tables, torch.int32))
-        return tensor(ids), tensor(positions), batch
+            lengths.append(item.start + item.count)
+            ends.append(len(ids) - 1)
+            tables.append(sequence.blocks)
+        padding = (rows or len(plan)) - len(plan)
+        if padding:
+            ids, positions = ids + [0] * padding, positions + [0] * padding
+            slots, lengths = slots + [self.graphs.scratch_slot] * padding, lengths + [1] * padding
+            tables = tables + [[self.graphs.scratch_block]] * padding
+        width = max(len(table) for table in tables)
+        values = ids + positions + slots + lengths + [ends[index] for index in sampling]
+        values += [block for table in tables for block in table + [0] * (width - len(table))]
+        host = torch.tensor(values, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        return StepInputs(host.to(self.device, non_blocking=True), len(ids), len(lengths), len(sampling), width,
+                          list(itertools.accumulate((item.count for item in plan), initial=0)))
 
     def _advance(self, sequence: Sequence, token: int) -> StepEvent:
         params = sequence.params
