@@ -414,28 +414,34 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
 
 
 HALF2_EXPONENT = 0x4400  # fp16 4.0: a code q in the low mantissa bits reads 4 + q / 256
+# fp16 0.25, whose unit in the last place is 16 times smaller: a 4-bit code q one nibble up (bits 4-7)
+# reads 0.25 + 16 q / 4096 = 0.25 + q / 256, so the odd nibbles need no shift
+HALF2_ODD_EXPONENT = 0x3400
 
 
 def half2_dot_ptx(bits: int) -> str:
     """PTX for one word of codes times one token's inputs, in half2 arithmetic: the codes of each
-    pair of inputs taken into the halves of a half2 as 4 + q / 256 by one LOP3 (4 bits) or PRMT (8
-    bits) under fp16's exponent of 4; less 4 + z / 256 that is (q - z) / 256, exactly; times the
-    inputs and summed in fp16 (the 1/256 keeps any fp16 input's sums finite), returned as float32
-    bits for the caller to scale by 256 s. Operands: $1 the word, $2... the input pairs as half2,
-    then the zero as half2 (4 + z / 256, twice)."""
+    pair of inputs taken into the halves of a half2 as 4 + q / 256 (or 0.25 + q / 256 for a pair a
+    nibble up) by one LOP3 (4 bits; one shift a byte) or PRMT (8 bits) under fp16's exponent; less
+    the zero under the same exponent that is (q - z) / 256, exactly; times the inputs and summed in
+    fp16 (the 1/256 keeps any fp16 input's sums finite), returned as float32 bits for the caller to
+    scale by 256 s. Operands: $1 the word, $2... the input pairs as half2, then the zero as half2
+    (4 + z / 256, twice); for 4 bits also the zero as 0.25 + z / 256 (twice)."""
     pairs = 16 // bits
-    exponent = HALF2_EXPONENT >> 8
+    exponents = (HALF2_EXPONENT * 0x10001, HALF2_ODD_EXPONENT * 0x10001)
     lines = ["{", ".reg .b32 w, t, acc;", ".reg .b16 lo, hi, h;", ".reg .f32 f;"]
     for i in range(pairs):
-        if bits == 4:  # slots i and i + 4: nibbles at bits 4i and 16 + 4i
-            source = "$1"
-            if i:
-                lines.append(f"shr.u32 w, $1, {4 * i};")
-                source = "w"
-            lines.append(f"lop3.b32 t, {source}, 0x000f000f, {exponent * 0x1000100:#x}, 0xea;")  # (w & mask) | exponent
+        if bits == 4:  # slots i and i + 4: nibbles at bits 4i and 16 + 4i; a byte up by one shift
+            if i == 2:
+                lines.append("shr.u32 w, $1, 8;")
+            source, odd = ("$1" if i < 2 else "w"), i % 2
+            mask = 0x00F000F0 if odd else 0x000F000F
+            lines.append(f"lop3.b32 t, {source}, {mask:#010x}, {exponents[odd]:#x}, 0xea;")  # (w & mask) | exponent
+            zero = f"${2 + pairs + odd}"
         else:  # slots i and i + 2: bytes i and i + 2, each under the exponent's byte
-            lines.append(f"prmt.b32 t, $1, {exponent * 0x1010101:#x}, {0x4040 | i | (i + 2) << 8:#x};")
-        lines.append(f"sub.rn.f16x2 t, t, ${2 + pairs};")
+            lines.append(f"prmt.b32 t, $1, {(HALF2_EXPONENT >> 8) * 0x1010101:#x}, {0x4040 | i | (i + 2) << 8:#x};")
+            zero = f"${2 + pairs}"
+        lines.append(f"sub.rn.f16x2 t, t, {zero};")
         lines.append("mul.rn.f16x2 acc, t, $2;" if i == 0 else f"fma.rn.f16x2 acc, t, ${2 + i}, acc;")
     lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 h, lo, hi;", "cvt.f32.f16 f, h;", "mov.b32 $0, f;", "}"]
     return "\n".join(lines)
@@ -503,6 +509,7 @@ def half2_table_weights_ptx(entries: int) -> str:
 
 if triton is not None:
     _EXPONENT = tl.constexpr(HALF2_EXPONENT)
+    _ODD_EXPONENT = tl.constexpr(HALF2_ODD_EXPONENT)
     _HALF2_DOT_4 = tl.constexpr(half2_dot_ptx(4))
     _HALF2_DOT_8 = tl.constexpr(half2_dot_ptx(8))
     _HALF2_WEIGHTS_4 = tl.constexpr(half2_weights_ptx(4))
@@ -653,8 +660,10 @@ if triton is not None:
         if ASM:
             zero2 = (zero | _EXPONENT) * 0x10001
             if BITS == 4:
-                sums = tl.inline_asm_elementwise(_HALF2_DOT_4, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, zero2],
-                                                 dtype=tl.int32, is_pure=True, pack=1)
+                odd2 = ((zero << 4) | _ODD_EXPONENT) * 0x10001
+                sums = tl.inline_asm_elementwise(_HALF2_DOT_4, "=r,r,r,r,r,r,r,r",
+                                                 [words, x0, x1, x2, x3, zero2, odd2], dtype=tl.int32, is_pure=True,
+                                                 pack=1)
             else:
                 sums = tl.inline_asm_elementwise(_HALF2_DOT_8, "=r,r,r,r,r", [words, x0, x1, zero2], dtype=tl.int32,
                                                  is_pure=True, pack=1)

@@ -90,6 +90,8 @@ def test_half2_dot_gives_the_products_over_256(bits):
         operands.update({2 + i: pair(x[2 * i], x[2 * i + 1]) for i in range(per_word // 2)})
         zero_half = int(fp16_bits([4 + zero / 256])[0])
         operands[2 + per_word // 2] = zero_half | zero_half << 16
+        odd_half = int(fp16_bits([0.25 + zero / 256])[0])  # the zero of the pairs a nibble up (4 bits)
+        operands[3 + per_word // 2] = odd_half | odd_half << 16
         result = as_float(run(half2_dot_ptx(bits), operands)[0])
         terms = (codes - zero) / 256 * x.astype(np.float64)
         assert abs(result - terms.sum()) <= FP16_SUMS * np.abs(terms).sum()
