@@ -3,9 +3,10 @@
 A `PagedBatch` describes one engine step: the new tokens of several sequences, flattened, and for
 each sequence where they start, how long its context is once they are added, and its block table.
 Their keys and values are written to the cache first (by `paged_attention`, or by the rotary
-kernel before `cached_attention`); then each sequence's queries attend to its whole context: a step where every sequence adds one token (decode) goes through the paged decode
-kernel; otherwise (prefill, chunked prefill, mixed) through the paged prefill kernel, each
-sequence's new tokens attending causally to its whole context (`qtool.kernels.paged_attention`).
+kernel before `cached_attention`); then each sequence's queries attend to its whole context: a
+step where every sequence adds one token (decode) goes through the paged decode kernel; otherwise
+(prefill, chunked prefill, mixed) through the paged prefill kernel, each sequence's new tokens
+attending causally to its whole context (`qtool.kernels.paged_attention`).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ input buffers, and batches are padded up to the next captured size (1, 2, 4, 8, 
 attend to that one slot. Everything the step reads that varies (token ids, positions, cache
 slots, context lengths, block tables) is copied into the buffers before the replay, in two
 copies from the one upload the engine makes; the paged decode kernel loops over each sequence's
-own length, so a table as wide as the longest context serves every step. A size is captured on first use, after one eager run at that size (kernels
-compile and tune there, never inside a capture). The graphs share one memory pool: they never
-run at once, and each keeps only its logits alive between replays.
+own length, so a table as wide as the longest context serves every step. A size is captured on
+first use, after one eager run at that size (kernels compile and tune there, never inside a
+capture). The graphs share one memory pool: they never run at once, and each keeps only its
+logits alive between replays.
 """
 
 from __future__ import annotations
