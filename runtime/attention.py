@@ -44,13 +44,15 @@ class KVCache:
 class PagedBatch:
     """One step's attention inputs. `query_starts` [S + 1]: where each sequence's new tokens start
     in the flattened batch; `context_lens` [S]: its tokens in the cache once they are added;
-    `block_tables` [S, max blocks] (int32, padded); `slots` [T]: the cache slot of each new token."""
+    `block_tables` [S, max blocks] (int32, padded); `slots` [T]: the cache slot of each new token;
+    `starts`: `query_starts` already on the device (int32), where the caller uploaded it."""
 
     cache: KVCache
     slots: torch.Tensor
     query_starts: list[int]
     context_lens: torch.Tensor
     block_tables: torch.Tensor
+    starts: torch.Tensor | None = None
 
     @property
     def decode(self) -> bool:
@@ -63,6 +65,8 @@ class PagedBatch:
     @functools.cached_property
     def device_query_starts(self) -> torch.Tensor:
         """`query_starts` as int32 on the batch's device: copied once a step, for every layer."""
+        if self.starts is not None:
+            return self.starts
         return torch.tensor(self.query_starts, dtype=torch.int32, device=self.slots.device)
 
 

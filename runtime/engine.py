@@ -60,8 +60,9 @@ class StepEvent:
 @dataclass
 class StepInputs:
     """One step's int32 inputs on the device, one after the other in `flat` (a single upload): token
-    ids, positions and cache slots [tokens], context lengths [sequences], the hidden rows to sample
-    [sampled], block tables [sequences, width]; `query_starts` where each sequence's tokens start."""
+    ids, positions and cache slots [tokens], context lengths [sequences], where each sequence's
+    tokens start [sequences + 1], the hidden rows to sample [sampled], block tables [sequences,
+    width]. The first four come first, so a decode step's are `flat[:4 * sequences]`."""
 
     flat: torch.Tensor
     tokens: int
@@ -70,37 +71,38 @@ class StepInputs:
     width: int
     query_starts: list[int]
 
-    def _part(self, index: int) -> torch.Tensor:
-        return self.flat[index * self.tokens : (index + 1) * self.tokens]
+    def _segment(self, index: int) -> torch.Tensor:
+        sizes = (self.tokens, self.tokens, self.tokens, self.sequences, self.sequences + 1, self.sampled)
+        start = sum(sizes[:index])
+        return self.flat[start:] if index == len(sizes) else self.flat[start : start + sizes[index]]
 
     @property
     def ids(self) -> torch.Tensor:
-        return self._part(0)
+        return self._segment(0)
 
     @property
     def positions(self) -> torch.Tensor:
-        return self._part(1)
+        return self._segment(1)
 
     @property
     def slots(self) -> torch.Tensor:
-        return self._part(2)
+        return self._segment(2)
 
     @property
     def context_lens(self) -> torch.Tensor:
-        return self.flat[3 * self.tokens : 3 * self.tokens + self.sequences]
+        return self._segment(3)
 
     @property
     def sampled_rows(self) -> torch.Tensor:
-        start = 3 * self.tokens + self.sequences
-        return self.flat[start : start + self.sampled]
+        return self._segment(5)
 
     @property
     def block_tables(self) -> torch.Tensor:
-        start = 3 * self.tokens + self.sequences + self.sampled
-        return self.flat[start:].view(self.sequences, self.width)
+        return self._segment(6).view(self.sequences, self.width)
 
     def batch(self, cache: KVCache) -> PagedBatch:
-        return PagedBatch(cache, self.slots, self.query_starts, self.context_lens, self.block_tables)
+        return PagedBatch(cache, self.slots, self.query_starts, self.context_lens, self.block_tables,
+                          starts=self._segment(4))
 
 
 class Engine:
@@ -196,11 +198,13 @@ class Engine:
             slots, lengths = slots + [self.graphs.scratch_slot] * padding, lengths + [1] * padding
             tables = tables + [[self.graphs.scratch_block]] * padding
         width = max(len(table) for table in tables)
-        values = ids + positions + slots + lengths + [ends[index] for index in sampling]
+        starts = list(itertools.accumulate((item.count for item in plan), initial=0))
+        starts += [starts[-1] + 1 + row for row in range(padding)]  # a padding row's one token
+        values = ids + positions + slots + lengths + starts + [ends[index] for index in sampling]
         values += [block for table in tables for block in table + [0] * (width - len(table))]
         host = torch.tensor(values, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         return StepInputs(host.to(self.device, non_blocking=True), len(ids), len(lengths), len(sampling), width,
-                          list(itertools.accumulate((item.count for item in plan), initial=0)))
+                          starts)
 
     def _advance(self, sequence: Sequence, token: int) -> StepEvent:
         params = sequence.params

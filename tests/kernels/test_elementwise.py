@@ -85,7 +85,7 @@ def test_rotary_into_cache_stores_what_rotary_and_store_kv_store(monkeypatch, dt
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
     angles = torch.rand(tokens, head_dim // 2, device=DEVICE).repeat(1, 2) * 6
-    slots = torch.randperm(blocks * block_size, device=DEVICE)[:tokens]
+    slots = torch.randperm(blocks * block_size, device=DEVICE)[:tokens].to(torch.int32)  # as the engine's
     caches = [torch.randn(blocks, block_size, kv_heads, head_dim, device=DEVICE).to(dtype) for _ in range(2)]
     expected = [cache.clone() for cache in caches]
     want_q, rotated_k = reference_rotary(q, k, angles.cos(), angles.sin())
