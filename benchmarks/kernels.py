@@ -8,6 +8,9 @@ outliers, activations in and out) over the bandwidth of a large device-to-device
 the same GPU. Writes kernels_<gpu>.json, kernels_<gpu>.md and kernels_<gpu>.png to --out.
 
 usage: python benchmarks/kernels.py [--out benchmarks/results] [--tokens 1 16 ...] [--shapes 4096x14336 ...]
+       python benchmarks/kernels.py --merge run1/kernels_h200.json run2/kernels_h200.json [--out ...]
+(tuning every scheme's candidates takes minutes a shape, so the full table is measured a few shapes
+per device call and merged.)
 """
 
 from __future__ import annotations
@@ -146,22 +149,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="write one table from the JSON of earlier runs (one device call each) instead of measuring")
     args = parser.parse_args()
-    _TUNER.persist = False  # every candidate timed here, for the notes
-    torch.manual_seed(0)
-    bandwidth = copy_bandwidth()
-    rows = []
-    for shape in args.shapes:
-        k, n = (int(v) for v in shape.split("x"))
-        rows += measure_shape(k, n, args.tokens, bandwidth, args.variants)
-    gpu = torch.cuda.get_device_name()
-    result = {
-        "benchmark": "qtool quantized matmul vs fp16 F.linear and aten._weight_int4pack_mm (group 128)",
-        "date": date.today().isoformat(), "gpu": gpu, "copy_bandwidth_GBps": bandwidth / 1e9,
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
-        "method": "median replay of a CUDA graph over copies of the inputs larger than L2 (triton.testing.do_bench)",
-        "rows": rows, "tuning": tuning(),
-    }
+    result = merged(args.merge) if args.merge else measured(args.shapes, args.tokens, args.variants)
+    gpu = result["gpu"]
     slug = gpu.split()[-1].lower() if gpu.startswith("NVIDIA") else "gpu"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"kernels_{slug}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -170,6 +162,42 @@ def main() -> None:
     print(markdown(result))
     for line in result["tuning"]:
         print(line)
+
+
+def measured(shapes: list[str], tokens: list[int], variants: list[str]) -> dict:
+    _TUNER.persist = False  # every candidate timed here, for the notes
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    rows = []
+    for shape in shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        rows += measure_shape(k, n, tokens, bandwidth, variants)
+    return {
+        "benchmark": "qtool quantized matmul vs fp16 F.linear and aten._weight_int4pack_mm (group 128)",
+        "date": date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "copy_bandwidth_GBps": bandwidth / 1e9,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+        "method": "median replay of a CUDA graph over copies of the inputs larger than L2 (triton.testing.do_bench)",
+        "rows": rows, "tuning": tuning(),
+    }
+
+
+def merged(paths: list[Path]) -> dict:
+    """The rows of several runs on one GPU and software stack as one result (rows in shape order);
+    the lowest copy bandwidth among them, so that no floor is flattered."""
+    results = [json.loads(path.read_text()) for path in paths]
+    first = results[0]
+    for path, other in zip(paths, results):
+        if (other["gpu"], other["versions"]) != (first["gpu"], first["versions"]):
+            raise SystemExit(f"{path} was measured on {other['gpu']} with {other['versions']}, "
+                             f"{paths[0]} on {first['gpu']} with {first['versions']}: merge runs of one machine")
+    rows = sorted((row for result in results for row in result["rows"]), key=lambda r: (r["in"], r["out"], r["tokens"]))
+    keys = [(row["in"], row["out"], row["tokens"]) for row in rows]
+    if len(set(keys)) < len(keys):
+        raise SystemExit(f"the runs measure {max(keys, key=keys.count)} (in, out, tokens) more than once: merge runs "
+                         f"of different shapes or tokens")
+    return dict(first, date=max(result["date"] for result in results), rows=rows,
+                copy_bandwidth_GBps=min(result["copy_bandwidth_GBps"] for result in results),
+                tuning=[line for result in results for line in result["tuning"]])
 
 
 def tuning() -> list[str]:
