@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -188,16 +189,22 @@ def merged(paths: list[Path]) -> dict:
     first = results[0]
     for path, other in zip(paths, results):
         if (other["gpu"], other["versions"]) != (first["gpu"], first["versions"]):
-            raise SystemExit(f"{path} was measured on {other['gpu']} with {other['versions']}, "
-                             f"{paths[0]} on {first['gpu']} with {first['versions']}: merge runs of one machine")
+            refuse(f"{path} was measured on {other['gpu']} with {other['versions']}, {paths[0]} on {first['gpu']} "
+                   f"with {first['versions']}: merge runs of one machine")
     rows = sorted((row for result in results for row in result["rows"]), key=lambda r: (r["in"], r["out"], r["tokens"]))
     keys = [(row["in"], row["out"], row["tokens"]) for row in rows]
     if len(set(keys)) < len(keys):
-        raise SystemExit(f"the runs measure {max(keys, key=keys.count)} (in, out, tokens) more than once: merge runs "
-                         f"of different shapes or tokens")
+        refuse(f"the runs measure {max(keys, key=keys.count)} (in, out, tokens) more than once: merge runs of "
+               f"different shapes or tokens")
     return dict(first, date=max(result["date"] for result in results), rows=rows,
                 copy_bandwidth_GBps=min(result["copy_bandwidth_GBps"] for result in results),
                 tuning=[line for result in results for line in result["tuning"]])
+
+
+def refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def tuning() -> list[str]:
