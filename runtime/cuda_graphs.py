@@ -60,9 +60,9 @@ class DecodeGraphs:
         the engine's `StepInputs` of that many rows (those past the batch's sequences decode the
         scratch slot alone). Table entries past a row's width keep older values: the kernels read
         a sequence's table only up to its length."""
-        size = inputs.sequences
+        size, width = inputs.block_tables.shape
         self.rows[:, :size].copy_(inputs.flat[: 4 * size].view(4, size))
-        self.tables[:size, : inputs.width].copy_(inputs.block_tables)
+        self.tables[:size, :width].copy_(inputs.block_tables)
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
         graph, logits = self.graphs[size]

@@ -59,50 +59,36 @@ class StepEvent:
 
 @dataclass
 class StepInputs:
-    """One step's int32 inputs on the device, one after the other in `flat` (a single upload): token
-    ids, positions and cache slots [tokens], context lengths [sequences], where each sequence's
-    tokens start [sequences + 1], the hidden rows to sample [sampled], block tables [sequences,
+    """One step's int32 inputs on the device, views into `flat`, which one upload filled in this
+    order: token ids, positions and cache slots [tokens], context lengths [sequences], where each
+    sequence's tokens start [sequences + 1], the hidden rows to sample, block tables [sequences,
     width]. The first four come first, so a decode step's are `flat[:4 * sequences]`."""
 
     flat: torch.Tensor
-    tokens: int
-    sequences: int
-    sampled: int
-    width: int
+    ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    context_lens: torch.Tensor
+    starts: torch.Tensor
+    sampled_rows: torch.Tensor
+    block_tables: torch.Tensor
     query_starts: list[int]
 
-    def _segment(self, index: int) -> torch.Tensor:
-        sizes = (self.tokens, self.tokens, self.tokens, self.sequences, self.sequences + 1, self.sampled)
-        start = sum(sizes[:index])
-        return self.flat[start:] if index == len(sizes) else self.flat[start : start + sizes[index]]
-
-    @property
-    def ids(self) -> torch.Tensor:
-        return self._segment(0)
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self._segment(1)
-
-    @property
-    def slots(self) -> torch.Tensor:
-        return self._segment(2)
-
-    @property
-    def context_lens(self) -> torch.Tensor:
-        return self._segment(3)
-
-    @property
-    def sampled_rows(self) -> torch.Tensor:
-        return self._segment(5)
-
-    @property
-    def block_tables(self) -> torch.Tensor:
-        return self._segment(6).view(self.sequences, self.width)
+    @classmethod
+    def upload(cls, parts: list[list[int]], tables: list[list[int]], device: torch.device) -> "StepInputs":
+        """`parts`: ids, positions, slots, lengths, starts, sampled rows; `tables` padded with zeros to
+        the widest. From pinned host memory on CUDA."""
+        width = max(len(table) for table in tables)
+        values = [value for part in parts for value in part]
+        values += [block for table in tables for block in table + [0] * (width - len(table))]
+        host = torch.tensor(values, dtype=torch.int32, pin_memory=device.type == "cuda")
+        flat = host.to(device, non_blocking=True)
+        *views, flat_tables = flat.split([len(part) for part in parts] + [len(tables) * width])
+        return cls(flat, *views, flat_tables.view(len(tables), width), parts[4])
 
     def batch(self, cache: KVCache) -> PagedBatch:
         return PagedBatch(cache, self.slots, self.query_starts, self.context_lens, self.block_tables,
-                          starts=self._segment(4))
+                          starts=self.starts)
 
 
 class Engine:
@@ -197,14 +183,10 @@ class Engine:
             ids, positions = ids + [0] * padding, positions + [0] * padding
             slots, lengths = slots + [self.graphs.scratch_slot] * padding, lengths + [1] * padding
             tables = tables + [[self.graphs.scratch_block]] * padding
-        width = max(len(table) for table in tables)
         starts = list(itertools.accumulate((item.count for item in plan), initial=0))
         starts += [starts[-1] + 1 + row for row in range(padding)]  # a padding row's one token
-        values = ids + positions + slots + lengths + starts + [ends[index] for index in sampling]
-        values += [block for table in tables for block in table + [0] * (width - len(table))]
-        host = torch.tensor(values, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        return StepInputs(host.to(self.device, non_blocking=True), len(ids), len(lengths), len(sampling), width,
-                          starts)
+        return StepInputs.upload([ids, positions, slots, lengths, starts, [ends[index] for index in sampling]], tables,
+                                 self.device)
 
     def _advance(self, sequence: Sequence, token: int) -> StepEvent:
         params = sequence.params
