@@ -185,7 +185,16 @@ def measured(shapes: list[str], tokens: list[int], variants: list[str]) -> dict:
 def merged(paths: list[Path]) -> dict:
     """The rows of several runs on one GPU and software stack as one result (rows in shape order);
     the lowest copy bandwidth among them, so that no floor is flattered."""
-    results = [json.loads(path.read_text()) for path in paths]
+    results = []
+    for path in paths:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            refuse(f"cannot read {path} ({error}): give the kernels_<gpu>.json of earlier runs")
+        missing = {"gpu", "versions", "date", "copy_bandwidth_GBps", "rows", "tuning"} - set(result)
+        if missing:
+            refuse(f"{path} lacks {', '.join(sorted(missing))}: give the kernels_<gpu>.json of earlier runs")
+        results.append(result)
     first = results[0]
     for path, other in zip(paths, results):
         if (other["gpu"], other["versions"]) != (first["gpu"], first["versions"]):
