@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 
 from qtool.kernels.dispatch import triton_runs
-from qtool.kernels.quant_matmul import _launch_options, _Tuner, _workspace
+from qtool.kernels.quant_matmul import _launch_options, _Tuner, _workspace, m_bucket
 
 try:
     import triton
@@ -129,11 +129,6 @@ def triton_quantize(x: torch.Tensor, config: dict | None = None) -> tuple[torch.
     return codes, scales
 
 
-def m_bucket(m: int) -> int:
-    """Token counts that share a tuned configuration."""
-    return next(bound for bound in (16, 64, 256, 1024, 4096, 1 << 30) if m <= bound)
-
-
 def triton_matmul(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype: activations quantized by `triton_quantize`, then `gemm`."""
@@ -197,7 +192,7 @@ def candidates(m: int, n: int, k: int) -> list[dict]:
                      num_stages=stages)
                 for block_m, block_n, block_k, split, warps, stages in shapes]
 
-    by_bucket = {
+    by_bound = {
         16: tiles((16, 64, 256, 1, 4, 4), (16, 64, 256, 4, 4, 4), (16, 128, 256, 2, 4, 3), (16, 32, 256, 4, 4, 4),
                   (16, 64, 128, 8, 4, 4)),
         64: tiles((16, 64, 256, 1, 4, 4), (16, 64, 256, 4, 4, 4), (64, 64, 256, 1, 4, 4), (64, 128, 128, 1, 4, 4),
@@ -210,7 +205,7 @@ def candidates(m: int, n: int, k: int) -> list[dict]:
         1024: tiles((128, 128, 128, 1, 8, 3), (128, 128, 128, 1, 8, 4), (64, 128, 128, 1, 4, 4),
                     (128, 64, 128, 1, 4, 4), (128, 128, 128, 2, 8, 3), (64, 64, 256, 1, 4, 4)),
     }
-    chosen = by_bucket.get(m_bucket(m)) or tiles(  # more tokens: large tiles, and smaller ones for small N
+    chosen = next((chosen for bound, chosen in by_bound.items() if m <= bound), None) or tiles(  # more tokens: large tiles, and smaller ones for small N
         (128, 128, 128, 1, 8, 3), (128, 128, 128, 1, 8, 4), (128, 256, 128, 1, 8, 3), (256, 128, 128, 1, 8, 3),
         (64, 128, 128, 1, 4, 4), (128, 64, 128, 1, 4, 4))
     if int_mm_fits(m, n, k):

@@ -235,3 +235,11 @@ def test_tuned_choices_are_stored_and_read_back(monkeypatch, tmp_path):
     assert len(timed) == 5
     source.write_text("changed kernel source")
     assert _Tuner(str(source)).choose(key, launch, candidates) == dict(BLOCK_N=2) and len(timed) == 8
+
+
+def test_token_buckets_span_a_factor_of_two():
+    """The tuner times a bucket at the first token count it meets; the counts a choice then serves
+    differ from that one by less than a factor of two."""
+    from qtool.kernels.quant_matmul import m_bucket
+
+    assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 64, 65, 1024, 1025)] == [1, 2, 4, 4, 8, 8, 16, 64, 128, 1024, 2048]
