@@ -201,9 +201,9 @@ def _meta(weight: KernelWeight) -> dict:
 
 def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor:
     """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel (or the
-    half2 kernel of one token a program row) on a grid of N tiles x M tiles x shares of K. HALF2:
-    half2 arithmetic, for one token in its own kernel, for tiles of tokens in the weights the
-    matmul kernel's dot takes (DEPTH: the one-token kernel's tiles of loads in flight, 1 or 2).
+    half2 kernel of one or two tokens a program row) on a grid of N tiles x M tiles x shares of K.
+    HALF2: half2 arithmetic, for BLOCK_M 1 or 2 tokens in its own kernel, for tiles of tokens in the
+    weights the matmul kernel's dot takes.
     SWAP: the dot computes y^T = W x^T, so the weights are its first operand (on Hopper that one
     may come from registers) and a few tokens fill its columns."""
     if config.get("DEQUANTIZE"):
@@ -211,12 +211,12 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     m, n, k = x.shape[0], weight.out_features, weight.in_features
     meta = _meta(weight)
     half2 = config.get("HALF2", False)
-    one_token_half2 = half2 and config["BLOCK_M"] == 1
-    if half2 and not (half2_fits if one_token_half2 else half2_tiles_fit)(weight, x.dtype):
+    cuda_core_half2 = half2 and config["BLOCK_M"] <= 2  # one or two tokens a program row
+    if half2 and not (half2_fits if cuda_core_half2 else half2_tiles_fit)(weight, x.dtype):
         raise ValueError("the half2 paths take fp16 activations and a uniform grid (the dot's with fp16 scales) or "
                          "one table of 4-bit codes per row")
     asm = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
-    block_k = min(config["BLOCK_K"], meta["GROUP"]) if one_token_half2 else config["BLOCK_K"]
+    block_k = min(config["BLOCK_K"], meta["GROUP"]) if cuda_core_half2 else config["BLOCK_K"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
             config["SPLIT_K"] or triton.cdiv(k, block_k))
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -226,9 +226,9 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
                 for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)]
     common = dict(SPLIT=split, EVEN_N=_even(n, k, config)["EVEN_N"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
                   HAS_OUTLIERS=weight.outlier_values is not None, ASM=asm, **meta, **_launch_options(config))
-    if one_token_half2:
+    if cuda_core_half2:
         _half2_kernel[grid](x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k,
-                            weight.max_row_outliers, DEPTH=config.get("DEPTH", 1), **common)
+                            weight.max_row_outliers, TOKENS=config["BLOCK_M"], **common)
     else:
         _matmul_kernel[grid](
             x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
@@ -373,10 +373,10 @@ def half2_tiles_fit(weight: KernelWeight, dtype: torch.dtype) -> bool:
 
 def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     """The configurations worth timing for m tokens: CUDA-core tiles of one token (in half2 where
-    the weight allows); up to 64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as
-    the dot's columns; the weights made in half2 arithmetic where the weight allows); for more,
-    dots of 64-128 tokens in float32 weights, swapped dots of 128-256 tokens, and
-    dequantize-then-cuBLAS. Tiles up to 64 tokens are the fastest of sweeps on an H200
+    the weight allows), and for 2-4 tokens of two (in half2, the weights made once for both); up to
+    64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as the dot's columns; the
+    weights made in half2 arithmetic where the weight allows); for more, dots of 64-128 tokens in
+    float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS. Tiles up to 64 tokens are the fastest of sweeps on an H200
     (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
     bits = weight.bits
 
@@ -389,15 +389,18 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     one = tiles((1, 64, 256, 8, 4, 3), (1, 64, 256, 16, 4, 3), (1, 128, 256, 8, 4, 3), (1, 64, 512, 0, 4, 1),
                 (1, 128, 128, 16, 4, 4), (1, 256, 128, 8, 8, 3), (1, 64, 128, 32, 4, 3), (1, 256, 128, 0, 4, 1),
                 (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
-    half2 = [dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=1,
-                  HALF2=True, DEPTH=depth)
-             for block_n, block_k, split, warps, depth in (  # DEPTH 2: two tiles of loads in flight, not one
-                 (256, 64, 8, 2, 1), (512, 64, 8, 4, 1), (128, 64, 8, 4, 1), (128, 64, 8, 2, 1), (256, 64, 32, 2, 1),
-                 (512, 64, 32, 4, 1), (128, 64, 32, 2, 1), (256, 64, 16, 4, 1), (128, 64, 16, 4, 1),
-                 (256, 128, 8, 4, 1), (256, 128, 4, 4, 1), (512, 128, 4, 8, 1),
-                 (256, 64, 8, 2, 2), (128, 64, 8, 2, 2), (256, 64, 16, 4, 2), (128, 64, 16, 4, 2), (512, 64, 8, 4, 2))
-             if half2_fits(weight, dtype) and block_k <= _meta(weight)["GROUP"]]
-    one = half2 + one
+
+    def cuda_core_half2(tokens, *shapes):
+        return [dict(BLOCK_M=tokens, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=1,
+                     HALF2=True)
+                for block_n, block_k, split, warps in shapes
+                if half2_fits(weight, dtype) and block_k <= _meta(weight)["GROUP"]]
+
+    one = cuda_core_half2(1, (256, 64, 8, 2), (512, 64, 8, 4), (128, 64, 8, 4), (128, 64, 8, 2), (256, 64, 32, 2),
+                          (512, 64, 32, 4), (128, 64, 32, 2), (256, 64, 16, 4), (128, 64, 16, 4), (256, 128, 8, 4),
+                          (256, 128, 4, 4), (512, 128, 4, 8)) + one
+    two = cuda_core_half2(2, (256, 64, 8, 2), (128, 64, 8, 2), (256, 64, 16, 4), (128, 64, 16, 4), (512, 64, 8, 4),
+                          (128, 64, 32, 2))
     swapped = dict(SWAP=True, HALF2=half2_tiles_fit(weight, dtype))
     few = tiles((16, 64, 64, 8, 4, 3), (16, 64, 64, 4, 4, 3), (16, 64, 64, 16, 4, 3), (16, 64, 128, 8, 4, 3),
                 (16, 128, 64, 16, 4, 3), (16, 128, 64, 8, 8, 3), **swapped)
@@ -411,7 +414,7 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                   **swapped)
     dequantize = [dict(DEQUANTIZE=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
                   dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
-    by_bound = ((1, one), (4, one + few), (16, few), (64, some), (256, some + many + dequantize))
+    by_bound = ((1, one), (4, two + one + few), (16, few), (64, some), (256, some + many + dequantize))
     return next((chosen for bound, chosen in by_bound if m <= bound), many + dequantize)
 
 
@@ -421,32 +424,39 @@ HALF2_EXPONENT = 0x4400  # fp16 4.0: a code q in the low mantissa bits reads 4 +
 HALF2_ODD_EXPONENT = 0x3400
 
 
-def half2_dot_ptx(bits: int) -> str:
-    """PTX for one word of codes times one token's inputs, in half2 arithmetic: the codes of each
-    pair of inputs taken into the halves of a half2 as 4 + q / 256 (or 0.25 + q / 256 for a pair a
-    nibble up) by one LOP3 (4 bits; one shift a byte) or PRMT (8 bits) under fp16's exponent; less
-    the zero under the same exponent that is (q - z) / 256, exactly; times the inputs and summed in
-    fp16 (the 1/256 keeps any fp16 input's sums finite), returned as float32 bits for the caller to
-    scale by 256 s. Operands: $1 the word, $2... the input pairs as half2, then the zero as half2
+def half2_dot_ptx(bits: int, tokens: int = 1) -> str:
+    """PTX for one word of codes times the inputs of `tokens` tokens, in half2 arithmetic: the codes
+    of each pair of inputs taken into the halves of a half2 as 4 + q / 256 (or 0.25 + q / 256 for a
+    pair a nibble up) by one LOP3 (4 bits; one shift a byte) or PRMT (8 bits) under fp16's exponent;
+    less the zero under the same exponent that is (q - z) / 256, exactly; times each token's inputs
+    and summed in fp16 (the 1/256 keeps any fp16 input's sums finite), a sum per token returned as
+    float32 bits for the caller to scale by 256 s. The weights are made once for all the tokens.
+    Operands: the sums ($0, ...), the word, each token's input pairs as half2, then the zero as half2
     (4 + z / 256, twice); for 4 bits also the zero as 0.25 + z / 256 (twice)."""
     pairs = 16 // bits
+    word = f"${tokens}"
+    inputs = [[f"${tokens + 1 + token * pairs + i}" for i in range(pairs)] for token in range(tokens)]
+    zeros = [f"${tokens + 1 + tokens * pairs + odd}" for odd in (0, 1)]
+    sums = [f"acc{token}" for token in range(tokens)]
     exponents = (HALF2_EXPONENT * 0x10001, HALF2_ODD_EXPONENT * 0x10001)
-    lines = ["{", ".reg .b32 w, t, acc;", ".reg .b16 lo, hi, h;", ".reg .f32 f;"]
+    lines = ["{", f".reg .b32 w, t, {', '.join(sums)};", ".reg .b16 lo, hi, h;", ".reg .f32 f;"]
     for i in range(pairs):
         if bits == 4:  # slots i and i + 4: nibbles at bits 4i and 16 + 4i; a byte up by one shift
             if i == 2:
-                lines.append("shr.u32 w, $1, 8;")
-            source, odd = ("$1" if i < 2 else "w"), i % 2
+                lines.append(f"shr.u32 w, {word}, 8;")
+            source, odd = (word if i < 2 else "w"), i % 2
             mask = 0x00F000F0 if odd else 0x000F000F
             lines.append(f"lop3.b32 t, {source}, {mask:#010x}, {exponents[odd]:#x}, 0xea;")  # (w & mask) | exponent
-            zero = f"${2 + pairs + odd}"
+            zero = zeros[odd]
         else:  # slots i and i + 2: bytes i and i + 2, each under the exponent's byte
-            lines.append(f"prmt.b32 t, $1, {(HALF2_EXPONENT >> 8) * 0x1010101:#x}, {0x4040 | i | (i + 2) << 8:#x};")
-            zero = f"${2 + pairs}"
+            lines.append(f"prmt.b32 t, {word}, {(HALF2_EXPONENT >> 8) * 0x1010101:#x}, {0x4040 | i | (i + 2) << 8:#x};")
+            zero = zeros[0]
         lines.append(f"sub.rn.f16x2 t, t, {zero};")
-        lines.append("mul.rn.f16x2 acc, t, $2;" if i == 0 else f"fma.rn.f16x2 acc, t, ${2 + i}, acc;")
-    lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 h, lo, hi;", "cvt.f32.f16 f, h;", "mov.b32 $0, f;", "}"]
-    return "\n".join(lines)
+        for acc, pair in zip(sums, (token_inputs[i] for token_inputs in inputs)):
+            lines.append(f"mul.rn.f16x2 {acc}, t, {pair};" if i == 0 else f"fma.rn.f16x2 {acc}, t, {pair}, {acc};")
+    for token, acc in enumerate(sums):
+        lines += [f"mov.b32 {{lo, hi}}, {acc};", "add.rn.f16 h, lo, hi;", "cvt.f32.f16 f, h;", f"mov.b32 ${token}, f;"]
+    return "\n".join(lines + ["}"])
 
 
 def half2_weights_ptx(bits: int) -> str:
@@ -514,6 +524,8 @@ if triton is not None:
     _ODD_EXPONENT = tl.constexpr(HALF2_ODD_EXPONENT)
     _HALF2_DOT_4 = tl.constexpr(half2_dot_ptx(4))
     _HALF2_DOT_8 = tl.constexpr(half2_dot_ptx(8))
+    _HALF2_DOT2_4 = tl.constexpr(half2_dot_ptx(4, tokens=2))
+    _HALF2_DOT2_8 = tl.constexpr(half2_dot_ptx(8, tokens=2))
     _HALF2_WEIGHTS_4 = tl.constexpr(half2_weights_ptx(4))
     _HALF2_WEIGHTS_8 = tl.constexpr(half2_weights_ptx(8))
     _HALF2_TABLE_16 = tl.constexpr(half2_table_dot_ptx(16))
@@ -548,25 +560,22 @@ if triton is not None:
         return words, rows, mask
 
     @triton.jit
-    def _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
-                    HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr, BLOCK_K: tl.constexpr):
-        """What one token's products with inputs [start, start + BLOCK_K) (inside one group) read:
-        the words [rows, BLOCK_N]; the inputs as int32 pairs of fp16, a column [rows, 1] per pair
-        (8-bit words use two; the others repeat them and go unread); the scale (fp16) and the zero
-        point (int32) [1, BLOCK_N] of a uniform grid (zeros for a table: `_table_planes`). Zero
-        past K."""
+    def _half2_load(row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS: tl.constexpr,
+                    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr, BLOCK_K: tl.constexpr,
+                    TOKENS: tl.constexpr):
+        """What the products of TOKENS tokens (rows from row_ptr; the second `second` present) with
+        inputs [start, start + BLOCK_K) (inside one group) read: the words [rows, BLOCK_N]; each
+        token's inputs (`_input_pairs`; for one token the second's are the first's, unread); the scale
+        (fp16) and the zero point (int32) [1, BLOCK_N] of a uniform grid (zeros for a table:
+        `_table_planes`). Zero past K."""
         PER_WORD: tl.constexpr = 32 // BITS
-        PAIRS: tl.constexpr = 16 // BITS
         words, rows, _ = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, False)
         in_k = (rows < K // PER_WORD)[:, None]
-        pairs_ptr = row_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * PAIRS
-        x0 = tl.load(pairs_ptr, mask=in_k, other=0)
-        x1 = tl.load(pairs_ptr + 1, mask=in_k, other=0)
-        if BITS == 4:
-            x2 = tl.load(pairs_ptr + 2, mask=in_k, other=0)
-            x3 = tl.load(pairs_ptr + 3, mask=in_k, other=0)
+        x0, x1, x2, x3 = _input_pairs(row_ptr, rows, in_k, BITS)
+        if TOKENS == 2:
+            y0, y1, y2, y3 = _input_pairs(row_ptr + K, rows, in_k & second, BITS)
         else:
-            x2, x3 = x0, x1
+            y0, y1, y2, y3 = x0, x1, x2, x3
         present = in_n & (start + 0 * cols_n < K)  # as a tensor: the interpreter's masks take no Python bool
         group = start // GROUP
         if HAS_LUT:
@@ -578,7 +587,22 @@ if triton is not None:
                 zero = tl.load(z_ptr + group * N + cols_n, mask=present, other=0).to(tl.int32)[None, :]
             else:
                 zero = tl.full((1, cols_n.shape[0]), 1 << (BITS - 1), tl.int32)
-        return words, x0, x1, x2, x3, scale, zero
+        return words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero
+
+    @triton.jit
+    def _input_pairs(row_ptr, rows, in_k, BITS: tl.constexpr):
+        """One token's inputs of word rows `rows` as int32 pairs of fp16, a column [rows, 1] per pair
+        (8-bit words use two; the others repeat them and go unread); zero where in_k is not."""
+        PAIRS: tl.constexpr = 16 // BITS
+        pairs_ptr = row_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * PAIRS
+        x0 = tl.load(pairs_ptr, mask=in_k, other=0)
+        x1 = tl.load(pairs_ptr + 1, mask=in_k, other=0)
+        if BITS == 4:
+            x2 = tl.load(pairs_ptr + 2, mask=in_k, other=0)
+            x3 = tl.load(pairs_ptr + 3, mask=in_k, other=0)
+        else:
+            x2, x3 = x0, x1
+        return x0, x1, x2, x3
 
     @triton.jit
     def _table_planes(lut_ptr, r: tl.constexpr, cols_n, in_n, N, LUT_SIZE: tl.constexpr):
@@ -654,42 +678,65 @@ if triton is not None:
         return partial
 
     @triton.jit
-    def _half2_dot(words, x0, x1, x2, x3, scale, zero, BITS: tl.constexpr, ASM: tl.constexpr):
-        """Each word's codes times their inputs, in half2 arithmetic (about 2.2 instructions a
-        weight where float32 takes 5: `half2_dot_ptx`), as float32 [rows, BLOCK_N]: the products
+    def _half2_dot(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero, BITS: tl.constexpr, TOKENS: tl.constexpr,
+                   ASM: tl.constexpr):
+        """Each word's codes times their inputs x (and y, a second token's, for TOKENS 2), in half2
+        arithmetic (about 2.2 instructions a weight where float32 takes 5: `half2_dot_ptx`), as
+        float32 [rows, BLOCK_N] per token (for one token the second is the first): the products
         x (q - z) / 256 of a word summed in fp16, then times 256 s in float32. Under the
         interpreter, which runs no PTX, the same arithmetic in Triton's operations."""
         if ASM:
             zero2 = (zero | _EXPONENT) * 0x10001
-            if BITS == 4:
-                odd2 = ((zero << 4) | _ODD_EXPONENT) * 0x10001
+            odd2 = ((zero << 4) | _ODD_EXPONENT) * 0x10001
+            if TOKENS == 2 and BITS == 4:
+                sums, sums2 = tl.inline_asm_elementwise(
+                    _HALF2_DOT2_4, "=r,=r,r,r,r,r,r,r,r,r,r,r,r", [words, x0, x1, x2, x3, y0, y1, y2, y3, zero2, odd2],
+                    dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+            elif TOKENS == 2:
+                sums, sums2 = tl.inline_asm_elementwise(_HALF2_DOT2_8, "=r,=r,r,r,r,r,r,r",
+                                                        [words, x0, x1, y0, y1, zero2], dtype=(tl.int32, tl.int32),
+                                                        is_pure=True, pack=1)
+            elif BITS == 4:
                 sums = tl.inline_asm_elementwise(_HALF2_DOT_4, "=r,r,r,r,r,r,r,r",
                                                  [words, x0, x1, x2, x3, zero2, odd2], dtype=tl.int32, is_pure=True,
                                                  pack=1)
+                sums2 = sums
             else:
                 sums = tl.inline_asm_elementwise(_HALF2_DOT_8, "=r,r,r,r,r", [words, x0, x1, zero2], dtype=tl.int32,
                                                  is_pure=True, pack=1)
+                sums2 = sums
             partial = sums.to(tl.float32, bitcast=True)
+            partial2 = sums2.to(tl.float32, bitcast=True)
         else:
-            PAIRS: tl.constexpr = 16 // BITS
-            MASK: tl.constexpr = (1 << BITS) - 1
-            low = tl.zeros(words.shape, tl.float16)
-            high = tl.zeros(words.shape, tl.float16)
-            for i in tl.static_range(PAIRS):
-                if i == 0:
-                    pair = x0
-                elif i == 1:
-                    pair = x1
-                elif i == 2:
-                    pair = x2
-                else:
-                    pair = x3
-                x_low = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-                x_high = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-                low += (((words >> (BITS * i)) & MASK) - zero).to(tl.float16) * (1 / 256) * x_low
-                high += (((words >> (BITS * (i + PAIRS))) & MASK) - zero).to(tl.float16) * (1 / 256) * x_high
-            partial = (low + high).to(tl.float32)
-        return partial * (scale.to(tl.float32) * 256.0)
+            partial = _half2_sums(words, x0, x1, x2, x3, zero, BITS)
+            if TOKENS == 2:
+                partial2 = _half2_sums(words, y0, y1, y2, y3, zero, BITS)
+            else:
+                partial2 = partial
+        factor = scale.to(tl.float32) * 256.0
+        return partial * factor, partial2 * factor
+
+    @triton.jit
+    def _half2_sums(words, x0, x1, x2, x3, zero, BITS: tl.constexpr):
+        """What `half2_dot_ptx` computes for one token, in Triton's operations (the interpreter's)."""
+        PAIRS: tl.constexpr = 16 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        low = tl.zeros(words.shape, tl.float16)
+        high = tl.zeros(words.shape, tl.float16)
+        for i in tl.static_range(PAIRS):
+            if i == 0:
+                pair = x0
+            elif i == 1:
+                pair = x1
+            elif i == 2:
+                pair = x2
+            else:
+                pair = x3
+            x_low = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+            x_high = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+            low += (((words >> (BITS * i)) & MASK) - zero).to(tl.float16) * (1 / 256) * x_low
+            high += (((words >> (BITS * (i + PAIRS))) & MASK) - zero).to(tl.float16) * (1 / 256) * x_high
+        return (low + high).to(tl.float32)
 
     @triton.jit
     def _load_tile(w_ptr, s_ptr, z_ptr, lut_ptr, start, cols_n, in_n, N, K, GROUPS,
@@ -944,43 +991,47 @@ if triton is not None:
                       M, N, K, MAX_ROW_OUTLIERS,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
                       LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
-                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEPTH: tl.constexpr,
+                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOKENS: tl.constexpr,
                       ASM: tl.constexpr):
-        """y[m, tile of BLOCK_N] for one token m in half2 arithmetic, over this program's share of K
-        in tiles of BLOCK_K inputs inside one group (a uniform grid), or with one table per row
-        held in registers. The loads of the next DEPTH (1 or 2) tiles are issued before this tile's
-        arithmetic (held in registers: a copy through shared memory costs more than it hides here)."""
+        """y[tokens, tile of BLOCK_N] for TOKENS tokens (1 or 2: a uniform grid's weights made once for
+        both) in half2 arithmetic, over this program's share of K in tiles of BLOCK_K inputs inside one
+        group (a uniform grid), or with one table per row held in registers. The next tile's loads are
+        issued before this tile's arithmetic (held in registers: a copy through shared memory costs
+        more than it hides here; two tiles in flight never timed faster on an H200)."""
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = _below(cols_n, N, EVEN_N)
-        row_ptr = x_ptr + pid_m * K
+        rows_m = pid_m * TOKENS + tl.arange(0, TOKENS)
+        row_ptr = x_ptr + pid_m * TOKENS * K
+        second = (pid_m * TOKENS + 1 + tl.zeros((1, 1), tl.int32)) < M  # as a tensor, for the interpreter's masks
         step = BLOCK_K * tl.num_programs(2)
         first = pid_k * BLOCK_K
         if HAS_LUT:
             l0, l1, l2, l3, h0, h1, h2, h3 = _tables(lut_ptr, cols_n, in_n, N, LUT_SIZE)
-        words, x0, x1, x2, x3, scale, zero = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, first, cols_n, in_n,
-                                                        N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K)
-        if DEPTH == 2:
-            words1, y0, y1, y2, y3, scale1, zero1 = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, first + step, cols_n,
-                                                                in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K)
+        words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = _half2_load(
+            row_ptr, second, w_ptr, s_ptr, z_ptr, first, cols_n, in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K,
+            TOKENS)
         acc = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)  # the second token's
         for start in range(first, K, step):
-            following = _half2_load(row_ptr, w_ptr, s_ptr, z_ptr, start + DEPTH * step, cols_n, in_n, N, K, BITS,
-                                    GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K)
+            following = _half2_load(row_ptr, second, w_ptr, s_ptr, z_ptr, start + step, cols_n, in_n, N, K, BITS,
+                                    GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K, TOKENS)
             if HAS_LUT:
                 acc += _half2_table_dot(words, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
+                if TOKENS == 2:
+                    acc2 += _half2_table_dot(words, y0, y1, y2, y3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
             else:
-                acc += _half2_dot(words, x0, x1, x2, x3, scale, zero, BITS, ASM)
-            if DEPTH == 2:
-                words, x0, x1, x2, x3, scale, zero = words1, y0, y1, y2, y3, scale1, zero1
-                words1, y0, y1, y2, y3, scale1, zero1 = following
-            else:
-                words, x0, x1, x2, x3, scale, zero = following
+                products, products2 = _half2_dot(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero, BITS, TOKENS, ASM)
+                acc += products
+                if TOKENS == 2:
+                    acc2 += products2
+            words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = following
         total = tl.sum(acc, axis=0)[None, :]
-        rows_m = pid_m + tl.arange(0, 1)
+        if TOKENS == 2:
+            total = tl.where(tl.arange(0, 2)[:, None] == 0, total, tl.sum(acc2, axis=0)[None, :])
         if HAS_OUTLIERS:
-            total += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, rows_m < M, cols_n, in_n, K, MAX_ROW_OUTLIERS, 1,
-                               BLOCK_N)
+            total += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, rows_m < M, cols_n, in_n, K, MAX_ROW_OUTLIERS,
+                               TOKENS, BLOCK_N)
         _write(y_ptr, ws_ptr, arrivals_ptr, total, rows_m, rows_m < M, cols_n, in_n, N, SPLIT)
 
     @triton.jit

@@ -107,3 +107,20 @@ def test_half2_weights_round_once(bits):
         out = run(half2_weights_ptx(bits), {2: low | high << 16, 3: zero_half * 0x10001, 4: scale_half * 0x10001})
         for code, bits16 in ((low, out[0]), (high, out[1])):
             assert bits16 == int(fp16_bits([np.float64(code - zero) * np.float64(scale)])[0])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_half2_dot_of_two_tokens_gives_each_the_sum_of_one(bits):
+    """The weights made once serve both tokens: each sum is bit for bit the one-token dot's."""
+    per_word, pairs = 32 // bits, 16 // bits
+    for _ in range(50):
+        word = word_of(RNG.integers(0, 2**bits, per_word), bits)
+        zero = int(RNG.integers(0, 2**bits))
+        zeros = [int(fp16_bits([offset + zero / 256])[0]) * 0x10001 for offset in (4, 0.25)]
+        tokens = [[pair(*RNG.standard_normal(2).astype(np.float16)) for _ in range(pairs)] for _ in range(2)]
+        one = [run(half2_dot_ptx(bits), {1: word, **{2 + i: x for i, x in enumerate(inputs)},
+                                         2 + pairs: zeros[0], 3 + pairs: zeros[1]})[0] for inputs in tokens]
+        operands = {2: word, **{3 + i: x for i, x in enumerate(tokens[0] + tokens[1])}}
+        operands.update({3 + 2 * pairs: zeros[0], 4 + 2 * pairs: zeros[1]})
+        two = run(half2_dot_ptx(bits, tokens=2), operands)
+        assert [two[0], two[1]] == one

@@ -69,7 +69,7 @@ def test_uniform_grids_match_the_reference(bits, group_size, symmetric, m):
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=ONE_TOKEN)
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=HALF2)
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, BLOCK_K=64))  # 2 groups of 32
-    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, SPLIT_K=2, DEPTH=2))
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, SPLIT_K=2, BLOCK_M=2))  # two tokens a program
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=DEQUANTIZE)
 
 
@@ -83,7 +83,7 @@ def test_dot_weights_are_the_references_exactly(config, bits, group_size, symmet
     x[torch.arange(16), picked] = 1.0
     assert torch.equal(triton_matmul(x, weight, config=config), reference(x, weight))
 
-@pytest.mark.parametrize("config", [HALF2, dict(HALF2_TILES, SWAP=True)])
+@pytest.mark.parametrize("config", [HALF2, dict(HALF2, BLOCK_M=2), dict(HALF2_TILES, SWAP=True)])
 @pytest.mark.parametrize("entries", [16, 8])
 def test_half2_table_lookups_read_every_entry_exactly(entries, config):
     """One-hot tokens read single table entries out (one token a program, or a dot): each code of
@@ -125,6 +125,7 @@ def test_lookup_tables_match_the_reference(entries, group_size, m):
     check(lut_weight(40, 192, entries, group_size), m, config=dict(SWAPPED, BLOCK_K=64))  # 8 rows of words
     if group_size == -1:  # one table per row: held in registers, looked up by PRMT on a GPU
         check(lut_weight(40, 192, entries, group_size), m, config=HALF2)
+        check(lut_weight(40, 192, entries, group_size), m, config=dict(HALF2, BLOCK_M=2))
         check(lut_weight(40, 192, entries, group_size), m, config=dict(HALF2_TILES, SWAP=True, BLOCK_K=64))
     check(lut_weight(40, 192, entries, group_size), m, config=DEQUANTIZE)
 
@@ -139,11 +140,22 @@ def test_sparse_outliers_are_added_once(m):
     check(weight, m, config=dict(HALF2_TILES, SPLIT_K=3))
     check(weight, m, config=dict(ONE_TOKEN, SPLIT_K=2))
     check(weight, m, config=dict(HALF2, SPLIT_K=2))
+    check(weight, m, config=dict(HALF2, SPLIT_K=2, BLOCK_M=2))
     check(weight, m, config=DEQUANTIZE)
 
 
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 64, False), (8, -1, True)])
+def test_two_tokens_a_program_give_each_token_its_one_token_result(bits, group_size, symmetric):
+    """The weights made once for two tokens: each token's products and sums are the one-token
+    kernel's, bit for bit (an odd count leaves the last program's second token out)."""
+    weight = uniform_weight(48, 192, bits, group_size, symmetric)
+    x = torch.randn(5, 192, dtype=torch.float16, device=DEVICE)
+    one = triton_matmul(x, weight, config=dict(HALF2, SPLIT_K=1))
+    assert torch.equal(triton_matmul(x, weight, config=dict(HALF2, SPLIT_K=1, BLOCK_M=2)), one)
+
+
 @pytest.mark.parametrize("config", [dict(SMALL, SPLIT_K=2), dict(SMALL, SPLIT_K=0), dict(ONE_TOKEN, SPLIT_K=3),
-                                    dict(HALF2, BLOCK_K=128, SPLIT_K=3), dict(HALF2, SPLIT_K=3, DEPTH=2),
+                                    dict(HALF2, BLOCK_K=128, SPLIT_K=3), dict(HALF2, SPLIT_K=3, BLOCK_M=2),
                                     dict(HALF2_TILES, SPLIT_K=3),
                                     dict(SWAPPED, SPLIT_K=3)])
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
