@@ -192,9 +192,13 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
     return _launch(x, weight, config)
 
 
+ONE_GROUP = 1 << 30  # the group of a weight with one group a row: wider than any K, the same for every K
+
+
 def _meta(weight: KernelWeight) -> dict:
-    """The kernels' compile-time description of a weight."""
-    group = triton.next_power_of_2(weight.in_features) if weight.group_size == -1 else weight.group_size
+    """The kernels' compile-time description of a weight (one group a row as ONE_GROUP, so that its
+    kernels compile once for layers of every width)."""
+    group = ONE_GROUP if weight.group_size == -1 else weight.group_size
     return dict(BITS=weight.bits, GROUP=group, HAS_ZEROS=weight.zeros is not None, HAS_LUT=weight.lut is not None,
                 LUT_SIZE=1 if weight.lut is None else weight.lut.shape[1])
 
