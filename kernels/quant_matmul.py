@@ -599,15 +599,16 @@ if triton is not None:
         """One token's inputs of word rows `rows` as int32 pairs of fp16, a column [rows, 1] per pair
         (8-bit words use two; the others repeat them and go unread); zero where in_k is not."""
         PAIRS: tl.constexpr = 16 // BITS
-        pairs_ptr = row_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * PAIRS
-        x0 = tl.load(pairs_ptr, mask=in_k, other=0)
-        x1 = tl.load(pairs_ptr + 1, mask=in_k, other=0)
+        pairs_ptr = row_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * PAIRS + tl.arange(0, PAIRS)[None, :]
+        pairs = tl.load(pairs_ptr, mask=in_k, other=0)  # a word row's inputs in one vector load
         if BITS == 4:
-            x2 = tl.load(pairs_ptr + 2, mask=in_k, other=0)
-            x3 = tl.load(pairs_ptr + 3, mask=in_k, other=0)
+            even, odd = tl.split(tl.reshape(pairs, (rows.shape[0], 2, 2)))  # pairs (0, 2) and (1, 3)
+            x0, x2 = tl.split(even)
+            x1, x3 = tl.split(odd)
         else:
+            x0, x1 = tl.split(pairs)
             x2, x3 = x0, x1
-        return x0, x1, x2, x3
+        return x0[:, None], x1[:, None], x2[:, None], x3[:, None]
 
     @triton.jit
     def _table_planes(lut_ptr, r: tl.constexpr, cols_n, in_n, N, LUT_SIZE: tl.constexpr):
