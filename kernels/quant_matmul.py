@@ -232,7 +232,7 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
                   HAS_OUTLIERS=weight.outlier_values is not None, ASM=asm, **meta, **_launch_options(config))
     if cuda_core_half2:
         _half2_kernel[grid](x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k,
-                            weight.max_row_outliers, TOKENS=config["BLOCK_M"], **common)
+                            weight.max_row_outliers, EVEN_K=k % block_k == 0, TOKENS=config["BLOCK_M"], **common)
     else:
         _matmul_kernel[grid](
             x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
@@ -567,21 +567,22 @@ if triton is not None:
     @triton.jit
     def _half2_load(row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS: tl.constexpr,
                     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr, BLOCK_K: tl.constexpr,
-                    TOKENS: tl.constexpr):
+                    TOKENS: tl.constexpr, EVEN_K: tl.constexpr):
         """What the products of TOKENS tokens (rows from row_ptr; the second `second` present) with
         inputs [start, start + BLOCK_K) (inside one group) read: the words [rows, BLOCK_N]; each
         token's inputs (`_input_pairs`; for one token the second's are the first's, unread); the scale
         (fp16) and the zero point (int32) [1, BLOCK_N] of a uniform grid (zeros for a table:
-        `_table_planes`). Zero past K."""
+        `_table_planes`). Zero past K; with EVEN_K the caller never asks past K, and nothing is
+        masked along K (a masked load costs an instruction a two registers, to zero them)."""
         PER_WORD: tl.constexpr = 32 // BITS
-        words, rows, _ = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, False)
-        in_k = (rows < K // PER_WORD)[:, None]
+        words, rows, _ = _load_words(w_ptr, start, cols_n, in_n, N, K, BITS, BLOCK_K, EVEN_K)
+        in_k = _below(rows, K // PER_WORD, EVEN_K)[:, None]
         x0, x1, x2, x3 = _input_pairs(row_ptr, rows, in_k, BITS)
         if TOKENS == 2:
             y0, y1, y2, y3 = _input_pairs(row_ptr + K, rows, in_k & second, BITS)
         else:
             y0, y1, y2, y3 = x0, x1, x2, x3
-        present = in_n & (start + 0 * cols_n < K)  # as a tensor: the interpreter's masks take no Python bool
+        present = in_n & _below(start + 0 * cols_n, K, EVEN_K)  # a tensor: the interpreter's masks take no bool
         group = start // GROUP
         if HAS_LUT:
             scale = tl.zeros((1, cols_n.shape[0]), tl.float16)
@@ -997,48 +998,70 @@ if triton is not None:
                       M, N, K, MAX_ROW_OUTLIERS,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
                       LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
-                      EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOKENS: tl.constexpr,
-                      ASM: tl.constexpr):
+                      EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      TOKENS: tl.constexpr, ASM: tl.constexpr):
         """y[tokens, tile of BLOCK_N] for TOKENS tokens (1 or 2: a uniform grid's weights made once for
         both) in half2 arithmetic, over this program's share of K in tiles of BLOCK_K inputs inside one
         group (a uniform grid), or with one table per row held in registers. The next tile's loads are
         issued before this tile's arithmetic (held in registers: a copy through shared memory costs
-        more than it hides here; two tiles in flight never timed faster on an H200)."""
+        more than it hides here; two tiles in flight never timed faster on an H200), so the last tile
+        is done after the loop, which never loads past K."""
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = _below(cols_n, N, EVEN_N)
-        rows_m = pid_m * TOKENS + tl.arange(0, TOKENS)
         row_ptr = x_ptr + pid_m * TOKENS * K
         second = (pid_m * TOKENS + 1 + tl.zeros((1, 1), tl.int32)) < M  # as a tensor, for the interpreter's masks
         step = BLOCK_K * tl.num_programs(2)
         first = pid_k * BLOCK_K
+        if EVEN_K:  # a program with no tile (more shares than tiles) reads the last, unmasked, and adds none of it
+            start = tl.minimum(first, K - BLOCK_K)
+        else:
+            start = first
+        zero_plane = tl.zeros((1, BLOCK_N), tl.int32)
+        l0, l1, l2, l3, h0, h1, h2, h3 = zero_plane, zero_plane, zero_plane, zero_plane, zero_plane, zero_plane, \
+            zero_plane, zero_plane
         if HAS_LUT:
             l0, l1, l2, l3, h0, h1, h2, h3 = _tables(lut_ptr, cols_n, in_n, N, LUT_SIZE)
         words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = _half2_load(
-            row_ptr, second, w_ptr, s_ptr, z_ptr, first, cols_n, in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K,
-            TOKENS)
+            row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K,
+            TOKENS, EVEN_K)
         acc = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)  # the second token's
-        for start in range(first, K, step):
-            following = _half2_load(row_ptr, second, w_ptr, s_ptr, z_ptr, start + step, cols_n, in_n, N, K, BITS,
-                                    GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K, TOKENS)
-            if HAS_LUT:
-                acc += _half2_table_dot(words, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
-                if TOKENS == 2:
-                    acc2 += _half2_table_dot(words, y0, y1, y2, y3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
-            else:
-                products, products2 = _half2_dot(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero, BITS, TOKENS, ASM)
-                acc += products
-                if TOKENS == 2:
-                    acc2 += products2
+        for start in range(first + step, K, step):
+            following = _half2_load(row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS, GROUP,
+                                    HAS_ZEROS, HAS_LUT, BLOCK_K, TOKENS, EVEN_K)
+            products, products2 = _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero,
+                                              l0, l1, l2, l3, h0, h1, h2, h3, BITS, HAS_LUT, LUT_SIZE, TOKENS, ASM)
+            acc += products
+            acc2 += products2
             words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = following
-        total = tl.sum(acc, axis=0)[None, :]
+        products, products2 = _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero,
+                                          l0, l1, l2, l3, h0, h1, h2, h3, BITS, HAS_LUT, LUT_SIZE, TOKENS, ASM)
+        total = tl.sum(acc + products, axis=0)[None, :]
         if TOKENS == 2:
-            total = tl.where(tl.arange(0, 2)[:, None] == 0, total, tl.sum(acc2, axis=0)[None, :])
+            total = tl.where(tl.arange(0, 2)[:, None] == 0, total, tl.sum(acc2 + products2, axis=0)[None, :])
+        total = tl.where(first < K, total, 0.0)
+        rows_m = pid_m * TOKENS + tl.arange(0, TOKENS)
         if HAS_OUTLIERS:
             total += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, rows_m < M, cols_n, in_n, K, MAX_ROW_OUTLIERS,
                                TOKENS, BLOCK_N)
         _write(y_ptr, ws_ptr, arrivals_ptr, total, rows_m, rows_m < M, cols_n, in_n, N, SPLIT)
+
+    @triton.jit
+    def _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero, l0, l1, l2, l3, h0, h1, h2, h3,
+                    BITS: tl.constexpr, HAS_LUT: tl.constexpr, LUT_SIZE: tl.constexpr, TOKENS: tl.constexpr,
+                    ASM: tl.constexpr):
+        """One tile's products for each token, float32 [rows, BLOCK_N] (for one token the second is the
+        first): by the weight's table in registers, or its uniform grid."""
+        if HAS_LUT:
+            products = _half2_table_dot(words, x0, x1, x2, x3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
+            if TOKENS == 2:
+                products2 = _half2_table_dot(words, y0, y1, y2, y3, l0, l1, l2, l3, h0, h1, h2, h3, LUT_SIZE, ASM)
+            else:
+                products2 = products
+        else:
+            products, products2 = _half2_dot(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero, BITS, TOKENS, ASM)
+        return products, products2
 
     @triton.jit
     def _dequantize_kernel(w_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, GROUPS,

@@ -64,7 +64,7 @@ def main() -> None:
         compile_for_sm90(quant_matmul._half2_kernel, dict(BITS=bits, GROUP=64, HAS_ZEROS=not entries,
                                                           HAS_LUT=bool(entries), LUT_SIZE=max(entries, 1),
                                                           HAS_OUTLIERS=outliers, SPLIT=True, EVEN_N=True, BLOCK_N=256,
-                                                          BLOCK_K=64, TOKENS=tokens, ASM=True), matmul,
+                                                          EVEN_K=True, BLOCK_K=64, TOKENS=tokens, ASM=True), matmul,
                          num_warps=2)
     compile_for_sm90(quant_matmul._dequantize_kernel, dict(BITS=4, GROUP=64, HAS_ZEROS=True, HAS_LUT=False, LUT_SIZE=1,
                                                            EVEN_N=True, EVEN_K=True, BLOCK_N=128, BLOCK_K=64), words)

@@ -141,6 +141,7 @@ def test_sparse_outliers_are_added_once(m):
     check(weight, m, config=dict(ONE_TOKEN, SPLIT_K=2))
     check(weight, m, config=dict(HALF2, SPLIT_K=2))
     check(weight, m, config=dict(HALF2, SPLIT_K=2, BLOCK_M=2))
+    check(weight, m, config=dict(HALF2, SPLIT_K=8))  # 6 tiles of 32 inputs: two shares read none
     check(weight, m, config=DEQUANTIZE)
 
 
@@ -156,6 +157,8 @@ def test_two_tokens_a_program_give_each_token_its_one_token_result(bits, group_s
 
 @pytest.mark.parametrize("config", [dict(SMALL, SPLIT_K=2), dict(SMALL, SPLIT_K=0), dict(ONE_TOKEN, SPLIT_K=3),
                                     dict(HALF2, BLOCK_K=128, SPLIT_K=3), dict(HALF2, SPLIT_K=3, BLOCK_M=2),
+                                    dict(HALF2, BLOCK_K=64, SPLIT_K=16),  # 10 tiles: six shares read none
+                                    dict(HALF2, BLOCK_K=64, SPLIT_K=16, BLOCK_M=2),
                                     dict(HALF2_TILES, SPLIT_K=3),
                                     dict(SWAPPED, SPLIT_K=3)])
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
