@@ -158,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    parser.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in SHAPES])
+    parser.add_argument("--shapes", nargs="+", type=shape, default=SHAPES, metavar="INxOUT")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--compile-jobs", type=int, default=1,
                         help="compile every configuration first in this many processes at once")
@@ -179,13 +179,23 @@ def main() -> None:
         print(line)
 
 
-def measured(shapes: list[str], tokens: list[int], variants: list[str]) -> dict:
+def shape(text: str) -> tuple[int, int]:
+    """A layer shape given as INxOUT (in features K, out features N), both positive."""
+    try:
+        k, n = (int(value) for value in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not INxOUT, e.g. 4096x14336") from None
+    if k < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has a size below 1")
+    return k, n
+
+
+def measured(shapes: list[tuple[int, int]], tokens: list[int], variants: list[str]) -> dict:
     _TUNER.persist = False  # every candidate timed here, for the notes
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     rows = []
-    for shape in shapes:
-        k, n = (int(v) for v in shape.split("x"))
+    for k, n in shapes:
         rows += measure_shape(k, n, tokens, bandwidth, variants)
     return {
         "benchmark": "qtool quantized matmul vs fp16 F.linear and aten._weight_int4pack_mm (group 128)",
@@ -196,10 +206,10 @@ def measured(shapes: list[str], tokens: list[int], variants: list[str]) -> dict:
     }
 
 
-def compile_first(jobs: int, shapes: list[str], tokens: list[int], variants: list[str]) -> None:
+def compile_first(jobs: int, shapes: list[tuple[int, int]], tokens: list[int], variants: list[str]) -> None:
     """Every (scheme, token count) the table times, tuned once in `jobs` processes at once on the
     smallest shape; their timings are thrown away, their compiled kernels stay in Triton's cache."""
-    k, n = min((tuple(int(v) for v in shape.split("x")) for shape in shapes), key=lambda kn: kn[0] * kn[1])
+    k, n = min(shapes, key=lambda kn: kn[0] * kn[1])
     work = [(name, m) for m in tokens for name in variants if timed(name, m)]
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for done in as_completed([pool.submit(tune, name, m, k, n) for name, m in work]):

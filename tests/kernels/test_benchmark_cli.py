@@ -1,0 +1,32 @@
+"""benchmarks/kernels.py refuses bad input before touching a GPU: one message, exit status 2, and
+no results written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("shape, message", [("4096", "is not INxOUT"), ("4096x14336x2", "is not INxOUT"),
+                                            ("0x4096", "has a size below 1")])
+def test_a_bad_shape_is_refused(shape, message, tmp_path):
+    result = run("--shapes", shape, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_refuses_unreadable_and_foreign_json(tmp_path):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"rows": []}))
+    for path, message in ((tmp_path / "missing.json", "cannot read"), (foreign, "lacks")):
+        result = run("--merge", str(path), "--out", str(tmp_path / "out"))
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and message in result.stderr
+    assert not (tmp_path / "out").exists()
