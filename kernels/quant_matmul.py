@@ -380,8 +380,9 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     the weight allows), and for 2-4 tokens of two (in half2, the weights made once for both); up to
     64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as the dot's columns; the
     weights made in half2 arithmetic where the weight allows); for more, dots of 64-128 tokens in
-    float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS. Tiles up to 64 tokens are the fastest of sweeps on an H200
-    (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
+    float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS. Tiles up to 64
+    tokens are the fastest of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8
+    rows of words."""
     bits = weight.bits
 
     def tiles(*shapes, **form):
@@ -390,9 +391,9 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                 for block_m, block_n, block_k, split, warps, stages in shapes
                 if block_m == 1 or block_k * bits // 32 >= 8]
 
-    one = tiles((1, 64, 256, 8, 4, 3), (1, 64, 256, 16, 4, 3), (1, 128, 256, 8, 4, 3), (1, 64, 512, 0, 4, 1),
-                (1, 128, 128, 16, 4, 4), (1, 256, 128, 8, 8, 3), (1, 64, 128, 32, 4, 3), (1, 256, 128, 0, 4, 1),
-                (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
+    one_float32 = tiles((1, 64, 256, 8, 4, 3), (1, 64, 256, 16, 4, 3), (1, 128, 256, 8, 4, 3), (1, 64, 512, 0, 4, 1),
+                        (1, 128, 128, 16, 4, 4), (1, 256, 128, 8, 8, 3), (1, 64, 128, 32, 4, 3),
+                        (1, 256, 128, 0, 4, 1), (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
 
     def cuda_core_half2(tokens, *shapes):
         return [dict(BLOCK_M=tokens, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=1,
@@ -403,7 +404,7 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     one = cuda_core_half2(1, (256, 64, 8, 2), (512, 64, 8, 4), (128, 64, 8, 4), (128, 64, 8, 2), (256, 64, 32, 2),
                           (512, 64, 32, 4), (128, 64, 32, 2), (256, 64, 16, 4), (128, 64, 16, 4), (256, 128, 8, 4),
                           (256, 128, 4, 4), (512, 128, 4, 8),
-                          (128, 64, 0, 2), (256, 64, 0, 2)) + one  # split to one tile a program: small layers
+                          (128, 64, 0, 2), (256, 64, 0, 2)) + one_float32  # split to one tile a program: small layers
     two = cuda_core_half2(2, (256, 64, 8, 2), (128, 64, 8, 2), (256, 64, 16, 4), (128, 64, 16, 4), (512, 64, 8, 4),
                           (128, 64, 32, 2))
     swapped = dict(SWAP=True, HALF2=half2_tiles_fit(weight, dtype))
