@@ -404,7 +404,9 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     one = cuda_core_half2(1, (256, 64, 8, 2), (512, 64, 8, 4), (128, 64, 8, 4), (128, 64, 8, 2), (256, 64, 32, 2),
                           (512, 64, 32, 4), (128, 64, 32, 2), (256, 64, 16, 4), (128, 64, 16, 4), (256, 128, 8, 4),
                           (256, 128, 4, 4), (512, 128, 4, 8),
-                          (128, 64, 0, 2), (256, 64, 0, 2)) + one_float32  # split to one tile a program: small layers
+                          (128, 64, 0, 2), (256, 64, 0, 2),  # split to one tile a program: small layers
+                          # one warp: no scale rows shared between warps through shared memory (barriers)
+                          (64, 64, 8, 1), (64, 64, 16, 1), (64, 64, 32, 1)) + one_float32
     two = cuda_core_half2(2, (256, 64, 8, 2), (128, 64, 8, 2), (256, 64, 16, 4), (128, 64, 16, 4), (512, 64, 8, 4),
                           (128, 64, 32, 2))
     swapped = dict(SWAP=True, HALF2=half2_tiles_fit(weight, dtype))

@@ -4,7 +4,7 @@ TRITON_INTERPRET=1 on a machine without a GPU (small shapes), on the GPU where t
 import pytest
 import torch
 
-from qtool.kernels.quant_matmul import KernelWeight, quant_matmul, reference, triton_matmul
+from qtool.kernels.quant_matmul import KernelWeight, candidates, quant_matmul, reference, triton_matmul
 from qtool.quantize import packing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,6 +174,16 @@ def test_a_tail_of_columns_is_masked():
     check(uniform_weight(24, 128 + 32, 4, 32, False), 1, config=ONE_TOKEN)
     check(uniform_weight(24, 128 + 32, 4, -1, False), 1, config=dict(HALF2, BLOCK_K=64))
     check(uniform_weight(24, 128 + 32, 8, -1, True), 1, config=dict(HALF2, BLOCK_K=64))
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the tuner's tiles (num_warps among them) compile for a GPU only")
+@pytest.mark.parametrize("bits, group_size, symmetric", [(4, 64, False), (8, -1, True)])
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+def test_every_configuration_the_tuner_may_choose_matches_the_reference(bits, group_size, symmetric, m):
+    """The tuner keeps whichever candidate is fastest, so each one must be right, at its own warps."""
+    weight = uniform_weight(1536, 1024, bits, group_size, symmetric)
+    for config in candidates(m, weight, torch.float16):
+        check(weight, m, config=config)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 tiles as integers (tl.dot)")
