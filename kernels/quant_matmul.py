@@ -232,7 +232,8 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
                   HAS_OUTLIERS=weight.outlier_values is not None, ASM=asm, **meta, **_launch_options(config))
     if cuda_core_half2:
         _half2_kernel[grid](x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k,
-                            weight.max_row_outliers, EVEN_K=k % block_k == 0, TOKENS=config["BLOCK_M"], **common)
+                            weight.max_row_outliers, EVEN_K=k % block_k == 0, TOKENS=config["BLOCK_M"],
+                            STAGES=config.get("num_stages", 1), **common)
     else:
         _matmul_kernel[grid](
             x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
@@ -395,9 +396,9 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                         (1, 128, 128, 16, 4, 4), (1, 256, 128, 8, 8, 3), (1, 64, 128, 32, 4, 3),
                         (1, 256, 128, 0, 4, 1), (1, 512, 64, 16, 4, 3), (1, 128, 256, 0, 4, 1))
 
-    def cuda_core_half2(tokens, *shapes):
-        return [dict(BLOCK_M=tokens, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=1,
-                     HALF2=True)
+    def cuda_core_half2(tokens, *shapes, stages=1):
+        return [dict(BLOCK_M=tokens, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
+                     num_stages=stages, HALF2=True)
                 for block_n, block_k, split, warps in shapes
                 if half2_fits(weight, dtype) and block_k <= _meta(weight)["GROUP"]]
 
@@ -406,9 +407,14 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                           (256, 128, 4, 4), (512, 128, 4, 8),
                           (128, 64, 0, 2), (256, 64, 0, 2),  # split to one tile a program: small layers
                           # one warp: no scale rows shared between warps through shared memory (barriers)
-                          (64, 64, 8, 1), (64, 64, 16, 1), (64, 64, 32, 1)) + one_float32
+                          (64, 64, 8, 1), (64, 64, 16, 1), (64, 64, 32, 1))
+    # two tiles in flight through shared memory, where they hold no registers (168 -> 91 a thread at
+    # 256 x 64, 2 warps, in the sm_90 build): more warps an SM
+    one += cuda_core_half2(1, (256, 64, 8, 2), (256, 64, 32, 2), (128, 64, 32, 1), (64, 64, 16, 1), (512, 64, 16, 4),
+                           stages=3) + one_float32
     two = cuda_core_half2(2, (256, 64, 8, 2), (128, 64, 8, 2), (256, 64, 16, 4), (128, 64, 16, 4), (512, 64, 8, 4),
                           (128, 64, 32, 2))
+    two += cuda_core_half2(2, (256, 64, 8, 2), (128, 64, 16, 1), stages=3)
     swapped = dict(SWAP=True, HALF2=half2_tiles_fit(weight, dtype))
     few = tiles((16, 64, 64, 8, 4, 3), (16, 64, 64, 4, 4, 3), (16, 64, 64, 16, 4, 3), (16, 64, 128, 8, 4, 3),
                 (16, 128, 64, 16, 4, 3), (16, 128, 64, 8, 8, 3), **swapped)
@@ -1002,13 +1008,13 @@ if triton is not None:
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
                       LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      TOKENS: tl.constexpr, ASM: tl.constexpr):
+                      TOKENS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
         """y[tokens, tile of BLOCK_N] for TOKENS tokens (1 or 2: a uniform grid's weights made once for
         both) in half2 arithmetic, over this program's share of K in tiles of BLOCK_K inputs inside one
-        group (a uniform grid), or with one table per row held in registers. The next tile's loads are
-        issued before this tile's arithmetic (held in registers: a copy through shared memory costs
-        more than it hides here; two tiles in flight never timed faster on an H200), so the last tile
-        is done after the loop, which never loads past K."""
+        group (a uniform grid), or with one table per row held in registers. STAGES 1: the next tile's
+        loads are issued into registers before this tile's arithmetic, so the last tile is done after
+        the loop, which never loads past K. STAGES 2 or more: Triton's pipeliner copies STAGES - 1
+        tiles ahead into shared memory (cp.async), where loads in flight hold no registers."""
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = _below(cols_n, N, EVEN_N)
@@ -1025,24 +1031,36 @@ if triton is not None:
             zero_plane, zero_plane
         if HAS_LUT:
             l0, l1, l2, l3, h0, h1, h2, h3 = _tables(lut_ptr, cols_n, in_n, N, LUT_SIZE)
-        words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = _half2_load(
-            row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT, BLOCK_K,
-            TOKENS, EVEN_K)
         acc = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_K * BITS // 32, BLOCK_N), dtype=tl.float32)  # the second token's
-        for start in range(first + step, K, step):
-            following = _half2_load(row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS, GROUP,
-                                    HAS_ZEROS, HAS_LUT, BLOCK_K, TOKENS, EVEN_K)
+        if STAGES > 1:
+            for start in tl.range(first, K, step, num_stages=STAGES):
+                words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = _half2_load(
+                    row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT,
+                    BLOCK_K, TOKENS, EVEN_K)
+                products, products2 = _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero,
+                                                  l0, l1, l2, l3, h0, h1, h2, h3, BITS, HAS_LUT, LUT_SIZE, TOKENS, ASM)
+                acc += products
+                acc2 += products2
+        else:
+            words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = _half2_load(
+                row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT,
+                BLOCK_K, TOKENS, EVEN_K)
+            for start in range(first + step, K, step):
+                following = _half2_load(row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS, GROUP,
+                                        HAS_ZEROS, HAS_LUT, BLOCK_K, TOKENS, EVEN_K)
+                products, products2 = _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero,
+                                                  l0, l1, l2, l3, h0, h1, h2, h3, BITS, HAS_LUT, LUT_SIZE, TOKENS, ASM)
+                acc += products
+                acc2 += products2
+                words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = following
             products, products2 = _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero,
                                               l0, l1, l2, l3, h0, h1, h2, h3, BITS, HAS_LUT, LUT_SIZE, TOKENS, ASM)
             acc += products
             acc2 += products2
-            words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = following
-        products, products2 = _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero,
-                                          l0, l1, l2, l3, h0, h1, h2, h3, BITS, HAS_LUT, LUT_SIZE, TOKENS, ASM)
-        total = tl.sum(acc + products, axis=0)[None, :]
+        total = tl.sum(acc, axis=0)[None, :]
         if TOKENS == 2:
-            total = tl.where(tl.arange(0, 2)[:, None] == 0, total, tl.sum(acc2 + products2, axis=0)[None, :])
+            total = tl.where(tl.arange(0, 2)[:, None] == 0, total, tl.sum(acc2, axis=0)[None, :])
         total = tl.where(first < K, total, 0.0)
         rows_m = pid_m * TOKENS + tl.arange(0, TOKENS)
         if HAS_OUTLIERS:

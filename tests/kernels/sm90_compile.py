@@ -58,14 +58,16 @@ def main() -> None:
                                                            EVEN_K=True, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k,
                                                            STAGES=3, HALF2=half2, SWAP=swap, ASM=True),
                          matmul)
-    # one or two tokens in half2: uniform grids; tables of 16 and 8 entries (outliers with the first)
-    for bits, entries, outliers, tokens in ((4, 0, False, 1), (8, 0, False, 1), (4, 0, False, 2), (8, 0, False, 2),
-                                            (4, 16, True, 1), (4, 16, True, 2), (4, 8, False, 1)):
+    # one or two tokens in half2: uniform grids; tables of 16 and 8 entries (outliers with the first); the next
+    # tile in registers, or tiles ahead through shared memory (STAGES 3)
+    for bits, entries, outliers, tokens, stages in (
+            (4, 0, False, 1, 1), (8, 0, False, 1, 1), (4, 0, False, 2, 1), (8, 0, False, 2, 1), (4, 16, True, 1, 1),
+            (4, 16, True, 2, 1), (4, 8, False, 1, 1), (4, 0, False, 1, 3), (4, 0, False, 2, 3), (4, 16, True, 1, 3)):
         compile_for_sm90(quant_matmul._half2_kernel, dict(BITS=bits, GROUP=64, HAS_ZEROS=not entries,
                                                           HAS_LUT=bool(entries), LUT_SIZE=max(entries, 1),
                                                           HAS_OUTLIERS=outliers, SPLIT=True, EVEN_N=True, BLOCK_N=256,
-                                                          EVEN_K=True, BLOCK_K=64, TOKENS=tokens, ASM=True), matmul,
-                         num_warps=2)
+                                                          EVEN_K=True, BLOCK_K=64, TOKENS=tokens, STAGES=stages,
+                                                          ASM=True), matmul, num_warps=2, options={"num_stages": stages})
     compile_for_sm90(quant_matmul._dequantize_kernel, dict(BITS=4, GROUP=64, HAS_ZEROS=True, HAS_LUT=False, LUT_SIZE=1,
                                                            EVEN_N=True, EVEN_K=True, BLOCK_N=128, BLOCK_K=64), words)
     scales = {"s_ptr": "*fp32", "sa_ptr": "*fp32", "sw_ptr": "*fp32"}

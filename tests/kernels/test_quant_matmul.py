@@ -13,6 +13,7 @@ HALF2_TILES = dict(SMALL, HALF2=True)  # the dot's weights made two at a time in
 SWAPPED = dict(SMALL, SWAP=True)  # y^T = W x^T: the weights as the dot's first operand
 ONE_TOKEN = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=0)  # the CUDA-core path, one program per 32 inputs
 HALF2 = dict(ONE_TOKEN, HALF2=True)  # one token in half2 arithmetic (PTX on a GPU, Triton's operations here)
+PIPELINED = dict(HALF2, num_stages=3)  # its tiles loaded ahead by Triton's pipeliner (through shared memory)
 DEQUANTIZE = dict(DEQUANTIZE=True, BLOCK_N=16, BLOCK_K=32)  # W^T by the Triton kernel, then cuBLAS
 
 
@@ -70,6 +71,7 @@ def test_uniform_grids_match_the_reference(bits, group_size, symmetric, m):
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=HALF2)
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, BLOCK_K=64))  # 2 groups of 32
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(HALF2, SPLIT_K=2, BLOCK_M=2))  # two tokens a program
+    check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=dict(PIPELINED, BLOCK_K=64, SPLIT_K=2))
     check(uniform_weight(48, 192, bits, group_size, symmetric), m, config=DEQUANTIZE)
 
 
@@ -83,7 +85,7 @@ def test_dot_weights_are_the_references_exactly(config, bits, group_size, symmet
     x[torch.arange(16), picked] = 1.0
     assert torch.equal(triton_matmul(x, weight, config=config), reference(x, weight))
 
-@pytest.mark.parametrize("config", [HALF2, dict(HALF2, BLOCK_M=2), dict(HALF2_TILES, SWAP=True)])
+@pytest.mark.parametrize("config", [HALF2, dict(HALF2, BLOCK_M=2), PIPELINED, dict(HALF2_TILES, SWAP=True)])
 @pytest.mark.parametrize("entries", [16, 8])
 def test_half2_table_lookups_read_every_entry_exactly(entries, config):
     """One-hot tokens read single table entries out (one token a program, or a dot): each code of
@@ -155,10 +157,23 @@ def test_two_tokens_a_program_give_each_token_its_one_token_result(bits, group_s
     assert torch.equal(triton_matmul(x, weight, config=dict(HALF2, SPLIT_K=1, BLOCK_M=2)), one)
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_pipelined_tiles_sum_as_the_register_prefetch_does(tokens):
+    """Loading tiles ahead through shared memory changes where the words wait, not the sums: bit for
+    bit the same results, with K in whole tiles and with a partial last tile."""
+    for k in (192, 160):  # tiles of 64 inputs: 3, and 2.5
+        weight = uniform_weight(48, k, 4, -1, False)
+        x = torch.randn(3, k, dtype=torch.float16, device=DEVICE)
+        prefetched = triton_matmul(x, weight, config=dict(HALF2, BLOCK_K=64, SPLIT_K=1, BLOCK_M=tokens))
+        pipelined = triton_matmul(x, weight, config=dict(PIPELINED, BLOCK_K=64, SPLIT_K=1, BLOCK_M=tokens))
+        assert torch.equal(pipelined, prefetched)
+
+
 @pytest.mark.parametrize("config", [dict(SMALL, SPLIT_K=2), dict(SMALL, SPLIT_K=0), dict(ONE_TOKEN, SPLIT_K=3),
                                     dict(HALF2, BLOCK_K=128, SPLIT_K=3), dict(HALF2, SPLIT_K=3, BLOCK_M=2),
                                     dict(HALF2, BLOCK_K=64, SPLIT_K=16),  # 10 tiles: six shares read none
                                     dict(HALF2, BLOCK_K=64, SPLIT_K=16, BLOCK_M=2),
+                                    dict(PIPELINED, BLOCK_K=64, SPLIT_K=16),
                                     dict(HALF2_TILES, SPLIT_K=3),
                                     dict(SWAPPED, SPLIT_K=3)])
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
