@@ -1022,10 +1022,6 @@ if triton is not None:
         second = (pid_m * TOKENS + 1 + tl.zeros((1, 1), tl.int32)) < M  # as a tensor, for the interpreter's masks
         step = BLOCK_K * tl.num_programs(2)
         first = pid_k * BLOCK_K
-        if EVEN_K:  # a program with no tile (more shares than tiles) reads the last, unmasked, and adds none of it
-            start = tl.minimum(first, K - BLOCK_K)
-        else:
-            start = first
         zero_plane = tl.zeros((1, BLOCK_N), tl.int32)
         l0, l1, l2, l3, h0, h1, h2, h3 = zero_plane, zero_plane, zero_plane, zero_plane, zero_plane, zero_plane, \
             zero_plane, zero_plane
@@ -1043,6 +1039,10 @@ if triton is not None:
                 acc += products
                 acc2 += products2
         else:
+            if EVEN_K:  # a program with no tile (more shares than tiles) reads the last, unmasked, and adds none of it
+                start = tl.minimum(first, K - BLOCK_K)
+            else:
+                start = first
             words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero = _half2_load(
                 row_ptr, second, w_ptr, s_ptr, z_ptr, start, cols_n, in_n, N, K, BITS, GROUP, HAS_ZEROS, HAS_LUT,
                 BLOCK_K, TOKENS, EVEN_K)
