@@ -409,9 +409,10 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                           # one warp: no scale rows shared between warps through shared memory (barriers)
                           (64, 64, 8, 1), (64, 64, 16, 1), (64, 64, 32, 1))
     # two tiles in flight through shared memory, where they hold no registers (168 -> 91 a thread at
-    # 256 x 64, 2 warps, in the sm_90 build): more warps an SM
+    # 256 x 64, 2 warps, in the sm_90 build): more warps an SM, or 64 words a thread in the same registers
     one += cuda_core_half2(1, (256, 64, 8, 2), (256, 64, 16, 2), (256, 64, 32, 2), (128, 64, 16, 1), (128, 64, 32, 1),
-                           (512, 64, 16, 4), stages=3) + one_float32
+                           (512, 64, 16, 4), (256, 64, 16, 1), (512, 64, 16, 2), (256, 128, 8, 2),
+                           stages=3) + one_float32
     two = cuda_core_half2(2, (256, 64, 8, 2), (128, 64, 8, 2), (256, 64, 16, 4), (128, 64, 16, 4), (512, 64, 8, 4),
                           (128, 64, 32, 2))
     two += cuda_core_half2(2, (256, 64, 8, 2), (128, 64, 16, 1), stages=3)
