@@ -69,12 +69,6 @@ VARIANTS = {
 }
 
 
-def weight_bytes(weight: KernelWeight) -> int:
-    tensors = [weight.packed, weight.scales, weight.zeros, weight.lut, weight.outlier_values, weight.outlier_columns,
-               weight.outlier_row_offsets]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def copy_bandwidth() -> float:
     """Bytes per second of a 2 GiB device-to-device copy (read plus write)."""
     source = torch.empty(2**30, dtype=torch.float16, device="cuda")
@@ -129,7 +123,7 @@ def measure_shape(k: int, n: int, tokens: list[int], bandwidth: float, variants:
     for name in variants:
         make = VARIANTS[name]
         first = make(n, k)
-        built[name] = [first] + [make(n, k) for _ in range(copies_for(weight_bytes(first)) - 1)]
+        built[name] = [first] + [make(n, k) for _ in range(copies_for(first.nbytes) - 1)]
     for m in tokens:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
         fp16 = graph_time(lambda i: (lambda: F.linear(xs[i], weights[i])), copies)
@@ -144,7 +138,7 @@ def measure_shape(k: int, n: int, tokens: list[int], bandwidth: float, variants:
                 continue
             x_copies = [xs[i % copies] for i in range(len(variant))]
             seconds = graph_time(lambda i: (lambda: quant_matmul(x_copies[i], variant[i])), len(variant))
-            moved = weight_bytes(variant[0]) + 2 * m * (k + n)
+            moved = variant[0].nbytes + 2 * m * (k + n)
             row[name] = {"ms": seconds * 1e3, "speedup": fp16 / seconds, "floor_ms": moved / bandwidth * 1e3,
                          "GB/s": moved / seconds / 1e9, "TFLOP/s": 2 * m * n * k / seconds / 1e12}
         rows.append(row)

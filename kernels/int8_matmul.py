@@ -35,12 +35,13 @@ the faster path there, but stays a candidate of the tuner.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
 from qtool.kernels.dispatch import triton_runs
-from qtool.kernels.quant_matmul import _launch_options, _Tuner, _workspace, m_bucket
+from qtool.kernels.quant_matmul import _launch_options, _Tuner, _workspace, copies_past_l2, m_bucket
 
 try:
     import triton
@@ -60,6 +61,14 @@ class Int8Weight(NamedTuple):
 
     codes: torch.Tensor
     scales: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scales.numel() * self.scales.element_size()
+
+    def copy(self) -> "Int8Weight":
+        """The same weight in new memory."""
+        return Int8Weight(self.codes.clone(), self.scales.clone())
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +133,7 @@ def triton_quantize(x: torch.Tensor, config: dict | None = None) -> tuple[torch.
 
     if config is None and x.is_cuda:
         options = [dict(num_warps=warps) for warps in (1, 2, 4, 8, 16) if warps == 1 or 64 * warps <= row]
-        config = _TUNER.choose(("quantize", m_bucket(m), k, x.dtype), launch, options)
+        config = _TUNER.choose(("quantize", m_bucket(m), k, x.dtype), lambda: [launch], options)
     launch(config or dict(num_warps=4))
     return codes, scales
 
@@ -148,8 +157,9 @@ def gemm(codes: torch.Tensor, scales: torch.Tensor, weight: Int8Weight, bias: to
     the tuned choice: tests under TRITON_INTERPRET=1 use it."""
     (m, k), n = codes.shape, weight.codes.shape[0]
     if config is None:
-        config = _TUNER.choose((m_bucket(m), n, k, dtype),
-                               lambda chosen: _launch(codes, scales, weight, bias, dtype, chosen), candidates(m, n, k))
+        config = _TUNER.choose((m_bucket(m), n, k, dtype), lambda: [
+            functools.partial(_launch, codes, scales, copy, bias, dtype) for copy in copies_past_l2(weight)
+        ], candidates(m, n, k))
     return _launch(codes, scales, weight, bias, dtype, config)
 
 

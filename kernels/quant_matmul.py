@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -126,6 +126,19 @@ class KernelWeight:
     def groups(self) -> int:
         return (self.lut if self.lut is not None else self.scales).shape[0]
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        named = ((field.name, getattr(self, field.name)) for field in fields(self))
+        return {name: value for name, value in named if isinstance(value, torch.Tensor)}
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes a product reads of the weight."""
+        return sum(tensor.numel() * tensor.element_size() for tensor in self._tensors().values())
+
+    def copy(self) -> "KernelWeight":
+        """The same weight in new memory."""
+        return replace(self, **{name: tensor.clone() for name, tensor in self._tensors().items()})
+
     def codes(self) -> torch.Tensor:
         """The codes [N, K] (int64)."""
         shifts = torch.tensor(code_slots(self.bits), device=self.packed.device, dtype=torch.int32) * self.bits
@@ -188,8 +201,18 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
     if config is None:
         key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype,
                weight.outlier_values is not None, *_meta(weight).values())
-        config = _TUNER.choose(key, lambda chosen: _launch(x, weight, chosen), candidates(x.shape[0], weight, x.dtype))
+        config = _TUNER.choose(key, lambda: [functools.partial(_launch, x, w) for w in copies_past_l2(weight)],
+                               candidates(x.shape[0], weight, x.dtype))
     return _launch(x, weight, config)
+
+
+def copies_past_l2(weight):
+    """The weight (on CUDA, with `nbytes` and `copy()`), and copies of it until they fill the L2
+    cache three times over (at most 64 in all): launched one after another, each product reads its
+    weight from memory, as each layer does in a model's step."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    count = max(1, min(64, -(-3 * l2 // max(weight.nbytes, 1))))
+    return [weight] + [weight.copy() for _ in range(count - 1)]
 
 
 ONE_GROUP = 1 << 30  # the group of a weight with one group a row: wider than any K, the same for every K
@@ -288,7 +311,8 @@ def _workspace(device: torch.device, size: int, tiles: int) -> tuple[torch.Tenso
 
 class _Tuner:
     """The fastest candidate configuration per key, timed once on the device (median replay of a
-    CUDA graph of one launch) the first time the key is seen, and kept: for the process, and on
+    CUDA graph of launches over copies of the operands, as `launches` makes them) the first time the
+    key is seen, and kept: for the process, and on
     disk, so that later processes skip the timing (`cache_dir()/tuning`, a file per kernel module
     source, GPU and Triton version; a stored choice no longer among the candidates is timed
     again). `timings` keeps every candidate's time for the benchmarks' notes; they set `persist`
@@ -302,16 +326,19 @@ class _Tuner:
         self.timings: dict[tuple, list[tuple[float, dict]]] = {}
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
 
-    def choose(self, key: tuple, launch, candidates: list[dict]) -> dict:
+    def choose(self, key: tuple, launches, candidates: list[dict]) -> dict:
+        """`launches()`: functions that each launch the product for a configuration, one per copy of
+        its operands (called only when the key is timed)."""
         if key not in self.best:
             stored = self._stored().get(repr(key)) if self.persist else None
             if stored in candidates:
                 self.best[key] = stored
                 return stored
             timings = []
+            copies = launches()
             for candidate in candidates:
                 try:
-                    milliseconds = self.milliseconds(lambda: launch(candidate))
+                    milliseconds = self.milliseconds([functools.partial(launch, candidate) for launch in copies])
                 except triton.runtime.errors.OutOfResources:
                     continue
                 timings.append((milliseconds, candidate))
@@ -346,17 +373,20 @@ class _Tuner:
         temporary.write_text(json.dumps(self.stored, indent=1, sort_keys=True))
         temporary.replace(path)
 
-    def milliseconds(self, call) -> float:
-        """Median time of a CUDA graph of one call, the L2 cache flushed before each replay: neither
-        Python's launch overhead (longer than a one-token product) nor a warm cache counts."""
+    def milliseconds(self, calls) -> float:
+        """Median time of one call in a CUDA graph of all `calls`, the L2 cache flushed before each
+        replay: neither Python's launch overhead (longer than a one-token product) nor a warm cache
+        counts. Launched back to back, as a model's step runs its products and as the benchmarks time
+        them; a graph of one launch would also count the graph's own start."""
         device = torch.device("cuda", torch.cuda.current_device())
         stream = self.streams.setdefault(device, torch.cuda.Stream(device))
         with torch.cuda.stream(stream):
-            call()  # compiles, and sizes this stream's workspace outside the capture
+            calls[0]()  # compiles, and sizes this stream's workspace outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            call()
-        return triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median")
+            for call in calls:
+                call()
+        return triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median") / len(calls)
 
 
 _TUNER = _Tuner(__file__)

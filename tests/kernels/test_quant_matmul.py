@@ -256,8 +256,8 @@ def test_tuned_choices_are_stored_and_read_back(monkeypatch, tmp_path):
     times = {1: 3.0, 2: 1.0, 3: 2.0}
     timed = []
 
-    def milliseconds(self, call):
-        return times[call()]
+    def milliseconds(self, calls):
+        return times[calls[0]()]
 
     monkeypatch.setattr(_Tuner, "milliseconds", milliseconds)
     source = tmp_path / "kernels.py"
@@ -268,13 +268,16 @@ def test_tuned_choices_are_stored_and_read_back(monkeypatch, tmp_path):
         timed.append(config["BLOCK_N"])
         return config["BLOCK_N"]
 
+    def launches():
+        return [launch]
+
     key = (16, 4096, 14336, torch.float16)
-    assert _Tuner(str(source)).choose(key, launch, candidates) == dict(BLOCK_N=2) and len(timed) == 3
-    assert _Tuner(str(source)).choose(key, launch, candidates) == dict(BLOCK_N=2) and len(timed) == 3
-    assert _Tuner(str(source)).choose(key, launch, candidates[:1] + candidates[2:]) == dict(BLOCK_N=3)
+    assert _Tuner(str(source)).choose(key, launches, candidates) == dict(BLOCK_N=2) and len(timed) == 3
+    assert _Tuner(str(source)).choose(key, launches, candidates) == dict(BLOCK_N=2) and len(timed) == 3
+    assert _Tuner(str(source)).choose(key, launches, candidates[:1] + candidates[2:]) == dict(BLOCK_N=3)
     assert len(timed) == 5
     source.write_text("changed kernel source")
-    assert _Tuner(str(source)).choose(key, launch, candidates) == dict(BLOCK_N=2) and len(timed) == 8
+    assert _Tuner(str(source)).choose(key, launches, candidates) == dict(BLOCK_N=2) and len(timed) == 8
 
 
 def test_token_buckets_span_a_factor_of_two():
@@ -283,3 +286,17 @@ def test_token_buckets_span_a_factor_of_two():
     from qtool.kernels.quant_matmul import m_bucket
 
     assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 64, 65, 1024, 1025)] == [1, 2, 4, 4, 8, 8, 16, 64, 128, 1024, 2048]
+
+
+@pytest.mark.parametrize("weight", [uniform_weight(40, 64, 4, 32, False), lut_weight(40, 64, 16, -1, outliers=0.05)],
+                         ids=["uniform", "table with outliers"])
+def test_a_copy_is_the_same_weight_in_new_memory(weight):
+    """The tuner times products over copies of a weight; each must compute what the weight does and
+    read the bytes it reads."""
+    copy = weight.copy()
+    tensors = [name for name, value in vars(weight).items() if isinstance(value, torch.Tensor)]
+    assert all(getattr(copy, name).data_ptr() != getattr(weight, name).data_ptr() for name in tensors)
+    assert torch.equal(copy.dequantize(), weight.dequantize())
+    packed_bytes = 40 * 64 // 8 * 4
+    extra = (2 * 40 * 2 + 2 * 40) if weight.lut is None else (16 * 40 * 2 + weight.outlier_values.numel() * 6 + 41 * 4)
+    assert copy.nbytes == weight.nbytes == packed_bytes + extra
