@@ -209,10 +209,16 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
 def copies_past_l2(weight):
     """The weight (on CUDA, with `nbytes` and `copy()`), and copies of it until they fill the L2
     cache three times over (at most 64 in all): launched one after another, each product reads its
-    weight from memory, as each layer does in a model's step."""
+    weight from memory, as each layer does in a model's step. On a device too full for them, the
+    copies that fit."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    count = max(1, min(64, -(-3 * l2 // max(weight.nbytes, 1))))
-    return [weight] + [weight.copy() for _ in range(count - 1)]
+    copies = [weight]
+    for _ in range(min(64, -(-3 * l2 // max(weight.nbytes, 1))) - 1):
+        try:
+            copies.append(weight.copy())
+        except torch.cuda.OutOfMemoryError:
+            break
+    return copies
 
 
 ONE_GROUP = 1 << 30  # the group of a weight with one group a row: wider than any K, the same for every K
@@ -312,10 +318,9 @@ def _workspace(device: torch.device, size: int, tiles: int) -> tuple[torch.Tenso
 class _Tuner:
     """The fastest candidate configuration per key, timed once on the device (median replay of a
     CUDA graph of launches over copies of the operands, as `launches` makes them) the first time the
-    key is seen, and kept: for the process, and on
-    disk, so that later processes skip the timing (`cache_dir()/tuning`, a file per kernel module
-    source, GPU and Triton version; a stored choice no longer among the candidates is timed
-    again). `timings` keeps every candidate's time for the benchmarks' notes; they set `persist`
+    key is seen, and kept: for the process, and on disk, so that later processes skip the timing
+    (`cache_dir()/tuning`, a file per kernel module source, GPU and Triton version; a stored choice
+    no longer among the candidates is timed again). `timings` keeps every candidate's time for the benchmarks' notes; they set `persist`
     False to time everything afresh."""
 
     def __init__(self, source: str):

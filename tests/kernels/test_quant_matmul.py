@@ -300,3 +300,29 @@ def test_a_copy_is_the_same_weight_in_new_memory(weight):
     packed_bytes = 40 * 64 // 8 * 4
     extra = (2 * 40 * 2 + 2 * 40) if weight.lut is None else (16 * 40 * 2 + weight.outlier_values.numel() * 6 + 41 * 4)
     assert copy.nbytes == weight.nbytes == packed_bytes + extra
+
+
+def test_the_tuner_times_over_copies_that_fill_l2_three_times(monkeypatch):
+    """As many copies as fill L2 three times over (none for a weight larger than that); on a device
+    too full for them, those that fit."""
+    from types import SimpleNamespace
+
+    from qtool.kernels.quant_matmul import copies_past_l2
+
+    weight = uniform_weight(40, 64, 4, 32, False)  # 1520 bytes
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=5000))
+    copies = copies_past_l2(weight)
+    assert len(copies) == 10 and copies[0] is weight and torch.equal(copies[-1].dequantize(), weight.dequantize())
+    assert len(copies_past_l2(uniform_weight(40, 1024, 4, 32, False))) == 1  # 24320 bytes
+
+    made = []
+
+    def copy(self):
+        if len(made) == 3:
+            raise torch.cuda.OutOfMemoryError("full")
+        made.append(self)
+        return self
+
+    monkeypatch.setattr(KernelWeight, "copy", copy)
+    assert len(copies_past_l2(weight)) == 4
