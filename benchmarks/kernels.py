@@ -31,12 +31,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from qtool.kernels.quant_matmul import _TUNER, KernelWeight, quant_matmul
+from qtool.kernels.quant_matmul import _TUNER, KernelWeight, copies_to_fill_l2, quant_matmul
 from qtool.quantize import packing
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192)]  # (in K, out N)
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]
-L2_MULTIPLE = 3  # each timed graph touches at least this many times the L2 cache's size
 
 
 def uniform(n: int, k: int, bits: int, group: int, symmetric: bool) -> KernelWeight:
@@ -92,8 +91,9 @@ def graph_time(make_call, copies: int) -> float:
 
 
 def copies_for(bytes_per_call: int) -> int:
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(2, min(64, -(-L2_MULTIPLE * l2 // max(bytes_per_call, 1))))
+    """Copies of a call's operands timed in one graph: as the tuner times them (three times the L2
+    cache's size), and at least two."""
+    return max(2, copies_to_fill_l2(bytes_per_call))
 
 
 def int4pack(n: int, k: int):

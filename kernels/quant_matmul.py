@@ -208,17 +208,23 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
 
 def copies_past_l2(weight):
     """The weight (on CUDA, with `nbytes` and `copy()`), and copies of it until they fill the L2
-    cache three times over (at most 64 in all): launched one after another, each product reads its
+    cache three times over (`copies_to_fill_l2`): launched one after another, each product reads its
     weight from memory, as each layer does in a model's step. On a device too full for them, the
     copies that fit."""
-    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     copies = [weight]
-    for _ in range(min(64, -(-3 * l2 // max(weight.nbytes, 1))) - 1):
+    for _ in range(copies_to_fill_l2(weight.nbytes) - 1):
         try:
             copies.append(weight.copy())
         except torch.cuda.OutOfMemoryError:
             break
     return copies
+
+
+def copies_to_fill_l2(nbytes: int) -> int:
+    """How many operands of `nbytes` fill the current device's L2 cache three times over (at least
+    1, at most 64): what the tuner and the benchmarks time back to back."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(1, min(64, -(-3 * l2 // max(nbytes, 1))))
 
 
 ONE_GROUP = 1 << 30  # the group of a weight with one group a row: wider than any K, the same for every K
@@ -320,8 +326,8 @@ class _Tuner:
     CUDA graph of launches over copies of the operands, as `launches` makes them) the first time the
     key is seen, and kept: for the process, and on disk, so that later processes skip the timing
     (`cache_dir()/tuning`, a file per kernel module source, GPU and Triton version; a stored choice
-    no longer among the candidates is timed again). `timings` keeps every candidate's time for the benchmarks' notes; they set `persist`
-    False to time everything afresh."""
+    no longer among the candidates is timed again). `timings` keeps every candidate's time for the
+    benchmarks' notes; they set `persist` False to time everything afresh."""
 
     def __init__(self, source: str):
         self.source = Path(source)  # the kernels' module: its digest names the stored choices
