@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qtool.kernels.dispatch import triton_runs
 from qtool.kernels.paged_attention import store_kv
+from qtool.kernels.pending import PendingSum, alike, finished, in_triton
 
 try:
     import triton
@@ -52,23 +52,26 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
     return out if residual is None else (out, x)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """RMSNorm over the last dimension; with `residual`, of x + residual, returning (normed, sum)."""
-    if not triton_runs(x):
+def rms_norm(x: torch.Tensor | PendingSum, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm over the last dimension; with `residual`, of x + residual, returning (normed, sum).
+    x may be a pending product (`qtool.kernels.pending`), finished as it is read."""
+    if not in_triton(x):
         return reference_rms_norm(x, weight, eps, residual)
     return triton_rms_norm(x, weight, eps, residual)
 
 
-def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    size = x.shape[-1]
-    rows = x.reshape(-1, size).contiguous()
-    out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
-    summed = torch.empty_like(rows) if residual is not None else rows
+def triton_rms_norm(x: torch.Tensor | PendingSum, weight: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None = None):
+    size, dtype = x.shape[-1], x.dtype
+    pending, (rows,) = alike(x, fits=lambda sums: sums.is_contiguous())
+    rows = rows.reshape(-1, size).contiguous()
+    out = torch.empty(rows.shape, device=rows.device, dtype=torch.promote_types(weight.dtype, dtype))
+    summed = torch.empty(rows.shape, device=rows.device, dtype=dtype) if residual is not None else rows
     block = triton.next_power_of_2(size)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, rows if residual is None else residual.reshape(-1, size).contiguous(), weight.contiguous(), out, summed,
-        size, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)),
-        **TORCH_ROUNDING)
+        size, eps, HAS_RESIDUAL=residual is not None, PENDING=pending, DTYPE=TL_DTYPES[dtype], BLOCK=block,
+        num_warps=max(1, min(16, block // 256)), **TORCH_ROUNDING)
     out = out.view(x.shape)
     return out if residual is None else (out, summed.view(x.shape))
 
@@ -82,9 +85,11 @@ def reference_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     return rotate(q), rotate(k)
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [T, heads, head_dim] and k [T, kv_heads, head_dim] rotated by cos, sin [T, head_dim]."""
-    if not triton_runs(q):
+def rotary(q: torch.Tensor | PendingSum, k: torch.Tensor | PendingSum, cos: torch.Tensor, sin: torch.Tensor):
+    """q [T, heads, head_dim] and k [T, kv_heads, head_dim] rotated by cos, sin [T, head_dim]; q and
+    k (and v below) may be pending products, finished as they are read."""
+    if not in_triton(q):
+        q, k = finished(q), finished(k)
         return reference_rotary(q, k, cos, sin)
     return triton_rotary(q, k, cos, sin)
 
@@ -99,54 +104,58 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
                       k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """q rotated; k rotated and v [T, kv_heads, head_dim] stored at the cache slots [T] of one
     layer's k_cache and v_cache [blocks, block_size, kv_heads, head_dim] (not float8)."""
-    if not triton_runs(q):
+    if not in_triton(q):
+        q, k, v = finished(q), finished(k), finished(v)
         q, k = reference_rotary(q, k, cos, sin)
         store_kv(k, v, k_cache, v_cache, slots)
         return q
-    return _rotate(q, k, cos, sin, k_cache, (_heads_packed(v), v_cache, slots))
+    return _rotate(q, k, cos, sin, k_cache, (v, v_cache, slots))
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_target: torch.Tensor,
-            values: tuple | None = None) -> torch.Tensor:
+def _rotate(q, k, cos: torch.Tensor, sin: torch.Tensor, k_target: torch.Tensor, values: tuple | None = None
+            ) -> torch.Tensor:
     """The rotated q (packed); the rotated k into `k_target`: packed [T, kv_heads, head_dim], or, with
     `values` = (v, v_cache, slots), a cache whose slot slots[t] takes token t, as v_cache takes v."""
     tokens, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    q, k = _heads_packed(q), _heads_packed(k)
-    cos, sin = cos.contiguous(), sin.contiguous()
-    q_out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    kv_heads, dtype = k.shape[1], q.dtype
     v, v_cache, slots = values if values is not None else (k, k_target, k_target)  # unread without STORE
+    pending, (q, k, v) = alike(q, k, v, fits=_heads_packed)
+    q, k, v = (x if _heads_packed(x) else x.contiguous() for x in (q, k, v))
+    cos, sin = cos.contiguous(), sin.contiguous()
+    q_out = torch.empty(q.shape, device=q.device, dtype=dtype)
     _rotary_kernel[(tokens, heads + kv_heads)](
         q, k, v, cos, sin, q_out, k_target, v_cache, slots, q.stride(0), k.stride(0), v.stride(0), HEADS=heads,
         KV_HEADS=kv_heads, HALF=head_dim // 2, HALF_PAD=triton.next_power_of_2(head_dim // 2), STORE=values is not None,
-        num_warps=1, **TORCH_ROUNDING)
+        PENDING=pending, DTYPE=TL_DTYPES[dtype], num_warps=1, **TORCH_ROUNDING)
     return q_out
 
 
-def _heads_packed(x: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] with each token's heads packed (any token stride), copied if not."""
-    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+def _heads_packed(x: torch.Tensor) -> bool:
+    """Whether x [T, heads, head_dim] has each token's heads packed (any token stride)."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
 def reference_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up, SiLU's result rounded to gate's dtype first, as torch does."""
-    if not triton_runs(gate):
-        return reference_silu_mul(gate, up)
+def silu_mul(gate: torch.Tensor | PendingSum, up: torch.Tensor | PendingSum) -> torch.Tensor:
+    """SiLU(gate) * up, SiLU's result rounded to gate's dtype first, as torch does; gate and up may
+    be pending products, finished as they are read."""
+    if not in_triton(gate):
+        return reference_silu_mul(finished(gate), finished(up))
     return triton_silu_mul(gate, up)
 
 
-def triton_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def triton_silu_mul(gate: torch.Tensor | PendingSum, up: torch.Tensor | PendingSum) -> torch.Tensor:
     """gate and up may be views with a row stride of their own (halves of one gate/up product)."""
-    width = gate.shape[-1]
-    gate_rows, up_rows = _rows(gate), _rows(up)
-    out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    width, dtype = gate.shape[-1], gate.dtype
+    pending, rows = alike(gate, up, fits=lambda sums: sums.dim() == 2 and sums.stride(1) == 1)
+    gate_rows, up_rows = (_rows(x) for x in rows)
+    out = torch.empty(gate.shape, device=gate_rows.device, dtype=dtype)
     _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(width, SILU_BLOCK))](
-        gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), BLOCK=SILU_BLOCK, num_warps=4,
-        **TORCH_ROUNDING)
+        gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), PENDING=pending,
+        DTYPE=TL_DTYPES[dtype], BLOCK=SILU_BLOCK, num_warps=4, **TORCH_ROUNDING)
     return out
 
 
@@ -160,21 +169,22 @@ SILU_BLOCK = 1024
 
 
 if triton is not None:
+    from qtool.kernels.pending import TL_DTYPES, load_finished
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, sum_ptr, size, eps, HAS_RESIDUAL: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         PENDING: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * size
         cols = tl.arange(0, BLOCK)
         inside = cols < size
-        x = tl.load(x_ptr + row + cols, mask=inside, other=0.0)
+        x = load_finished(x_ptr + row + cols, inside, PENDING, DTYPE)
         if HAS_RESIDUAL:  # the sum rounded to the activations' dtype, as torch's addition rounds it
             x = (x.to(tl.float32) + tl.load(residual_ptr + row + cols, mask=inside, other=0.0).to(tl.float32))
             x = x.to(sum_ptr.dtype.element_ty)
             tl.store(sum_ptr + row + cols, x, mask=inside)
         wide = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(wide * wide, axis=0) / size + eps)
-        normed = (wide * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        normed = (wide * rstd).to(DTYPE).to(tl.float32)
         weight = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + row + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -186,10 +196,11 @@ if triton is not None:
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slots_ptr, q_stride,
                        k_stride, v_stride, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                       HALF_PAD: tl.constexpr, STORE: tl.constexpr):
+                       HALF_PAD: tl.constexpr, STORE: tl.constexpr, PENDING: tl.constexpr, DTYPE: tl.constexpr):
         """One head of one token: program (token, head), heads first, then kv heads. The inputs'
         tokens are `q_stride` / `k_stride` / `v_stride` elements apart; the outputs are packed, the
-        keys (and, STORE, the values copied as they are) at row slots[token] of the cache."""
+        keys (and, STORE, the values copied as they are) at row slots[token] of the cache. PENDING:
+        the inputs are a product's float32 sums, finished as they are read."""
         token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
         dims = tl.arange(0, HALF_PAD)
         inside = dims < HALF
@@ -206,32 +217,32 @@ if triton is not None:
             if STORE:
                 values = v_ptr + token * v_stride + kv_head * 2 * HALF
                 stored = v_out_ptr + (row * KV_HEADS + kv_head) * 2 * HALF
-                tl.store(stored + dims, tl.load(values + dims, mask=inside), mask=inside)
-                tl.store(stored + HALF + dims, tl.load(values + HALF + dims, mask=inside), mask=inside)
-        dtype = q_ptr.dtype.element_ty
-        first = tl.load(source + dims, mask=inside, other=0.0).to(tl.float32)
-        second = tl.load(source + HALF + dims, mask=inside, other=0.0).to(tl.float32)
+                tl.store(stored + dims, load_finished(values + dims, inside, PENDING, DTYPE), mask=inside)
+                tl.store(stored + HALF + dims, load_finished(values + HALF + dims, inside, PENDING, DTYPE), mask=inside)
+        first = load_finished(source + dims, inside, PENDING, DTYPE).to(tl.float32)
+        second = load_finished(source + HALF + dims, inside, PENDING, DTYPE).to(tl.float32)
         angles = cos_ptr + token * 2 * HALF
-        cos_first = _rounded(tl.load(angles + dims, mask=inside, other=0.0), dtype)
-        cos_second = _rounded(tl.load(angles + HALF + dims, mask=inside, other=0.0), dtype)
+        cos_first = _rounded(tl.load(angles + dims, mask=inside, other=0.0), DTYPE)
+        cos_second = _rounded(tl.load(angles + HALF + dims, mask=inside, other=0.0), DTYPE)
         angles = sin_ptr + token * 2 * HALF
-        sin_first = _rounded(tl.load(angles + dims, mask=inside, other=0.0), dtype)
-        sin_second = _rounded(tl.load(angles + HALF + dims, mask=inside, other=0.0), dtype)
-        # x * cos + [-second, first] * sin, each product and the sum rounded as in `dtype`
-        out_first = _rounded(first * cos_first, dtype) + _rounded(-second * sin_first, dtype)
-        out_second = _rounded(second * cos_second, dtype) + _rounded(first * sin_second, dtype)
+        sin_first = _rounded(tl.load(angles + dims, mask=inside, other=0.0), DTYPE)
+        sin_second = _rounded(tl.load(angles + HALF + dims, mask=inside, other=0.0), DTYPE)
+        # x * cos + [-second, first] * sin, each product and the sum rounded as in DTYPE
+        out_first = _rounded(first * cos_first, DTYPE) + _rounded(-second * sin_first, DTYPE)
+        out_second = _rounded(second * cos_second, DTYPE) + _rounded(first * sin_second, DTYPE)
         out_type = target.dtype.element_ty
         tl.store(target + dims, out_first.to(out_type), mask=inside)
         tl.store(target + HALF + dims, out_second.to(out_type), mask=inside)
 
     @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, BLOCK: tl.constexpr):
-        """BLOCK columns of one row: program (row, column block)."""
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, PENDING: tl.constexpr,
+                         DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        """BLOCK columns of one row: program (row, column block); PENDING, gate and up are a product's
+        float32 sums, finished as they are read."""
         row = tl.program_id(0).to(tl.int64)
         columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = columns < width
-        gate = tl.load(gate_ptr + row * gate_stride + columns, mask=inside, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + row * up_stride + columns, mask=inside, other=0.0).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        silu = _rounded(gate / (1.0 + tl.exp(-gate)), dtype)
-        tl.store(out_ptr + row * width + columns, (silu * up).to(dtype), mask=inside)
+        gate = load_finished(gate_ptr + row * gate_stride + columns, inside, PENDING, DTYPE).to(tl.float32)
+        up = load_finished(up_ptr + row * up_stride + columns, inside, PENDING, DTYPE).to(tl.float32)
+        silu = _rounded(gate / (1.0 + tl.exp(-gate)), DTYPE)
+        tl.store(out_ptr + row * width + columns, (silu * up).to(DTYPE), mask=inside)

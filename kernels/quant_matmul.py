@@ -24,7 +24,10 @@ Three things, as every kernel here:
   [rows, per word, N] merged into K) and multiply on the tensor cores (`tl.dot`; up to 64 tokens
   as y^T = W x^T, the weights the first operand). K is
   split among many programs so that every multiprocessor streams weights; they add into a float32
-  workspace and the last to arrive writes y (one launch; no zeroing, no cast). Many tokens may
+  workspace and the last to arrive writes y (one launch; no zeroing, no cast), or, for a caller
+  that asks (`sums`: the runtime's model, up to PENDING_TOKENS tokens), into the caller's float32
+  accumulator, leaving the product pending for the kernel that reads it (`qtool.kernels.pending`:
+  no arrival count, no last program). Many tokens may
   instead dequantize W once (a Triton kernel) and call cuBLAS. Block shapes, the split and the
   path are chosen per shape by timing candidates once on the device, and the choices kept on disk
   for later processes (`_Tuner`).
@@ -47,6 +50,7 @@ import torch.nn.functional as F
 
 from qtool.cache import cache_dir
 from qtool.kernels.dispatch import triton_runs
+from qtool.kernels.pending import PendingSum
 
 try:
     import triton
@@ -167,12 +171,25 @@ def reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     return (x.float() @ rounded.float().t()).to(x.dtype)
 
 
-def quant_matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N], by the fastest path this device and weight allow."""
+def quant_matmul(x: torch.Tensor, weight: KernelWeight, sums: torch.Tensor | None = None
+                 ) -> torch.Tensor | PendingSum:
+    """x [..., K] @ W^T -> [..., N], by the fastest path this device and weight allow. `sums`: a
+    float32 accumulator of at least [tokens, N], all zero, that the caller keeps: the kernel adds
+    into it and leaves the product pending for the kernel that reads it (`qtool.kernels.pending`),
+    where the kernel runs it and the tokens are few enough (`pends`)."""
     if not kernel_fits(x, weight):
         return F.linear(x, weight.dequantize().to(x.dtype))
     rows = x.reshape(-1, weight.in_features)
-    return triton_matmul(rows, weight).reshape(*x.shape[:-1], weight.out_features)
+    out = triton_matmul(rows, weight, sums=sums if sums is not None and pends(rows.shape[0]) else None)
+    return out.view(*x.shape[:-1], weight.out_features)
+
+
+PENDING_TOKENS = 16  # products of up to this many tokens may be left pending: their kernels split K
+
+
+def pends(tokens: int) -> bool:
+    """Whether a product of `tokens` tokens may be left pending (a caller sizes its accumulator by it)."""
+    return tokens <= PENDING_TOKENS
 
 
 def kernel_fits(x: torch.Tensor, weight: KernelWeight) -> bool:
@@ -192,18 +209,29 @@ def m_bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
 
-def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T -> [M, N] in x's dtype through the Triton kernels. `config` fixes BLOCK_M,
+def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = None,
+                  sums: torch.Tensor | None = None) -> torch.Tensor | PendingSum:
+    """x [M, K] @ W^T -> [M, N] in x's dtype through the Triton kernels; with `sums` (zero,
+    float32, at least [M, N]), the product added into them and left pending. `config` fixes BLOCK_M,
     BLOCK_N, BLOCK_K, SPLIT_K (0: one program per BLOCK_K rows of K), or DEQUANTIZE, and
     num_warps / num_stages on a GPU, instead of the tuned choice: tests under TRITON_INTERPRET=1
     use it."""
     x = x.contiguous()
+    if sums is not None:
+        sums = sums.view(-1)[: x.shape[0] * weight.out_features].view(x.shape[0], weight.out_features)
     if config is None:
         key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype,
-               weight.outlier_values is not None, *_meta(weight).values())
-        config = _TUNER.choose(key, lambda: [functools.partial(_launch, x, w) for w in copies_past_l2(weight)],
+               weight.outlier_values is not None, sums is not None, *_meta(weight).values())
+        config = _TUNER.choose(key, lambda: _timed_products(x, weight, sums is not None),
                                candidates(x.shape[0], weight, x.dtype))
-    return _launch(x, weight, config)
+    return _launch(x, weight, config, sums)
+
+
+def _timed_products(x: torch.Tensor, weight: KernelWeight, pending: bool) -> list:
+    """What the tuner times for each configuration: the product over copies of the weight; pending
+    ones into scratch sums (their reader's finishing costs every configuration the same)."""
+    sums = torch.empty(x.shape[0], weight.out_features, device=x.device) if pending else None
+    return [functools.partial(_launch, x, copy, sums=sums) for copy in copies_past_l2(weight)]
 
 
 def copies_past_l2(weight):
@@ -238,14 +266,18 @@ def _meta(weight: KernelWeight) -> dict:
                 LUT_SIZE=1 if weight.lut is None else weight.lut.shape[1])
 
 
-def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor:
+def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None = None
+            ) -> torch.Tensor | PendingSum:
     """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel (or the
     half2 kernel of one or two tokens a program row) on a grid of N tiles x M tiles x shares of K.
     HALF2: half2 arithmetic, for BLOCK_M 1 or 2 tokens in its own kernel, for tiles of tokens in the
     weights the matmul kernel's dot takes.
     SWAP: the dot computes y^T = W x^T, so the weights are its first operand (on Hopper that one
-    may come from registers) and a few tokens fill its columns."""
+    may come from registers) and a few tokens fill its columns.
+    With `sums` [M, N], every program adds its share into them, and the product is left pending."""
     if config.get("DEQUANTIZE"):
+        if sums is not None:
+            raise ValueError("dequantize-then-cuBLAS leaves no product pending")
         return x @ dequantize_t(weight, x.dtype, config)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
     meta = _meta(weight)
@@ -258,13 +290,17 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
     block_k = min(config["BLOCK_K"], meta["GROUP"]) if cuda_core_half2 else config["BLOCK_K"]
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
             config["SPLIT_K"] or triton.cdiv(k, block_k))
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    split = grid[2] > 1
-    workspace, arrivals = _workspace(x.device, m * n if split else 1, grid[0] * grid[1] if split else 1)
+    split = grid[2] > 1 and sums is None
+    if sums is not None:  # the programs add into the caller's sums (y, the workspace and counts unread)
+        out, workspace, arrivals = sums, sums, sums
+    else:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        workspace, arrivals = _workspace(x.device, m * n if split else 1, grid[0] * grid[1] if split else 1)
     outliers = [weight.packed if tensor is None else tensor  # (unread when absent)
                 for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)]
-    common = dict(SPLIT=split, EVEN_N=_even(n, k, config)["EVEN_N"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
-                  HAS_OUTLIERS=weight.outlier_values is not None, ASM=asm, **meta, **_launch_options(config))
+    common = dict(SPLIT=split, PENDING=sums is not None, EVEN_N=_even(n, k, config)["EVEN_N"],
+                  BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HAS_OUTLIERS=weight.outlier_values is not None, ASM=asm,
+                  **meta, **_launch_options(config))
     if cuda_core_half2:
         _half2_kernel[grid](x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k,
                             weight.max_row_outliers, EVEN_K=k % block_k == 0, TOKENS=config["BLOCK_M"],
@@ -274,7 +310,7 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict) -> torch.Tensor
             x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k, weight.groups,
             weight.max_row_outliers, EVEN_K=_even(n, k, config)["EVEN_K"], BLOCK_M=config["BLOCK_M"],
             STAGES=config.get("num_stages", 1), HALF2=half2, SWAP=config.get("SWAP", False), **common)
-    return out
+    return out if sums is None else PendingSum(sums, x.dtype)
 
 
 def dequantize_t(weight: KernelWeight, dtype: torch.dtype, config: dict) -> torch.Tensor:
@@ -964,12 +1000,16 @@ if triton is not None:
         return total
 
     @triton.jit
-    def _write(y_ptr, ws_ptr, arrivals_ptr, acc, rows_m, in_m, cols_n, in_n, N, SPLIT: tl.constexpr):
+    def _write(y_ptr, ws_ptr, arrivals_ptr, acc, rows_m, in_m, cols_n, in_n, N, SPLIT: tl.constexpr,
+               PENDING: tl.constexpr):
         """y = acc; split along K, the programs of a tile add into the float32 workspace and the last to
-        arrive writes y and zeroes the workspace and its counter for the next launch."""
+        arrive writes y and zeroes the workspace and its counter for the next launch. PENDING: each
+        program adds into the caller's sums (the workspace here), which the product's reader finishes."""
         offsets = rows_m[:, None] * N + cols_n[None, :]
         mask = in_m[:, None] & in_n[None, :]
-        if SPLIT:
+        if PENDING:
+            tl.atomic_add(ws_ptr + offsets, acc, mask=mask, sem="relaxed")
+        elif SPLIT:
             tl.atomic_add(ws_ptr + offsets, acc, mask=mask, sem="relaxed")
             tl.debug_barrier()  # every thread's share is in before one thread moves the count (acq_rel)
             counter = arrivals_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
@@ -986,7 +1026,7 @@ if triton is not None:
     def _matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, ov_ptr, oc_ptr, oo_ptr, y_ptr, ws_ptr, arrivals_ptr,
                        M, N, K, GROUPS, MAX_ROW_OUTLIERS,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
-                       LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
+                       LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, PENDING: tl.constexpr,
                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                        HALF2: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
@@ -1042,13 +1082,13 @@ if triton is not None:
         if HAS_OUTLIERS:
             acc += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, in_m, cols_n, in_n, K, MAX_ROW_OUTLIERS,
                              BLOCK_M, BLOCK_N)
-        _write(y_ptr, ws_ptr, arrivals_ptr, acc, rows_m, in_m, cols_n, in_n, N, SPLIT)
+        _write(y_ptr, ws_ptr, arrivals_ptr, acc, rows_m, in_m, cols_n, in_n, N, SPLIT, PENDING)
 
     @triton.jit
     def _half2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, ov_ptr, oc_ptr, oo_ptr, y_ptr, ws_ptr, arrivals_ptr,
                       M, N, K, MAX_ROW_OUTLIERS,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
-                      LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr,
+                      LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, PENDING: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       TOKENS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
         """y[tokens, tile of BLOCK_N] for TOKENS tokens (1 or 2: a uniform grid's weights made once for
@@ -1108,7 +1148,7 @@ if triton is not None:
         if HAS_OUTLIERS:
             total += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, rows_m < M, cols_n, in_n, K, MAX_ROW_OUTLIERS,
                                TOKENS, BLOCK_N)
-        _write(y_ptr, ws_ptr, arrivals_ptr, total, rows_m, rows_m < M, cols_n, in_n, N, SPLIT)
+        _write(y_ptr, ws_ptr, arrivals_ptr, total, rows_m, rows_m < M, cols_n, in_n, N, SPLIT, PENDING)
 
     @triton.jit
     def _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero, l0, l1, l2, l3, h0, h1, h2, h3,

@@ -17,14 +17,15 @@ reference elsewhere); the first forward on a device makes the codes' int8 copy t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qtool.kernels import int8_matmul
-from qtool.kernels.quant_matmul import KERNEL_BITS, KernelWeight, kernel_fits, quant_matmul
+from qtool.kernels.pending import PendingSum
+from qtool.kernels.quant_matmul import PENDING_TOKENS, KERNEL_BITS, KernelWeight, kernel_fits, pends, quant_matmul
 from qtool.quantize import packing
 from qtool.quantize.qweight import OUTLIER_FIELDS, QuantizedWeight, SparseOutliers
 from qtool.quantize.scheme import Scheme
@@ -56,14 +57,16 @@ class QuantLinear(nn.Module):
         return QuantizedWeight(self.packed, self.scales, self.zeros, self.scheme, (self.out_features, self.in_features),
                                self.g_idx, self.lut, outliers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pending: bool = False) -> torch.Tensor | PendingSum:
+        """x @ W^T (+ bias); `pending`: the kernel's product may be left for the kernel that reads it
+        next (`pending_product`)."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.scheme.activation_bits:
             return int8_matmul.int8_matmul(x, *self._int8_weight(x.device), bias)
         layout = self._kernel_layout(x.device) if x.is_cuda else None
         if layout is None or not kernel_fits(x, layout.weight):
             return F.linear(x, self.quantized_weight().dequantize(x.dtype), bias)
-        return layout.multiply(x, bias)
+        return layout.multiply(x, bias, pending)
 
     def _int8_weight(self, device: torch.device) -> int8_matmul.Int8Weight:
         """The codes as signed int8 [out, in] (unsigned codes less their fixed zero) and the scales
@@ -82,19 +85,38 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme.describe()}"
 
 
+def pending_product(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | PendingSum:
+    """linear(x), or for a QuantLinear that qtool's kernel runs at this few tokens, its product left
+    pending (`qtool.kernels.pending`): the next kernel that reads it finishes it, and must, before
+    the linear's next call."""
+    return linear(x, pending=True) if isinstance(linear, QuantLinear) else linear(x)
+
+
 @dataclass
 class KernelLayout:
-    """The kernel's view of a weight, and the column order its activations must be given in."""
+    """The kernel's view of a weight, the column order its activations must be given in, and the
+    float32 accumulator its pending products are added into (`pends` tokens' worth, made at the
+    first, kept zero by their readers, never reallocated: CUDA graphs hold its address)."""
 
     weight: KernelWeight
     columns: torch.Tensor | None = None
+    accumulator: torch.Tensor | None = field(default=None, repr=False)
 
-    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W^T (+ bias) through the kernel, x's columns put in the view's order first."""
+    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None, pending: bool = False
+                 ) -> torch.Tensor | PendingSum:
+        """x @ W^T (+ bias) through the kernel, x's columns put in the view's order first; `pending`
+        and no bias: left pending where the kernel can."""
         if self.columns is not None:
             x = x.index_select(-1, self.columns)
-        out = quant_matmul(x, self.weight)
+        sums = self._accumulator(x.device) if pending and bias is None and pends(x.numel() // x.shape[-1]) else None
+        out = quant_matmul(x, self.weight, sums)
         return out if bias is None else out + bias
+
+    def _accumulator(self, device: torch.device) -> torch.Tensor:
+        if self.accumulator is None or self.accumulator.device != device:
+            self.accumulator = torch.zeros(PENDING_TOKENS * self.weight.out_features, device=device,
+                                           dtype=torch.float32)
+        return self.accumulator
 
 
 def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
@@ -164,13 +186,15 @@ class FusedLinears:
         self.owner, self.names = owner, names
         self._fused: tuple[torch.device, tuple | None] | None = None
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, pending: bool = False) -> list[torch.Tensor | PendingSum]:
+        """The linears' outputs; `pending`: their products may be left for the kernel that reads them
+        (`pending_product`)."""
         linears = [getattr(self.owner, name) for name in self.names]
         fused = self._fused_on(x.device, linears) if x.is_cuda else None
         if fused is None or not kernel_fits(x, fused[0].weight):
-            return [linear(x) for linear in linears]
+            return [pending_product(linear, x) if pending else linear(x) for linear in linears]
         layout, sizes, bias = fused
-        out = layout.multiply(x, None if bias is None else bias.to(x.dtype))
+        out = layout.multiply(x, None if bias is None else bias.to(x.dtype), pending)
         return list(out.split(sizes, dim=-1))
 
     def _fused_on(self, device: torch.device, linears: list[nn.Module]) -> tuple | None:

@@ -4,7 +4,10 @@ Face config, with the same parameter names as transformers' own, so checkpoints 
 RMSNorm, rotary embeddings (the rope-scaling variant of the config, with transformers' own
 frequency tables), grouped-query attention, SwiGLU, tied embeddings, q/k/v biases (Qwen2) and
 q/k norms (Qwen3). Linears are `nn.Linear` here; the loader swaps in `QuantLinear` for quantized
-ones; q/k/v and gate/up then run as one product each on CUDA (`FusedLinears`). Two ways to run:
+ones; q/k/v and gate/up then run as one product each on CUDA (`FusedLinears`). Products of a few
+tokens are left pending (`qtool.kernels.pending`) for the kernel that reads them next: the norms
+(after o and down), the rotary embedding with the cache store (after q/k/v), SiLU-and-multiply
+(after gate/up) finish them as they read. Two ways to run:
 - `model(input_ids [B, L])`: whole windows, causal attention within each (perplexity); returns an
   object with `.logits`, as transformers' models do.
 - `model.forward_tokens(ids [T], positions [T], batch)`: the tokens of many sequences flattened,
@@ -22,7 +25,8 @@ from qtool.errors import QtoolError
 from qtool.kernels.elementwise import rms_norm, rotary, rotary_into_cache, silu_mul
 from qtool.kernels.paged_attention import KVScales, round_trip
 from qtool.runtime.attention import PagedBatch, cached_attention, causal_attention, paged_attention
-from qtool.runtime.quant_linear import FusedLinears
+from qtool.kernels.pending import PendingSum
+from qtool.runtime.quant_linear import FusedLinears, pending_product
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -150,19 +154,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PagedBatch | None,
                 lengths: int | None) -> torch.Tensor:
         spec = self.spec
-        q, k, v = self.qkv(x)
+        # one launch rotates q and k and stores the keys and values in the cache, finishing q, k and v
+        into_cache = batch is not None and self.kv_cache_dtype is None and self.kv_observer is None
+        q, k, v = self.qkv(x, pending=into_cache and not spec.qk_norm)
         q = q.view(-1, spec.heads, spec.head_dim)
         k, v = k.view(-1, spec.kv_heads, spec.head_dim), v.view(-1, spec.kv_heads, spec.head_dim)
         if spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         scale = spec.head_dim**-0.5
-        if batch is not None and self.kv_cache_dtype is None and self.kv_observer is None:
-            # one launch rotates q and k and stores the keys and values in the cache
+        if into_cache:
             q = rotary_into_cache(q, k, v, cos, sin, *batch.layer_cache(self.index), batch.slots)
             out = cached_attention(q, batch, self.index, scale)
         else:
             out = self._attention(q, k, v, cos, sin, batch, lengths, scale)
-        return self.o_proj(out.reshape(-1, spec.heads * spec.head_dim))
+        return pending_product(self.o_proj, out.reshape(-1, spec.heads * spec.head_dim))
 
     def _attention(self, q, k, v, cos, sin, batch: PagedBatch | None, lengths: int | None, scale: float):
         """Attention where the keys are observed, moved into a float8 cache's key space, or not cached."""
@@ -185,8 +190,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
         self.gate_up = FusedLinears(self, ("gate_proj", "up_proj"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(*self.gate_up(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PendingSum:
+        return pending_product(self.down_proj, silu_mul(*self.gate_up(x, pending=True)))
 
 
 class DecoderLayer(nn.Module):

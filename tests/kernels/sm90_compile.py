@@ -8,6 +8,7 @@ import os
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -47,25 +48,31 @@ def main() -> None:
     words = {"w_ptr": "*i32", "z_ptr": "*u8", "ws_ptr": "*fp32", "arrivals_ptr": "*i32"}
     matmul = dict(words, oc_ptr="*i32", oo_ptr="*i32")
     # one token on the CUDA cores; a dot (mma, wgmma), its weights in float32 or half2 arithmetic, its
-    # operands swapped (the weights first); tables of 16 and 8 entries looked up in registers
-    for bits, block_m, block_k, half2, swap, entries in (
-            (4, 1, 256, False, False, 0), (4, 16, 128, False, False, 0), (4, 64, 128, True, False, 0),
-            (8, 16, 128, True, False, 0), (4, 16, 128, False, True, 0), (4, 64, 128, True, True, 0),
-            (4, 16, 64, True, True, 16), (4, 64, 64, True, True, 8)):
+    # operands swapped (the weights first); tables of 16 and 8 entries looked up in registers; the
+    # product left pending (added into the caller's sums)
+    for bits, block_m, block_k, half2, swap, entries, pending in (
+            (4, 1, 256, False, False, 0, False), (4, 16, 128, False, False, 0, False),
+            (4, 64, 128, True, False, 0, False), (8, 16, 128, True, False, 0, False),
+            (4, 16, 128, False, True, 0, False), (4, 64, 128, True, True, 0, False), (4, 16, 64, True, True, 16, False),
+            (4, 64, 64, True, True, 8, False), (4, 16, 64, True, True, 0, True)):
         compile_for_sm90(quant_matmul._matmul_kernel, dict(BITS=bits, GROUP=64, HAS_ZEROS=not entries,
                                                            HAS_LUT=bool(entries), LUT_SIZE=max(entries, 1),
-                                                           HAS_OUTLIERS=False, SPLIT=True, EVEN_N=True,
+                                                           HAS_OUTLIERS=False, SPLIT=not pending, PENDING=pending,
+                                                           EVEN_N=True,
                                                            EVEN_K=True, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k,
                                                            STAGES=3, HALF2=half2, SWAP=swap, ASM=True),
                          matmul)
     # one or two tokens in half2: uniform grids; tables of 16 and 8 entries (outliers with the first); the next
-    # tile in registers, or tiles ahead through shared memory (STAGES 3)
-    for bits, entries, outliers, tokens, stages in (
-            (4, 0, False, 1, 1), (8, 0, False, 1, 1), (4, 0, False, 2, 1), (8, 0, False, 2, 1), (4, 16, True, 1, 1),
-            (4, 16, True, 2, 1), (4, 8, False, 1, 1), (4, 0, False, 1, 3), (4, 0, False, 2, 3), (4, 16, True, 1, 3)):
+    # tile in registers, or tiles ahead through shared memory (STAGES 3); left pending
+    for bits, entries, outliers, tokens, stages, pending in (
+            (4, 0, False, 1, 1, False), (8, 0, False, 1, 1, False), (4, 0, False, 2, 1, False),
+            (8, 0, False, 2, 1, False), (4, 16, True, 1, 1, False), (4, 16, True, 2, 1, False),
+            (4, 8, False, 1, 1, False), (4, 0, False, 1, 3, False), (4, 0, False, 2, 3, False),
+            (4, 16, True, 1, 3, False), (4, 0, False, 1, 3, True)):
         compile_for_sm90(quant_matmul._half2_kernel, dict(BITS=bits, GROUP=64, HAS_ZEROS=not entries,
                                                           HAS_LUT=bool(entries), LUT_SIZE=max(entries, 1),
-                                                          HAS_OUTLIERS=outliers, SPLIT=True, EVEN_N=True, BLOCK_N=256,
+                                                          HAS_OUTLIERS=outliers, SPLIT=not pending, PENDING=pending,
+                                                          EVEN_N=True, BLOCK_N=256,
                                                           EVEN_K=True, BLOCK_K=64, TOKENS=tokens, STAGES=stages,
                                                           ASM=True), matmul, num_warps=2, options={"num_stages": stages})
     compile_for_sm90(quant_matmul._dequantize_kernel, dict(BITS=4, GROUP=64, HAS_ZEROS=True, HAS_LUT=False, LUT_SIZE=1,
@@ -92,17 +99,21 @@ def main() -> None:
     compile_for_sm90(paged_attention._merge_kernel, dict(HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, PARTITIONS=16,
                                                          PARTITIONS_PAD=16),
                      {"max_ptr": "*fp32", "sum_ptr": "*fp32", "values_ptr": "*fp32"})
-    rounding = elementwise.TORCH_ROUNDING
-    for residual in (False, True):
-        compile_for_sm90(elementwise._rms_norm_kernel, dict(HAS_RESIDUAL=residual, BLOCK=4096), num_warps=16,
-                         options=rounding)
-    for store in (False, True):  # rotated keys packed; into their cache slots, with the values
+    # the readers of a product: of fp16 activations, or of a pending product's float32 sums
+    rounding, half = elementwise.TORCH_ROUNDING, dict(DTYPE=tl.float16)
+    for residual, pending in ((False, False), (True, False), (True, True)):
+        compile_for_sm90(elementwise._rms_norm_kernel, dict(HAS_RESIDUAL=residual, PENDING=pending, BLOCK=4096, **half),
+                         {"x_ptr": "*fp32"} if pending else None, num_warps=16, options=rounding)
+    for store, pending in ((False, False), (True, False), (True, True)):  # keys packed; into their cache slots
+        sums = {name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr") if pending}
         rotary = compile_for_sm90(elementwise._rotary_kernel, dict(HEADS=32, KV_HEADS=8, HALF=64, HALF_PAD=64,
-                                                                   STORE=store),
-                                  {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i32"}, num_warps=1,
+                                                                   STORE=store, PENDING=pending, **half),
+                                  {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i32", **sums}, num_warps=1,
                                   options=rounding)
         assert "fma" not in rotary, "x * cos + turned * sin contracted into an FMA: torch rounds each product"
-    compile_for_sm90(elementwise._silu_mul_kernel, dict(BLOCK=1024), options=rounding)
+    for pending in (False, True):
+        compile_for_sm90(elementwise._silu_mul_kernel, dict(PENDING=pending, BLOCK=1024, **half),
+                         {"gate_ptr": "*fp32", "up_ptr": "*fp32"} if pending else None, options=rounding)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_rotary_into_cache_stores_what_rotary_and_store_kv_store(monkeypatch, dt
     want_q, rotated_k = reference_rotary(q, k, angles.cos(), angles.sin())
     store_kv(rotated_k, v, *expected, slots)
     if DEVICE == "cpu":  # the interpreter
-        monkeypatch.setattr(elementwise, "triton_runs", lambda x: True)
+        monkeypatch.setattr(elementwise, "in_triton", lambda x: True)
     got_q = rotary_into_cache(q, k, v, angles.cos(), angles.sin(), *caches, slots)
     assert got_q.is_contiguous()
     for got, want in zip([got_q, *caches], [want_q, *expected]):

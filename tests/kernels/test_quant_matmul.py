@@ -45,11 +45,14 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-def check(weight: KernelWeight, m: int, config: dict = SMALL, dtype=torch.float16, tolerance: float = 2e-3):
+def check(weight: KernelWeight, m: int, config: dict = SMALL, dtype=torch.float16, tolerance: float = 2e-3
+          ) -> torch.Tensor:
+    """The kernel's y against the reference's, for random x (returned)."""
     x = torch.randn(m, weight.in_features, dtype=dtype, device=DEVICE)
     out = triton_matmul(x, weight, config=config)
     assert out.dtype == x.dtype and out.shape == (m, weight.out_features) and torch.isfinite(out).all()
     assert relative_error(out, reference(x, weight)) < tolerance
+    return x
 
 
 def test_codes_are_read_in_the_canonical_packing():
@@ -195,10 +198,14 @@ def test_a_tail_of_columns_is_masked():
 @pytest.mark.parametrize("bits, group_size, symmetric", [(4, 64, False), (8, -1, True)])
 @pytest.mark.parametrize("m", [1, 2, 3, 16])
 def test_every_configuration_the_tuner_may_choose_matches_the_reference(bits, group_size, symmetric, m):
-    """The tuner keeps whichever candidate is fastest, so each one must be right, at its own warps."""
+    """The tuner keeps whichever candidate is fastest, so each one must be right, at its own warps:
+    finishing its product, and leaving it pending (a product of this few tokens may be)."""
     weight = uniform_weight(1536, 1024, bits, group_size, symmetric)
+    sums = torch.zeros(m, weight.out_features, device=DEVICE)
     for config in candidates(m, weight, torch.float16):
-        check(weight, m, config=config)
+        x = check(weight, m, config=config)
+        pending = triton_matmul(x, weight, config=config, sums=sums).result()
+        assert relative_error(pending, reference(x, weight)) < 2e-3
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter multiplies bf16 tiles as integers (tl.dot)")
