@@ -127,6 +127,23 @@ class Scheduler:
             budget -= count
         return step
 
+    def extend(self, step: list[Scheduled]) -> list[Scheduled] | None:
+        """The decode step after `step`, planned before its tokens are known: each sequence's next
+        position, with the block it needs. None unless it is what `schedule` would plan: `step`
+        decodes every running sequence, none waits, none reaches `max_tokens` with `step`'s token,
+        and the blocks are free without preempting."""
+        if self.waiting or len(step) != len(self.running) or any(
+                item.count != 1 or item.sequence.status is not Status.RUNNING
+                or len(item.sequence.output) + 2 > item.sequence.params.max_tokens for item in step):
+            return None
+        size = self.pool.block_size
+        needed = [max(0, -(-(item.start + 2) // size) - len(item.sequence.blocks)) for item in step]
+        if sum(needed) > self.pool.free_blocks:
+            return None
+        for item, count in zip(step, needed):
+            item.sequence.blocks += self.pool.allocate(count)
+        return [Scheduled(item.sequence, item.start + 1, 1) for item in step]
+
     def _reserve(self, sequence: Sequence, tokens: int, step: list[Scheduled]) -> bool:
         """Blocks for `tokens` of `sequence`, preempting later-admitted sequences as needed;
         False if `sequence` itself had to go."""

@@ -223,3 +223,27 @@ def test_decode_steps_replayed_from_cuda_graphs_give_the_eager_tokens(kv_cache):
     assert graphed == eager and eager_engine.graphs is None
     assert sorted(graph_engine.graphs.graphs) == [1, 2, 4, 8]
     assert graph_engine.pool.free_blocks == graph_engine.pool.total_blocks
+
+
+def test_a_step_run_ahead_is_dropped_for_a_sequence_that_stopped():
+    """Decode steps run one ahead of the host: a sequence that meets EOS while the step after is
+    already launched ends there (that step's token for it dropped), the others go on as transformers
+    generates, and every block comes back."""
+    reference, model = pair(std=0.5)
+    engine = engine_for(model, block_size=4)
+    expected = [greedy_reference(reference, prompt, 10) for prompt in PROMPTS[:3]]
+    eos = expected[0][4]  # the first prompt's fifth token ends it
+    engine.eos = {eos}
+    sequences = [engine.add(prompt, SamplingParams(temperature=0, max_tokens=10)) for prompt in PROMPTS[:3]]
+    finished, ran_ahead = {}, 0
+    while not engine.scheduler.done:
+        for event in engine.step():
+            assert event.sequence.id not in finished  # nothing more of a finished sequence
+            if event.finished is not None:
+                finished[event.finished.id] = event.finished
+        ran_ahead += engine.in_flight is not None
+    for sequence, tokens in zip(sequences, expected):
+        out = finished[sequence.id]
+        assert out.token_ids == (tokens[: tokens.index(eos)] if eos in tokens else tokens)
+        assert out.finish_reason == ("stop" if eos in tokens else "length")
+    assert ran_ahead > 0 and engine.pool.free_blocks == engine.pool.total_blocks

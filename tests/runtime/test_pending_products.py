@@ -33,7 +33,7 @@ def accumulators(model) -> list[torch.Tensor]:
 
 def test_windows_give_the_logits_of_products_finished_by_the_kernel(monkeypatch):
     model = synthetic_model(CONFIG, 4, 64, torch.float16, "cuda")
-    ids = torch.randint(0, CONFIG.vocab_size, (1, 8), device="cuda")
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         pending = model(ids).logits
         held = accumulators(model)
@@ -41,13 +41,16 @@ def test_windows_give_the_logits_of_products_finished_by_the_kernel(monkeypatch)
         assert not any(accumulator.any() for accumulator in held)
         monkeypatch.setattr(quant_linear, "pends", lambda tokens: False)
         finished = model(ids).logits
-    torch.testing.assert_close(pending, finished, rtol=1e-2, atol=1e-3)
+    # the same float32 shares, added in another order: fp16 logits within rounding (a share lost or
+    # added twice moves them by tens of percent)
+    assert ((pending.float() - finished.float()).norm() / finished.float().norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("graphs", [False, True])
 def test_decoding_gives_the_tokens_of_products_finished_by_the_kernel(monkeypatch, graphs):
     model = synthetic_model(CONFIG, 4, 64, torch.float16, "cuda")
-    prompts = [torch.randint(0, CONFIG.vocab_size, (length,)).tolist() for length in (3, 9, 20)]
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, CONFIG.vocab_size, (length,), generator=generator).tolist() for length in (3, 9, 20)]
 
     def tokens():
         engine = Engine(model, Tokens(), "cuda", torch.float16, block_size=4, cuda_graphs=graphs, cache_bytes=1 << 24)

@@ -1,7 +1,10 @@
-"""Decode speed with few-token products left pending for their readers (qtool.kernels.pending)
-against products the kernel finishes itself (an arrival count; the last program of a tile writes
-y), on one machine in one process, the two modes alternated: machines of one kind differ by more
-than the change (batch-1 decode 345-416 tokens/s on the device tool's H200s).
+"""Decode speed with one of the runtime's decode-step features on and off, on one machine in one
+process, the two modes alternated: machines of one kind differ by more than such a change
+(batch-1 decode 345-416 tokens/s on the device tool's H200s). `--feature`:
+- pending: few-token products left pending for their readers (qtool.kernels.pending), against
+  products the kernel finishes itself (an arrival count; the last program of a tile writes y);
+- run-ahead: the engine launching the next decode step before it reads the last one's tokens
+  (qtool.runtime.engine), against a step at a time.
 
 Each round builds an engine (CUDA graphs captured in its mode), warms it with one load and runs the
 load `--repeats` times; decode tokens/s per run and the median per mode and batch size. Decode
@@ -9,8 +12,9 @@ tokens/s counts the host's part of a step too, which varies from run to run; so 
 times the GPU alone: 100 back-to-back replays of the batch size's captured decode graph, timed
 by CUDA events (ms a step).
 
-usage: python benchmarks/pending_products.py [--synthetic llama3-8b] [--batch-sizes 1 8 64]
-       [--prompt-len 128] [--output-len 256] [--rounds 2] [--repeats 3] [--json OUT.json]
+usage: python benchmarks/decode_ab.py [--feature pending|run-ahead] [--synthetic llama3-8b]
+       [--batch-sizes 1 8 64] [--prompt-len 128] [--output-len 256] [--rounds 2] [--repeats 3]
+       [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -28,14 +32,21 @@ import triton
 from qtool.runtime import quant_linear
 from qtool.runtime.bench import run_load, synthetic_config, synthetic_model
 from qtool.runtime.engine import Engine
+from qtool.runtime.scheduler import Scheduler
 
-PENDS = quant_linear.pends  # which products may be left pending; the other mode leaves none
+ENABLED = {"pending": (quant_linear, "pends"), "run-ahead": (Scheduler, "extend")}
+DISABLED = {"pending": lambda tokens: False, "run-ahead": lambda scheduler, step: None}
 
 
-def decode_rates(model, pending: bool, batch_sizes: list[int], prompt_len: int, output_len: int,
+def switch(feature: str, on: bool, original) -> None:
+    """Turns the feature on (its own function back) or off (a stand-in that declines every time)."""
+    owner, name = ENABLED[feature]
+    setattr(owner, name, original if on else DISABLED[feature])
+
+
+def decode_rates(model, batch_sizes: list[int], prompt_len: int, output_len: int,
                  repeats: int) -> tuple[dict[int, list[float]], dict[int, float]]:
     """(decode tokens/s of each run, GPU ms of a decode step) per batch size."""
-    quant_linear.pends = PENDS if pending else (lambda tokens: False)
     engine = Engine(model, None, "cuda", torch.float16, max_sequences=max(batch_sizes))
     rates, step_ms = {}, {}
     for batch in batch_sizes:
@@ -64,6 +75,7 @@ def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 100) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--feature", choices=sorted(ENABLED), default="pending")
     parser.add_argument("--synthetic", default="llama3-8b")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -73,17 +85,18 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     model = synthetic_model(synthetic_config(args.synthetic), 4, 64, torch.float16, "cuda")
-    modes = ("pending", "finished")
+    modes = ("on", "off")
+    original = getattr(*ENABLED[args.feature])
     runs = {mode: {batch: [] for batch in args.batch_sizes} for mode in modes}
     steps = {mode: {batch: [] for batch in args.batch_sizes} for mode in modes}
     for round_ in range(args.rounds):
         for mode in modes if round_ % 2 == 0 else modes[::-1]:
-            rates, step_ms = decode_rates(model, mode == "pending", args.batch_sizes, args.prompt_len, args.output_len,
-                                          args.repeats)
+            switch(args.feature, mode == "on", original)
+            rates, step_ms = decode_rates(model, args.batch_sizes, args.prompt_len, args.output_len, args.repeats)
             for batch in args.batch_sizes:
                 runs[mode][batch] += rates[batch]
                 steps[mode][batch].append(step_ms[batch])
-                print(f"round {round_} {mode:8s} batch {batch:3d}: decode tok/s "
+                print(f"round {round_} {args.feature} {mode:3s} batch {batch:3d}: decode tok/s "
                       + " ".join(f"{rate:.1f}" for rate in rates[batch]) + f"; GPU step {step_ms[batch]:.3f} ms",
                       flush=True)
     medians = {mode: {batch: statistics.median(rates) for batch, rates in by_batch.items()}
@@ -91,12 +104,12 @@ def main() -> None:
     step_medians = {mode: {batch: statistics.median(ms) for batch, ms in by_batch.items()}
                     for mode, by_batch in steps.items()}
     for batch in args.batch_sizes:
-        pending, finished = medians["pending"][batch], medians["finished"][batch]
-        print(f"batch {batch}: decode tok/s pending {pending:.1f} finished {finished:.1f} ({pending / finished:.3f}x); "
-              f"GPU step ms pending {step_medians['pending'][batch]:.3f} finished {step_medians['finished'][batch]:.3f}")
+        on, off = medians["on"][batch], medians["off"][batch]
+        print(f"batch {batch}: decode tok/s {args.feature} on {on:.1f} off {off:.1f} ({on / off:.3f}x); "
+              f"GPU step ms on {step_medians['on'][batch]:.3f} off {step_medians['off'][batch]:.3f}")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump(dict(command="python benchmarks/pending_products.py " + " ".join(
+            json.dump(dict(command="python benchmarks/decode_ab.py " + " ".join(
                 f"--{key.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
                 for key, value in vars(args).items() if key != "json"),
                 device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
