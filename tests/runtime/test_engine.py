@@ -8,7 +8,7 @@ import torch
 from qtool.runtime.cache import BlockPool, block_hashes
 from qtool.runtime.engine import Engine
 from qtool.runtime.models.llama import LlamaForCausalLM, LlamaSpec
-from qtool.runtime.sampling import SamplingParams, sample
+from qtool.runtime.sampling import SamplingParams, first_argmax, sample
 from qtool.errors import QtoolError
 
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
@@ -247,3 +247,16 @@ def test_a_step_run_ahead_is_dropped_for_a_sequence_that_stopped():
         assert out.token_ids == (tokens[: tokens.index(eos)] if eos in tokens else tokens)
         assert out.finish_reason == ("stop" if eos in tokens else "length")
     assert ran_ahead > 0 and engine.pool.free_blocks == engine.pool.total_blocks
+
+
+@pytest.mark.parametrize("width", [128256, 49152, 1187, 13, 1])
+def test_the_chunked_argmax_is_torchs(width):
+    """The first index of the largest value, ties and NaN included, for widths of many divisors, a
+    prime (one chunk) and one."""
+    logits = torch.randn(5, width).half()
+    logits[1] = 0.0  # all tied: index 0
+    logits[2, width // 2 :] = logits[2].max() + 1  # tied from the middle on
+    logits[3, -1] = float("nan")
+    logits[4, width // 3] = float("nan")
+    logits[4, -1] = float("nan")
+    assert torch.equal(first_argmax(logits), logits.argmax(dim=-1))
