@@ -10,11 +10,10 @@ offline front door; `Engine.add` / `step` is what a server drives.
 Decoding runs one step ahead of the host: while the device computes a decode step, the engine
 launches the next one, its token ids taken on the device from the step before (`Flight`), and only
 then waits for the earlier step's tokens (copied to the host right behind that step) to retire
-sequences and report them. The host's work for a
-step (scheduling, the upload, reading tokens back: ~0.2 ms on an H200's host, a tenth of a batch-1
-step of an 8B model) then overlaps the device's instead of adding to it. A step run ahead for a
-sequence that has meanwhile stopped (EOS, a stop string) is dropped; its cache write lands past the
-sequence's end, in a block no prefix index holds.
+sequences and report them. The host's work for a step (scheduling, the upload, reading tokens back:
+~0.2 ms on an H200's host, a tenth of a batch-1 step of an 8B model) then overlaps the device's
+instead of adding to it. A step run ahead for a sequence that has meanwhile stopped (EOS, a stop
+string) is dropped; its cache write lands past the sequence's end, in a block no prefix index holds.
 """
 
 from __future__ import annotations
@@ -78,7 +77,7 @@ class Flight:
     copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # the tokens' copy on its way to the host
 
     @classmethod
-    def sampling(cls, plan: list[Scheduled], shape: StepShape, tokens: torch.Tensor, sampled: list[Sequence]
+    def with_tokens(cls, plan: list[Scheduled], shape: StepShape, tokens: torch.Tensor, sampled: list[Sequence]
                  ) -> "Flight":
         """A step that sampled `tokens`: on CUDA their copy to pinned host memory is issued right
         behind them, so that reading them waits for this step only (a copy issued when they are
@@ -214,8 +213,8 @@ class Engine:
                 return Flight(plan, shape)
             logits = self.model.compute_logits(hidden[inputs.sampled_rows])
         sequences = [plan[index].sequence for index in sampling]
-        return Flight.sampling(plan, shape, sample(logits, [s.params for s in sequences],
-                                                   [s.generator for s in sequences]), sequences)
+        tokens = sample(logits, [s.params for s in sequences], [s.generator for s in sequences])
+        return Flight.with_tokens(plan, shape, tokens, sequences)
 
     def _replays_graph(self, shape: StepShape, sampling: list[int]) -> bool:
         """A step where every sequence decodes one token, at a batch size a graph is kept for."""
@@ -263,8 +262,8 @@ class Engine:
             tables = tables + [[self.graphs.scratch_block]] * padding
         starts = list(itertools.accumulate((item.count for item in plan), initial=0))
         starts += [starts[-1] + 1 + row for row in range(padding)]  # a padding row's one token
-        inputs = StepInputs.upload([ids, positions, slots, lengths, starts, [ends[index] for index in sampling]], tables,
-                                   self.device)
+        sampled_rows = [ends[index] for index in sampling]
+        inputs = StepInputs.upload([ids, positions, slots, lengths, starts, sampled_rows], tables, self.device)
         if ahead is not None:
             inputs.ids[: len(plan)].copy_(ahead)
         return inputs
