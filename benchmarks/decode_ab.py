@@ -24,11 +24,13 @@ import gc
 import json
 import platform
 import statistics
+import sys
 from datetime import date
 
 import torch
 import triton
 
+from qtool.errors import QtoolError
 from qtool.runtime import quant_linear
 from qtool.runtime.bench import run_load, synthetic_config, synthetic_model
 from qtool.runtime.engine import Engine
@@ -73,6 +75,26 @@ def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 100) -> float:
     return start.elapsed_time(end) / replays
 
 
+def checked(args: argparse.Namespace):
+    """The synthetic model's config, once the arguments are sound; bad input: one line on stderr,
+    exit status 2, before any model is built."""
+    counts = dict(batch_sizes=min(args.batch_sizes), prompt_len=args.prompt_len, output_len=args.output_len,
+                  rounds=args.rounds, repeats=args.repeats)
+    low = [name for name, value in counts.items() if value < 1]
+    try:
+        if low:
+            raise QtoolError(f"--{low[0].replace('_', '-')} must be at least 1")
+        if args.output_len < 2:
+            raise QtoolError("--output-len must be at least 2: a load needs decode steps to time")
+        config = synthetic_config(args.synthetic)
+        if not torch.cuda.is_available():
+            raise QtoolError("this benchmark times CUDA-graph decode steps: run it on a CUDA GPU")
+    except QtoolError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2)
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--feature", choices=sorted(ENABLED), default="pending")
@@ -84,7 +106,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
-    model = synthetic_model(synthetic_config(args.synthetic), 4, 64, torch.float16, "cuda")
+    config = checked(args)
+    model = synthetic_model(config, 4, 64, torch.float16, "cuda")
     modes = ("on", "off")
     original = getattr(*ENABLED[args.feature])
     runs = {mode: {batch: [] for batch in args.batch_sizes} for mode in modes}
