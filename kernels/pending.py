@@ -81,7 +81,8 @@ def in_triton(x: torch.Tensor | PendingSum) -> bool:
 
 
 if triton is not None:
-    TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+    TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+                 torch.float64: tl.float64}
 
     @triton.jit
     def load_finished(ptr, mask, PENDING: tl.constexpr, DTYPE: tl.constexpr):
