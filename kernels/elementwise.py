@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.kernels.paged_attention import store_kv
-from qtool.kernels.pending import PendingSum, alike, finished, in_triton
+from qtool.kernels.pending import PendingSum, alike, in_triton
 
 try:
     import triton
@@ -89,7 +89,6 @@ def rotary(q: torch.Tensor | PendingSum, k: torch.Tensor | PendingSum, cos: torc
     """q [T, heads, head_dim] and k [T, kv_heads, head_dim] rotated by cos, sin [T, head_dim]; q and
     k (and v below) may be pending products, finished as they are read."""
     if not in_triton(q):
-        q, k = finished(q), finished(k)
         return reference_rotary(q, k, cos, sin)
     return triton_rotary(q, k, cos, sin)
 
@@ -105,7 +104,6 @@ def rotary_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     """q rotated; k rotated and v [T, kv_heads, head_dim] stored at the cache slots [T] of one
     layer's k_cache and v_cache [blocks, block_size, kv_heads, head_dim] (not float8)."""
     if not in_triton(q):
-        q, k, v = finished(q), finished(k), finished(v)
         q, k = reference_rotary(q, k, cos, sin)
         store_kv(k, v, k_cache, v_cache, slots)
         return q
@@ -143,7 +141,7 @@ def silu_mul(gate: torch.Tensor | PendingSum, up: torch.Tensor | PendingSum) -> 
     """SiLU(gate) * up, SiLU's result rounded to gate's dtype first, as torch does; gate and up may
     be pending products, finished as they are read."""
     if not in_triton(gate):
-        return reference_silu_mul(finished(gate), finished(up))
+        return reference_silu_mul(gate, up)
     return triton_silu_mul(gate, up)
 
 

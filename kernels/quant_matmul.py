@@ -1007,10 +1007,9 @@ if triton is not None:
         program adds into the caller's sums (the workspace here), which the product's reader finishes."""
         offsets = rows_m[:, None] * N + cols_n[None, :]
         mask = in_m[:, None] & in_n[None, :]
-        if PENDING:
+        if SPLIT or PENDING:
             tl.atomic_add(ws_ptr + offsets, acc, mask=mask, sem="relaxed")
-        elif SPLIT:
-            tl.atomic_add(ws_ptr + offsets, acc, mask=mask, sem="relaxed")
+        if SPLIT:
             tl.debug_barrier()  # every thread's share is in before one thread moves the count (acq_rel)
             counter = arrivals_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
             if tl.atomic_add(counter, 1) == tl.num_programs(2) - 1:
@@ -1019,7 +1018,7 @@ if triton is not None:
                 total = total.to(tl.float32, bitcast=True)
                 tl.store(y_ptr + offsets, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(counter, 0)
-        else:
+        elif not PENDING:
             tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit

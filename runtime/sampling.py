@@ -8,6 +8,7 @@ its own generator (argmax of p / E, E ~ Exp(1), is a draw from p).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -79,6 +80,7 @@ def first_argmax(logits: torch.Tensor) -> torch.Tensor:
     return (best * chunk + within.gather(1, best)).squeeze(1)
 
 
+@functools.cache  # a step's vocabulary width: searched once, not at every step
 def _chunk_width(width: int) -> int:
     """The smallest divisor of `width` of at least its square root: about as many chunks as they
     are wide (one chunk, `width` itself, for a prime width)."""

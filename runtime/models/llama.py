@@ -24,8 +24,8 @@ from torch import nn
 from qtool.errors import QtoolError
 from qtool.kernels.elementwise import rms_norm, rotary, rotary_into_cache, silu_mul
 from qtool.kernels.paged_attention import KVScales, round_trip
-from qtool.runtime.attention import PagedBatch, cached_attention, causal_attention, paged_attention
 from qtool.kernels.pending import PendingSum
+from qtool.runtime.attention import PagedBatch, cached_attention, causal_attention, paged_attention
 from qtool.runtime.quant_linear import FusedLinears, pending_product
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
