@@ -4,7 +4,9 @@ process, the two modes alternated: machines of one kind differ by more than such
 - pending: few-token products left pending for their readers (qtool.kernels.pending), against
   products the kernel finishes itself (an arrival count; the last program of a tile writes y);
 - run-ahead: the engine launching the next decode step before it reads the last one's tokens
-  (qtool.runtime.engine), against a step at a time.
+  (qtool.runtime.engine), against a step at a time;
+- pdl: the kernels launched as programmatic dependents of the kernel before them
+  (qtool.kernels.dependent_launch), against launched once it has ended.
 
 Each round builds an engine (CUDA graphs captured in its mode), warms it with one load and runs the
 load `--repeats` times; decode tokens/s per run and the median per mode and batch size. Decode
@@ -12,7 +14,7 @@ tokens/s counts the host's part of a step too, which varies from run to run; so 
 times the GPU alone: 100 back-to-back replays of the batch size's captured decode graph, timed
 by CUDA events (ms a step).
 
-usage: python benchmarks/decode_ab.py [--feature pending|run-ahead] [--synthetic llama3-8b]
+usage: python benchmarks/decode_ab.py [--feature pending|run-ahead|pdl] [--synthetic llama3-8b]
        [--batch-sizes 1 8 64] [--prompt-len 128] [--output-len 256] [--rounds 2] [--repeats 3]
        [--json OUT.json]
 """
@@ -31,13 +33,15 @@ import torch
 import triton
 
 from qtool.errors import QtoolError
+from qtool.kernels import dependent_launch
 from qtool.runtime import quant_linear
 from qtool.runtime.bench import run_load, synthetic_config, synthetic_model
 from qtool.runtime.engine import Engine
 from qtool.runtime.scheduler import Scheduler
 
-ENABLED = {"pending": (quant_linear, "pends"), "run-ahead": (Scheduler, "extend")}
-DISABLED = {"pending": lambda tokens: False, "run-ahead": lambda scheduler, step: None}
+ENABLED = {"pending": (quant_linear, "pends"), "run-ahead": (Scheduler, "extend"),
+           "pdl": (dependent_launch, "overlaps")}
+DISABLED = {"pending": lambda tokens: False, "run-ahead": lambda scheduler, step: None, "pdl": lambda device: False}
 
 
 def switch(feature: str, on: bool, original) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qtool.kernels.dependent_launch import dependent_launch
 from qtool.kernels.paged_attention import store_kv
 from qtool.kernels.pending import PendingSum, alike, in_triton
 
@@ -71,7 +72,7 @@ def triton_rms_norm(x: torch.Tensor | PendingSum, weight: torch.Tensor, eps: flo
     _rms_norm_kernel[(rows.shape[0],)](
         rows, rows if residual is None else residual.reshape(-1, size).contiguous(), weight.contiguous(), out, summed,
         size, eps, HAS_RESIDUAL=residual is not None, PENDING=pending, DTYPE=TL_DTYPES[dtype], BLOCK=block,
-        num_warps=max(1, min(16, block // 256)), **TORCH_ROUNDING)
+        num_warps=max(1, min(16, block // 256)), **dependent_launch(rows.device), **TORCH_ROUNDING)
     out = out.view(x.shape)
     return out if residual is None else (out, summed.view(x.shape))
 
@@ -124,7 +125,7 @@ def _rotate(q, k, cos: torch.Tensor, sin: torch.Tensor, k_target: torch.Tensor, 
     _rotary_kernel[(tokens, heads + kv_heads)](
         q, k, v, cos, sin, q_out, k_target, v_cache, slots, q.stride(0), k.stride(0), v.stride(0), HEADS=heads,
         KV_HEADS=kv_heads, HALF=head_dim // 2, HALF_PAD=triton.next_power_of_2(head_dim // 2), STORE=values is not None,
-        PENDING=pending, DTYPE=TL_DTYPES[dtype], num_warps=1, **TORCH_ROUNDING)
+        PENDING=pending, DTYPE=TL_DTYPES[dtype], num_warps=1, **dependent_launch(q.device), **TORCH_ROUNDING)
     return q_out
 
 
@@ -153,7 +154,7 @@ def triton_silu_mul(gate: torch.Tensor | PendingSum, up: torch.Tensor | PendingS
     out = torch.empty(gate.shape, device=gate_rows.device, dtype=dtype)
     _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(width, SILU_BLOCK))](
         gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), PENDING=pending,
-        DTYPE=TL_DTYPES[dtype], BLOCK=SILU_BLOCK, num_warps=4, **TORCH_ROUNDING)
+        DTYPE=TL_DTYPES[dtype], BLOCK=SILU_BLOCK, num_warps=4, **dependent_launch(out.device), **TORCH_ROUNDING)
     return out
 
 
@@ -167,14 +168,17 @@ SILU_BLOCK = 1024
 
 
 if triton is not None:
+    from qtool.kernels.dependent_launch import wait_for_previous
     from qtool.kernels.pending import TL_DTYPES, load_finished
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, sum_ptr, size, eps, HAS_RESIDUAL: tl.constexpr,
-                         PENDING: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                         PENDING: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * size
         cols = tl.arange(0, BLOCK)
         inside = cols < size
+        weight = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)  # a constant: before the wait
+        wait_for_previous(PDL)
         x = load_finished(x_ptr + row + cols, inside, PENDING, DTYPE)
         if HAS_RESIDUAL:  # the sum rounded to the activations' dtype, as torch's addition rounds it
             x = (x.to(tl.float32) + tl.load(residual_ptr + row + cols, mask=inside, other=0.0).to(tl.float32))
@@ -183,7 +187,6 @@ if triton is not None:
         wide = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(wide * wide, axis=0) / size + eps)
         normed = (wide * rstd).to(DTYPE).to(tl.float32)
-        weight = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         tl.store(out_ptr + row + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
@@ -194,11 +197,13 @@ if triton is not None:
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slots_ptr, q_stride,
                        k_stride, v_stride, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                       HALF_PAD: tl.constexpr, STORE: tl.constexpr, PENDING: tl.constexpr, DTYPE: tl.constexpr):
+                       HALF_PAD: tl.constexpr, STORE: tl.constexpr, PENDING: tl.constexpr, DTYPE: tl.constexpr,
+                       PDL: tl.constexpr):
         """One head of one token: program (token, head), heads first, then kv heads. The inputs'
         tokens are `q_stride` / `k_stride` / `v_stride` elements apart; the outputs are packed, the
         keys (and, STORE, the values copied as they are) at row slots[token] of the cache. PENDING:
         the inputs are a product's float32 sums, finished as they are read."""
+        wait_for_previous(PDL)
         token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
         dims = tl.arange(0, HALF_PAD)
         inside = dims < HALF
@@ -234,9 +239,10 @@ if triton is not None:
 
     @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, PENDING: tl.constexpr,
-                         DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                         DTYPE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """BLOCK columns of one row: program (row, column block); PENDING, gate and up are a product's
         float32 sums, finished as they are read."""
+        wait_for_previous(PDL)
         row = tl.program_id(0).to(tl.int64)
         columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = columns < width

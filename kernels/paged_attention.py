@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from qtool.kernels.dependent_launch import dependent_launch
 from qtool.kernels.dispatch import triton_runs
 
 try:
@@ -174,11 +175,12 @@ def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q, k_cache, v_cache, block_tables, context_lens, out, maxima, sums, values, scale, keys_scale, values_scale,
         block_tables.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, TILE=DECODE_TILE,
-        PRECISION=dot_precision(q.dtype), SCALED=fp8, SPLIT=split, **shape,
+        PRECISION=dot_precision(q.dtype), SCALED=fp8, SPLIT=split, **shape, **dependent_launch(q.device),
     )
     if split:
         _merge_kernel[(sequences, heads)](maxima, sums, values, out, PARTITIONS=partitions,
-                                          PARTITIONS_PAD=triton.next_power_of_2(partitions), **shape)
+                                          PARTITIONS_PAD=triton.next_power_of_2(partitions), **shape,
+                                          **dependent_launch(q.device))
     return out
 
 
@@ -239,6 +241,7 @@ def triton_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 
 if triton is not None:
+    from qtool.kernels.dependent_launch import wait_for_previous
 
     @triton.jit
     def _attend(q, k_ptr, v_ptr, table_ptr, kv_head, start, end, positions, scale, best, total, acc, stride_block,
@@ -275,12 +278,13 @@ if triton is not None:
                        k_scale_ptr, v_scale_ptr, max_blocks, stride_block, stride_token, stride_head,
                        HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, TILE: tl.constexpr,
-                       PRECISION: tl.constexpr, SCALED: tl.constexpr, SPLIT: tl.constexpr):
+                       PRECISION: tl.constexpr, SCALED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
         """The attention of one kv head's query heads over one partition's share of a sequence's
         blocks, TILE tokens an iteration read through the block table: the output itself, or
         (SPLIT) the share's maximum, sum of weights and weighted values for `_merge_kernel` (an
         empty share: -inf, 0, 0). The group's heads are the rows of both products on the tensor
         cores (padded to GROUP_PAD >= 16), as in `_prefill_kernel`."""
+        wait_for_previous(PDL)
         sequence, kv_head, partition = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
         in_group = tl.arange(0, GROUP_PAD) < GROUP
@@ -315,9 +319,11 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(max_ptr, sum_ptr, values_ptr, out_ptr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      HEAD_DIM_PAD: tl.constexpr, PARTITIONS: tl.constexpr, PARTITIONS_PAD: tl.constexpr):
+                      HEAD_DIM_PAD: tl.constexpr, PARTITIONS: tl.constexpr, PARTITIONS_PAD: tl.constexpr,
+                      PDL: tl.constexpr):
         """One (sequence, head)'s output from its partitions: each share's sums rescaled to the
         overall maximum (empty shares weigh nothing), the values over the sum."""
+        wait_for_previous(PDL)
         row = tl.program_id(0) * HEADS + tl.program_id(1)
         parts = tl.arange(0, PARTITIONS_PAD)
         present = parts < PARTITIONS

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.cache import cache_dir
+from qtool.kernels.dependent_launch import dependent_launch
 from qtool.kernels.dispatch import triton_runs
 from qtool.kernels.pending import PendingSum
 
@@ -300,7 +301,7 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
                 for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)]
     common = dict(SPLIT=split, PENDING=sums is not None, EVEN_N=_even(n, k, config)["EVEN_N"],
                   BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HAS_OUTLIERS=weight.outlier_values is not None, ASM=asm,
-                  **meta, **_launch_options(config))
+                  **meta, **_launch_options(config), **dependent_launch(x.device))
     if cuda_core_half2:
         _half2_kernel[grid](x, *_weight_args(weight), *outliers, out, workspace, arrivals, m, n, k,
                             weight.max_row_outliers, EVEN_K=k % block_k == 0, TOKENS=config["BLOCK_M"],
@@ -612,6 +613,8 @@ def half2_table_weights_ptx(entries: int) -> str:
 
 
 if triton is not None:
+    from qtool.kernels.dependent_launch import wait_for_previous
+
     _EXPONENT = tl.constexpr(HALF2_EXPONENT)
     _ODD_EXPONENT = tl.constexpr(HALF2_ODD_EXPONENT)
     _HALF2_DOT_4 = tl.constexpr(half2_dot_ptx(4))
@@ -1028,7 +1031,8 @@ if triton is not None:
                        LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, PENDING: tl.constexpr,
                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                       HALF2: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
+                       HALF2: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+        wait_for_previous(PDL)
         PER_WORD: tl.constexpr = 32 // BITS
         ROWS: tl.constexpr = BLOCK_K // PER_WORD
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1089,13 +1093,14 @@ if triton is not None:
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_LUT: tl.constexpr,
                       LUT_SIZE: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, PENDING: tl.constexpr,
                       EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      TOKENS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+                      TOKENS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
         """y[tokens, tile of BLOCK_N] for TOKENS tokens (1 or 2: a uniform grid's weights made once for
         both) in half2 arithmetic, over this program's share of K in tiles of BLOCK_K inputs inside one
         group (a uniform grid), or with one table per row held in registers. STAGES 1: the next tile's
         loads are issued into registers before this tile's arithmetic, so the last tile is done after
         the loop, which never loads past K. STAGES 2 or more: Triton's pipeliner copies STAGES - 1
         tiles ahead into shared memory (cp.async), where loads in flight hold no registers."""
+        wait_for_previous(PDL)
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = _below(cols_n, N, EVEN_N)

@@ -46,23 +46,25 @@ def test_windows_give_the_logits_of_products_finished_by_the_kernel(monkeypatch)
     assert ((pending.float() - finished.float()).norm() / finished.float().norm()).item() < 1e-2
 
 
+def greedy_tokens(model, graphs: bool, max_tokens: int) -> list[list[int]]:
+    """The greedy tokens of three prompts of random ids (of 3, 9 and 20 tokens, seed 0) decoded by
+    an engine on `model`, with or without CUDA graphs."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, CONFIG.vocab_size, (length,), generator=generator).tolist() for length in (3, 9, 20)]
+    engine = Engine(model, Tokens(), "cuda", torch.float16, block_size=4, cuda_graphs=graphs, cache_bytes=1 << 24)
+    sequences = [engine.add(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+                 for prompt in prompts]
+    done = engine.run()
+    return [done[sequence.id].token_ids for sequence in sequences]
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_decoding_gives_the_tokens_of_products_finished_by_the_kernel(monkeypatch, graphs):
     model = synthetic_model(CONFIG, 4, 64, torch.float16, "cuda")
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, CONFIG.vocab_size, (length,), generator=generator).tolist() for length in (3, 9, 20)]
-
-    def tokens():
-        engine = Engine(model, Tokens(), "cuda", torch.float16, block_size=4, cuda_graphs=graphs, cache_bytes=1 << 24)
-        sequences = [engine.add(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-                     for prompt in prompts]
-        done = engine.run()
-        return [done[sequence.id].token_ids for sequence in sequences]
-
     with torch.no_grad():
-        pending = tokens()
+        pending = greedy_tokens(model, graphs, max_tokens=8)
         held = accumulators(model)
         assert len(held) == 4 * CONFIG.num_hidden_layers
         assert not any(accumulator.any() for accumulator in held)
         monkeypatch.setattr(quant_linear, "pends", lambda tokens: False)
-        assert tokens() == pending
+        assert greedy_tokens(model, graphs, max_tokens=8) == pending
