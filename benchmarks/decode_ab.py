@@ -8,8 +8,12 @@ process, the two modes alternated: machines of one kind differ by more than such
 - pdl: the kernels launched as programmatic dependents of the kernel before them
   (qtool.kernels.dependent_launch), against launched once it has ended.
 
-Each round builds an engine (CUDA graphs captured in its mode), warms it with one load and runs the
-load `--repeats` times; decode tokens/s per run and the median per mode and batch size. Decode
+Batch sizes are taken in ascending order, each through every round and mode before the next: once
+a process has run a 64-request load, its batch-1 steps stay about 6% slower, in either mode
+(runtime_h200.md, "Kernels launched as programmatic dependents"), so a larger batch measured first
+would favour the mode that ran before it. Each round builds an engine (CUDA graphs captured in its
+mode), warms it with one load and runs the load `--repeats` times; decode tokens/s per run and the
+median per mode and batch size. Decode
 tokens/s counts the host's part of a step too, which varies from run to run; so each round also
 times the GPU alone: 100 back-to-back replays of the batch size's captured decode graph, timed
 by CUDA events (ms a step).
@@ -50,16 +54,14 @@ def switch(feature: str, on: bool, original) -> None:
     setattr(owner, name, original if on else DISABLED[feature])
 
 
-def decode_rates(model, batch_sizes: list[int], prompt_len: int, output_len: int,
-                 repeats: int) -> tuple[dict[int, list[float]], dict[int, float]]:
-    """(decode tokens/s of each run, GPU ms of a decode step) per batch size."""
-    engine = Engine(model, None, "cuda", torch.float16, max_sequences=max(batch_sizes))
-    rates, step_ms = {}, {}
-    for batch in batch_sizes:
-        run_load(engine, batch, prompt_len, output_len, seed=1)  # compiles, tunes, captures
-        rates[batch] = [run_load(engine, batch, prompt_len, output_len, seed=2 + run).decode_tokens_per_s
-                        for run in range(repeats)]
-        step_ms[batch] = replay_ms(engine.graphs.graphs[engine.graphs.size_for(batch)][0])
+def decode_rates(model, batch: int, max_sequences: int, prompt_len: int, output_len: int,
+                 repeats: int) -> tuple[list[float], float]:
+    """The decode tokens/s of each run and the GPU ms of a decode step, of `batch` requests on an
+    engine built for `max_sequences`."""
+    engine = Engine(model, None, "cuda", torch.float16, max_sequences=max_sequences)
+    run_load(engine, batch, prompt_len, output_len, seed=1)  # compiles, tunes, captures
+    rates = [run_load(engine, batch, prompt_len, output_len, seed=2 + run).decode_tokens_per_s for run in range(repeats)]
+    step_ms = replay_ms(engine.graphs.graphs[engine.graphs.size_for(batch)][0])
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -116,16 +118,16 @@ def main() -> None:
     original = getattr(*ENABLED[args.feature])
     runs = {mode: {batch: [] for batch in args.batch_sizes} for mode in modes}
     steps = {mode: {batch: [] for batch in args.batch_sizes} for mode in modes}
-    for round_ in range(args.rounds):
-        for mode in modes if round_ % 2 == 0 else modes[::-1]:
-            switch(args.feature, mode == "on", original)
-            rates, step_ms = decode_rates(model, args.batch_sizes, args.prompt_len, args.output_len, args.repeats)
-            for batch in args.batch_sizes:
-                runs[mode][batch] += rates[batch]
-                steps[mode][batch].append(step_ms[batch])
+    for batch in sorted(args.batch_sizes):
+        for round_ in range(args.rounds):
+            for mode in modes if round_ % 2 == 0 else modes[::-1]:
+                switch(args.feature, mode == "on", original)
+                rates, step_ms = decode_rates(model, batch, max(args.batch_sizes), args.prompt_len, args.output_len,
+                                              args.repeats)
+                runs[mode][batch] += rates
+                steps[mode][batch].append(step_ms)
                 print(f"round {round_} {args.feature} {mode:3s} batch {batch:3d}: decode tok/s "
-                      + " ".join(f"{rate:.1f}" for rate in rates[batch]) + f"; GPU step {step_ms[batch]:.3f} ms",
-                      flush=True)
+                      + " ".join(f"{rate:.1f}" for rate in rates) + f"; GPU step {step_ms:.3f} ms", flush=True)
     medians = {mode: {batch: statistics.median(rates) for batch, rates in by_batch.items()}
                for mode, by_batch in runs.items()}
     step_medians = {mode: {batch: statistics.median(ms) for batch, ms in by_batch.items()}

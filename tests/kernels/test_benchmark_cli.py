@@ -32,13 +32,15 @@ def test_merge_refuses_unreadable_and_foreign_json(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [(["--batch-sizes", "1", "0"], "--batch-sizes must be at least 1"),
-                                           (["--repeats", "0"], "--repeats must be at least 1"),
-                                           (["--output-len", "1"], "--output-len must be at least 2"),
-                                           (["--synthetic", "no-such-preset"], "--synthetic takes a preset")])
-def test_the_decode_comparison_refuses_bad_input(args, message, tmp_path):
-    script = SCRIPT.with_name("decode_ab.py")
-    result = subprocess.run([sys.executable, str(script), *args, "--json", str(tmp_path / "out.json")],
+@pytest.mark.parametrize("script, args, message", [
+    ("decode_ab.py", ["--batch-sizes", "1", "0"], "--batch-sizes must be at least 1"),
+    ("decode_ab.py", ["--repeats", "0"], "--repeats must be at least 1"),
+    ("decode_ab.py", ["--output-len", "1"], "--output-len must be at least 2"),
+    ("decode_ab.py", ["--synthetic", "no-such-preset"], "--synthetic takes a preset"),
+    ("step_drift.py", ["--after", "32", "0"], "--after takes request counts of at least 1"),
+    ("step_drift.py", ["--synthetic", "no-such-preset"], "--synthetic takes a preset")])
+def test_the_decode_benchmarks_refuse_bad_input(script, args, message, tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT.with_name(script)), *args, "--json", str(tmp_path / "out.json")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
     assert not (tmp_path / "out.json").exists()
