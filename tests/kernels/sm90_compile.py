@@ -60,7 +60,7 @@ def main() -> None:
                                                            HAS_OUTLIERS=False, SPLIT=not pending, PENDING=pending,
                                                            EVEN_N=True,
                                                            EVEN_K=True, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=block_k,
-                                                           STAGES=3, HALF2=half2, SWAP=swap, ASM=True),
+                                                           STAGES=3, HALF2=half2, SWAP=swap, ASM=True, PDL=True),
                          matmul)
     # one or two tokens in half2: uniform grids; tables of 16 and 8 entries (outliers with the first); the next
     # tile in registers, or tiles ahead through shared memory (STAGES 3); left pending
@@ -74,7 +74,7 @@ def main() -> None:
                                                           HAS_OUTLIERS=outliers, SPLIT=not pending, PENDING=pending,
                                                           EVEN_N=True, BLOCK_N=256,
                                                           EVEN_K=True, BLOCK_K=64, TOKENS=tokens, STAGES=stages,
-                                                          ASM=True), matmul, num_warps=2, options={"num_stages": stages})
+                                                          ASM=True, PDL=True), matmul, num_warps=2, options={"num_stages": stages})
     compile_for_sm90(quant_matmul._dequantize_kernel, dict(BITS=4, GROUP=64, HAS_ZEROS=True, HAS_LUT=False, LUT_SIZE=1,
                                                            EVEN_N=True, EVEN_K=True, BLOCK_N=128, BLOCK_K=64), words)
     scales = {"s_ptr": "*fp32", "sa_ptr": "*fp32", "sw_ptr": "*fp32"}
@@ -89,7 +89,8 @@ def main() -> None:
     for split in (False, True):
         compile_for_sm90(paged_attention._decode_kernel, dict(HEADS=32, GROUP=4, GROUP_PAD=16, BLOCK_SIZE=16,
                                                               HEAD_DIM=128, HEAD_DIM_PAD=128, TILE=64,
-                                                              PRECISION="tf32", SCALED=False, SPLIT=split), decode)
+                                                              PRECISION="tf32", SCALED=False, SPLIT=split, PDL=True),
+                         decode)
     for scaled in (False, True):  # an fp16 cache; a float8 one
         compile_for_sm90(paged_attention._prefill_kernel, dict(HEADS=32, GROUP=4, BLOCK_SIZE=16, HEAD_DIM=128,
                                                                HEAD_DIM_PAD=128, TILE=64, PRECISION="tf32",
@@ -97,10 +98,11 @@ def main() -> None:
                          dict(decode, starts_ptr="*i32", k_ptr="*fp8e4nv" if scaled else "*fp16",
                               v_ptr="*fp8e4nv" if scaled else "*fp16"))
     compile_for_sm90(paged_attention._merge_kernel, dict(HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, PARTITIONS=16,
-                                                         PARTITIONS_PAD=16),
+                                                         PARTITIONS_PAD=16, PDL=True),
                      {"max_ptr": "*fp32", "sum_ptr": "*fp32", "values_ptr": "*fp32"})
     # the readers of a product: of fp16 activations, or of a pending product's float32 sums
-    rounding, half = elementwise.TORCH_ROUNDING, dict(DTYPE=tl.float16)
+    # (launched on Hopper as programmatic dependents: PDL, each program waiting first)
+    rounding, half = elementwise.TORCH_ROUNDING, dict(DTYPE=tl.float16, PDL=True)
     for residual, pending in ((False, False), (True, False), (True, True)):
         compile_for_sm90(elementwise._rms_norm_kernel, dict(HAS_RESIDUAL=residual, PENDING=pending, BLOCK=4096, **half),
                          {"x_ptr": "*fp32"} if pending else None, num_warps=16, options=rounding)
@@ -111,6 +113,7 @@ def main() -> None:
                                   {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "slots_ptr": "*i32", **sums}, num_warps=1,
                                   options=rounding)
         assert "fma" not in rotary, "x * cos + turned * sin contracted into an FMA: torch rounds each product"
+        assert "griddepcontrol.wait" in rotary, "a kernel launched as a programmatic dependent must wait first"
     for pending in (False, True):
         compile_for_sm90(elementwise._silu_mul_kernel, dict(PENDING=pending, BLOCK=1024, **half),
                          {"gate_ptr": "*fp32", "up_ptr": "*fp32"} if pending else None, options=rounding)
