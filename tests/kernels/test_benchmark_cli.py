@@ -38,6 +38,8 @@ def test_merge_refuses_unreadable_and_foreign_json(tmp_path):
     ("decode_ab.py", ["--output-len", "1"], "--output-len must be at least 2"),
     ("decode_ab.py", ["--synthetic", "no-such-preset"], "--synthetic takes a preset"),
     ("step_drift.py", ["--after", "32", "0"], "--after takes request counts of at least 1"),
+    ("step_drift.py", ["--kv-cache-gib", "0"], "--kv-cache-gib must be positive"),
+    ("step_drift.py", ["--max-batched-tokens", "64"], "--max-batched-tokens must be at least the prompts' 128 tokens"),
     ("step_drift.py", ["--synthetic", "no-such-preset"], "--synthetic takes a preset")])
 def test_the_decode_benchmarks_refuse_bad_input(script, args, message, tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT.with_name(script)), *args, "--json", str(tmp_path / "out.json")],
