@@ -136,8 +136,7 @@ class Scheduler:
                 item.count != 1 or item.sequence.status is not Status.RUNNING
                 or len(item.sequence.output) + 2 > item.sequence.params.max_tokens for item in step):
             return None
-        size = self.pool.block_size
-        needed = [max(0, -(-(item.start + 2) // size) - len(item.sequence.blocks)) for item in step]
+        needed = [self._missing_blocks(item.sequence, item.start + 2) for item in step]
         if sum(needed) > self.pool.free_blocks:
             return None
         for item, count in zip(step, needed):
@@ -147,15 +146,19 @@ class Scheduler:
     def _reserve(self, sequence: Sequence, tokens: int, step: list[Scheduled]) -> bool:
         """Blocks for `tokens` of `sequence`, preempting later-admitted sequences as needed;
         False if `sequence` itself had to go."""
-        needed = -(-tokens // self.pool.block_size) - len(sequence.blocks)
+        needed = self._missing_blocks(sequence, tokens)
         while needed > self.pool.free_blocks:
             victim = self.running[-1]
             self._preempt(victim)
             step[:] = [item for item in step if item.sequence is not victim]
             if victim is sequence:
                 return False
-        sequence.blocks += self.pool.allocate(max(needed, 0))
+        sequence.blocks += self.pool.allocate(needed)
         return True
+
+    def _missing_blocks(self, sequence: Sequence, tokens: int) -> int:
+        """Blocks `sequence` must still get to hold `tokens` tokens."""
+        return max(0, -(-tokens // self.pool.block_size) - len(sequence.blocks))
 
     def _preempt(self, sequence: Sequence) -> None:
         self.running.remove(sequence)
