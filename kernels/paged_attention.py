@@ -171,16 +171,16 @@ def triton_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     sums = torch.empty_like(maxima) if split else out
     values = torch.empty(sequences, heads, partitions, head_dim, device=q.device, dtype=torch.float32) if split else out
     shape = dict(HEADS=heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)))
+    launch = dependent_launch(q.device)
     _decode_kernel[(sequences, kv_heads, partitions)](
         q, k_cache, v_cache, block_tables, context_lens, out, maxima, sums, values, scale, keys_scale, values_scale,
         block_tables.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, TILE=DECODE_TILE,
-        PRECISION=dot_precision(q.dtype), SCALED=fp8, SPLIT=split, **shape, **dependent_launch(q.device),
+        PRECISION=dot_precision(q.dtype), SCALED=fp8, SPLIT=split, **shape, **launch,
     )
     if split:
         _merge_kernel[(sequences, heads)](maxima, sums, values, out, PARTITIONS=partitions,
-                                          PARTITIONS_PAD=triton.next_power_of_2(partitions), **shape,
-                                          **dependent_launch(q.device))
+                                          PARTITIONS_PAD=triton.next_power_of_2(partitions), **shape, **launch)
     return out
 
 
