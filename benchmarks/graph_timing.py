@@ -6,12 +6,13 @@ import torch
 import triton
 
 
-def graph_us(calls: list, rep: int = 50) -> float:
+def graph_us(calls: list, rep: int = 50, warmup: int = 5) -> float:
     """Microseconds of one of `calls` (functions of no arguments), replayed together as one graph."""
-    calls[0]()  # compiles outside the capture
+    for call in calls:  # compiles, tunes and allocates outside the capture
+        call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    return triton.testing.do_bench(graph.replay, warmup=5, rep=rep, return_mode="median") / len(calls) * 1e3
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") / len(calls) * 1e3

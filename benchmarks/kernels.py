@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from graph_timing import graph_us
 from qtool.kernels.quant_matmul import _TUNER, KernelWeight, copies_to_fill_l2, quant_matmul
 from qtool.quantize import packing
 
@@ -78,16 +79,7 @@ def copy_bandwidth() -> float:
 
 def graph_time(make_call, copies: int) -> float:
     """Median seconds of one call: a CUDA graph runs `make_call(i)()` for each copy i."""
-    calls = [make_call(i) for i in range(copies)]
-    for call in calls:  # warm up: compile, tune, allocate
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    milliseconds = triton.testing.do_bench(graph.replay, warmup=10, rep=200, return_mode="median")
-    return milliseconds / 1e3 / copies
+    return graph_us([make_call(i) for i in range(copies)], rep=200, warmup=10) / 1e6
 
 
 def copies_for(bytes_per_call: int) -> int:

@@ -159,18 +159,18 @@ def timings() -> dict:
     """Microseconds of fp16 F.linear and of each swizzled configuration, Llama-3-8B shapes, 16-64 tokens."""
     sys.path.insert(0, os.path.dirname(__file__))
     from graph_timing import graph_us
+    from qtool.kernels.quant_matmul import copies_to_fill_l2
 
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
     times = {}
     for k, n in ((4096, 14336), (14336, 4096), (4096, 4096)):
         for m in (16, 32, 64):
             x, codes, scales, zeros, weight = operands(m, n, k, "cuda")
-            dense = [weight.clone() for _ in range(max(1, -(-3 * l2 // weight.nbytes)))]
+            dense = [weight.clone() for _ in range(copies_to_fill_l2(weight.nbytes))]
             times[f"{k}x{n} M={m} fp16"] = fp16 = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in dense])
             best = None
             for block_n, warps in ((64, 4), (128, 4), (128, 8)):
                 packed = swizzle(codes, block_n)
-                copies = [packed.clone() for _ in range(max(1, -(-3 * l2 // packed.nbytes)))]
+                copies = [packed.clone() for _ in range(copies_to_fill_l2(packed.nbytes))]
                 out = torch.zeros(m, n, device="cuda")
                 for split in (1, 2, 4, 8):
                     for stages in (3, 4):
