@@ -19,10 +19,11 @@ multiprocessors' places from this one's.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
+
+from qtool.kernels.dispatch import compute_capability
 
 try:
     import triton
@@ -48,12 +49,7 @@ def overlaps(device: torch.device) -> bool:
     capability 9 or more, a Triton with grid dependency control, not the interpreter."""
     if gdc_wait is None or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
+    return compute_capability(device) >= (9, 0)
 
 
 if gdc_wait is not None:

@@ -22,7 +22,8 @@ Three things, as every kernel here:
   kernel does it in half2 arithmetic, two codes an instruction (`half2_dot_ptx`,
   `half2_table_dot_ptx`). More tokens dequantize the tile exactly to the activations' dtype (codes
   [rows, per word, N] merged into K) and multiply on the tensor cores (`tl.dot`; up to 64 tokens
-  as y^T = W x^T, the weights the first operand). K is
+  as y^T = W x^T, the weights the first operand; on Hopper, 4-bit grids also from a second copy of
+  the codes laid out so that the dequantized tile stays in registers, `qtool.kernels.swizzled`). K is
   split among many programs so that every multiprocessor streams weights; they add into a float32
   workspace and the last to arrive writes y (one launch; no zeroing, no cast), or, for a caller
   that asks (`sums`: the runtime's model, up to PENDING_TOKENS tokens), into the caller's float32
@@ -49,8 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from qtool.cache import cache_dir
+from qtool.kernels import swizzled
 from qtool.kernels.dependent_launch import dependent_launch
-from qtool.kernels.dispatch import triton_runs
+from qtool.kernels.dispatch import compute_capability, triton_runs
 from qtool.kernels.pending import PendingSum
 
 try:
@@ -101,6 +103,7 @@ class KernelWeight:
     outlier_values: torch.Tensor | None = None
     outlier_columns: torch.Tensor | None = None
     outlier_row_offsets: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None  # the codes again, swizzled for tiles of 16-64 tokens (`with_swizzled_tiles`)
 
     def __post_init__(self):
         self.max_row_outliers = 0
@@ -137,8 +140,9 @@ class KernelWeight:
 
     @property
     def nbytes(self) -> int:
-        """The bytes a product reads of the weight."""
-        return sum(tensor.numel() * tensor.element_size() for tensor in self._tensors().values())
+        """The bytes a product reads of the weight (its codes in one layout)."""
+        read = (tensor for name, tensor in self._tensors().items() if name != "tiles")
+        return sum(tensor.numel() * tensor.element_size() for tensor in read)
 
     def copy(self) -> "KernelWeight":
         """The same weight in new memory."""
@@ -166,6 +170,24 @@ class KernelWeight:
         return weight
 
 
+def with_swizzled_tiles(weight: KernelWeight) -> KernelWeight:
+    """The weight with its codes also laid out for the tensor-core tiles of 16-64 tokens
+    (`qtool.kernels.swizzled`), where they take it (`swizzled_tiles_fit`) and on devices of compute
+    capability 9 or more (Hopper, where those tiles were measured): a second copy of the codes,
+    N * K / 2 bytes (3.5 GB for Llama-3-8B's linears)."""
+    if not (weight.packed.is_cuda and compute_capability(weight.packed.device) >= (9, 0)
+            and swizzled_tiles_fit(weight)):
+        return weight
+    return replace(weight, tiles=swizzled.swizzle(weight.codes()))
+
+
+def swizzled_tiles_fit(weight: KernelWeight) -> bool:
+    """Whether the swizzled tiles hold this weight: 4-bit codes of a uniform grid with fp16 scales
+    (made in fp16 like the half2 tiles), no outliers, whole tiles, groups of 64 or more."""
+    return (weight.lut is None and weight.outlier_values is None and weight.scales.dtype == torch.float16
+            and swizzled.fits(weight.out_features, weight.in_features, weight.bits, weight.group_size))
+
+
 def reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     """What the kernel computes: W rounded to x's dtype, products summed in float32, y in x's dtype."""
     rounded = weight.dequantize().to(x.dtype)
@@ -185,7 +207,7 @@ def quant_matmul(x: torch.Tensor, weight: KernelWeight, sums: torch.Tensor | Non
     return out.view(*x.shape[:-1], weight.out_features)
 
 
-PENDING_TOKENS = 16  # products of up to this many tokens may be left pending: their kernels split K
+PENDING_TOKENS = 64  # products of up to this many tokens may be left pending: their kernels split K
 
 
 def pends(tokens: int) -> bool:
@@ -222,7 +244,7 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
         sums = sums.view(-1)[: x.shape[0] * weight.out_features].view(x.shape[0], weight.out_features)
     if config is None:
         key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype,
-               weight.outlier_values is not None, sums is not None, *_meta(weight).values())
+               weight.outlier_values is not None, weight.tiles is not None, sums is not None, *_meta(weight).values())
         config = _TUNER.choose(key, lambda: _timed_products(x, weight, sums is not None),
                                candidates(x.shape[0], weight, x.dtype))
     return _launch(x, weight, config, sums)
@@ -282,6 +304,8 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
         return x @ dequantize_t(weight, x.dtype, config)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
     meta = _meta(weight)
+    if config.get("SWIZZLED"):
+        return _launch_swizzled(x, weight, config, sums)
     half2 = config.get("HALF2", False)
     cuda_core_half2 = half2 and config["BLOCK_M"] <= 2  # one or two tokens a program row
     if half2 and not (half2_fits if cuda_core_half2 else half2_tiles_fit)(weight, x.dtype):
@@ -292,11 +316,7 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]),
             config["SPLIT_K"] or triton.cdiv(k, block_k))
     split = grid[2] > 1 and sums is None
-    if sums is not None:  # the programs add into the caller's sums (y, the workspace and counts unread)
-        out, workspace, arrivals = sums, sums, sums
-    else:
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-        workspace, arrivals = _workspace(x.device, m * n if split else 1, grid[0] * grid[1] if split else 1)
+    out, workspace, arrivals = _outputs(x, n, grid, sums)
     outliers = [weight.packed if tensor is None else tensor  # (unread when absent)
                 for tensor in (weight.outlier_values, weight.outlier_columns, weight.outlier_row_offsets)]
     common = dict(SPLIT=split, PENDING=sums is not None, EVEN_N=_even(n, k, config)["EVEN_N"],
@@ -314,6 +334,24 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
     return out if sums is None else PendingSum(sums, x.dtype)
 
 
+def _launch_swizzled(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None
+                     ) -> torch.Tensor | PendingSum:
+    """The product by the swizzled tiles (`weight.tiles`), on a grid of N tiles x M tiles x shares of K."""
+    if weight.tiles is None or x.dtype != torch.float16:
+        raise ValueError("the swizzled tiles take fp16 activations and a weight with its codes swizzled "
+                         "(`with_swizzled_tiles`)")
+    m, n = x.shape[0], weight.out_features
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), config["SPLIT_K"])
+    out, workspace, arrivals = _outputs(x, n, grid, sums)
+    _swizzled_kernel[grid](x, weight.tiles, weight.scales, weight.packed if weight.zeros is None else weight.zeros,
+                           out, workspace, arrivals, m, n, weight.in_features, GROUP=_meta(weight)["GROUP"],
+                           HAS_ZEROS=weight.zeros is not None, SPLIT=grid[2] > 1 and sums is None,
+                           PENDING=sums is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                           STAGES=config["num_stages"], ASM=os.environ.get("TRITON_INTERPRET") != "1",
+                           **_launch_options(config), **dependent_launch(x.device))
+    return out if sums is None else PendingSum(sums, x.dtype)
+
+
 def dequantize_t(weight: KernelWeight, dtype: torch.dtype, config: dict) -> torch.Tensor:
     """W^T [K, N] in `dtype` through the Triton dequantization kernel, outliers added."""
     n, k = weight.out_features, weight.in_features
@@ -326,6 +364,17 @@ def dequantize_t(weight: KernelWeight, dtype: torch.dtype, config: dict) -> torc
         at = (weight.outlier_columns.long(), weight.outlier_rows)
         out[at] += weight.outlier_values.to(dtype)
     return out
+
+
+def _outputs(x: torch.Tensor, n: int, grid: tuple, sums: torch.Tensor | None) -> tuple:
+    """(y, the split's workspace, its arrival counts) of a product on `grid` (N tiles, M tiles,
+    shares of K); with `sums`, the programs add into them (y, the workspace and counts unread)."""
+    if sums is not None:
+        return sums, sums, sums
+    split = grid[2] > 1
+    m = x.shape[0]
+    return (torch.empty(m, n, device=x.device, dtype=x.dtype),
+            *_workspace(x.device, m * n if split else 1, grid[0] * grid[1] if split else 1))
 
 
 def _weight_args(weight: KernelWeight) -> tuple:
@@ -508,7 +557,20 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     dequantize = [dict(DEQUANTIZE=True, BLOCK_N=128, BLOCK_K=64, num_warps=4),
                   dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
     by_bound = ((1, one), (4, two + one + few), (16, few), (64, some), (256, some + many + dequantize))
-    return next((chosen for bound, chosen in by_bound if m <= bound), many + dequantize)
+    chosen = next((chosen for bound, chosen in by_bound if m <= bound), many + dequantize)
+    return chosen + swizzled_candidates(m) if 1 < m <= 256 and weight.tiles is not None and dtype == torch.float16 \
+        else chosen
+
+
+def swizzled_candidates(m: int) -> list[dict]:
+    """Tiles of the swizzled codes for m tokens: the tokens in one tile (16-64 of them; 128 up to
+    256), outputs in tiles of 64 (4 warps) or 128 (8 warps), K split 1-16 ways. Standalone, the
+    fastest at 16-64 tokens on an H200 split 4-8 ways (benchmarks/results/swizzled_tile_h200.json);
+    a product that finishes itself pays for its split (an arrival count, the last program's write)."""
+    block_m = 128 if m > 64 else max(16, m_bucket(m))
+    return [dict(SWIZZLED=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps, num_stages=3)
+            for block_n, split, warps in ((64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 8, 4), (64, 16, 4), (128, 1, 8),
+                                          (128, 2, 8), (128, 4, 8), (128, 8, 8), (128, 16, 8))]
 
 
 HALF2_EXPONENT = 0x4400  # fp16 4.0: a code q in the low mantissa bits reads 4 + q / 256
@@ -614,6 +676,7 @@ def half2_table_weights_ptx(entries: int) -> str:
 
 if triton is not None:
     from qtool.kernels.dependent_launch import wait_for_previous
+    from qtool.kernels.swizzled import swizzled_tile
 
     _EXPONENT = tl.constexpr(HALF2_EXPONENT)
     _ODD_EXPONENT = tl.constexpr(HALF2_ODD_EXPONENT)
@@ -1153,6 +1216,45 @@ if triton is not None:
             total += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, rows_m < M, cols_n, in_n, K, MAX_ROW_OUTLIERS,
                                TOKENS, BLOCK_N)
         _write(y_ptr, ws_ptr, arrivals_ptr, total, rows_m, rows_m < M, cols_n, in_n, N, SPLIT, PENDING)
+
+    @triton.jit
+    def _swizzled_kernel(x_ptr, t_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, arrivals_ptr, M, N, K,
+                         GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr, PENDING: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+                         PDL: tl.constexpr):
+        """y^T = W x^T for a tile of BLOCK_N outputs x BLOCK_M tokens, over this program's share of K in
+        tiles of 128 inputs read from the swizzled codes (`swizzled.swizzled_tile`): each half of 64
+        inputs shifted by 1024 + its zero and scaled in fp16 (exact, then one rounding, as the
+        reference), then a dot with the tokens as its columns."""
+        wait_for_previous(PDL)
+        HALF: tl.constexpr = 64
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_m, in_n = rows_m < M, cols_n < N
+        rows = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)  # of the swizzled bytes
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for start in tl.range(pid_k * 2 * HALF, K, 2 * HALF * tl.num_programs(2), num_stages=STAGES):
+            first, second = swizzled_tile(t_ptr, start, rows, rows < N // 4, K, ASM)
+            acc = _half_tile_dot(first, acc, x_ptr, s_ptr, z_ptr, start, rows_m, in_m, cols_n, in_n, N, K, GROUP,
+                                 HAS_ZEROS)
+            acc = _half_tile_dot(second, acc, x_ptr, s_ptr, z_ptr, start + HALF, rows_m, in_m, cols_n, in_n, N, K,
+                                 GROUP, HAS_ZEROS)
+        _write(y_ptr, ws_ptr, arrivals_ptr, tl.trans(acc), rows_m, in_m, cols_n, in_n, N, SPLIT, PENDING)
+
+    @triton.jit
+    def _half_tile_dot(values, acc, x_ptr, s_ptr, z_ptr, start, rows_m, in_m, cols_n, in_n, N, K,
+                       GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
+        """acc + W x^T over the 64 inputs from `start`, whose weights `values` hold as 1024 + code."""
+        group = start // GROUP
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + group * N + cols_n, mask=in_n, other=0).to(tl.float16) + 1024.0
+        else:
+            zero = tl.full(cols_n.shape, 1032.0, tl.float16)  # 1024 + the fixed zero, 8
+        scale = tl.load(s_ptr + group * N + cols_n, mask=in_n, other=0.0)
+        inputs = start + tl.arange(0, values.shape[1])
+        xt = tl.load(x_ptr + rows_m[None, :] * K + inputs[:, None], mask=in_m[None, :], other=0.0)
+        return tl.dot((values - zero[:, None]) * scale[:, None], xt, acc)
 
     @triton.jit
     def _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero, l0, l1, l2, l3, h0, h1, h2, h3,

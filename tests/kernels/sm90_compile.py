@@ -75,6 +75,16 @@ def main() -> None:
                                                           EVEN_N=True, BLOCK_N=256,
                                                           EVEN_K=True, BLOCK_K=64, TOKENS=tokens, STAGES=stages,
                                                           ASM=True, PDL=True), matmul, num_warps=2, options={"num_stages": stages})
+    # the swizzled tiles of 16-64 tokens (split along K; left pending): the dequantized weights reach the
+    # wgmma from registers, nothing stored to shared memory (or shuffled) on the way
+    for tokens, split, pending in ((16, True, False), (64, False, True)):
+        ptx = compile_for_sm90(quant_matmul._swizzled_kernel, dict(GROUP=64, HAS_ZEROS=True, SPLIT=split,
+                                                                   PENDING=pending, BLOCK_M=tokens, BLOCK_N=64,
+                                                                   STAGES=3, ASM=True, PDL=True),
+                               dict(words, t_ptr="*u8"), options={"num_stages": 3})
+        before_dot = ptx[:ptx.index("wgmma.mma_async")]
+        assert "st.shared" not in before_dot and "shfl" not in before_dot, "the swizzled tile went through shared memory"
+        assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % tokens in ptx
     compile_for_sm90(quant_matmul._dequantize_kernel, dict(BITS=4, GROUP=64, HAS_ZEROS=True, HAS_LUT=False, LUT_SIZE=1,
                                                            EVEN_N=True, EVEN_K=True, BLOCK_N=128, BLOCK_K=64), words)
     scales = {"s_ptr": "*fp32", "sa_ptr": "*fp32", "sw_ptr": "*fp32"}
