@@ -29,6 +29,7 @@ from qtool.runtime.attention import KVCache, PagedBatch
 from qtool.runtime.cache import BlockPool
 from qtool.runtime.cuda_graphs import DecodeGraphs
 from qtool.runtime.kv_cache import attention_layers, use_kv_cache_dtype
+from qtool.runtime.quant_linear import make_kernel_views
 from qtool.runtime.sampling import SamplingParams, sample
 from qtool.runtime.scheduler import Scheduled, Scheduler, Sequence, Status
 
@@ -150,6 +151,9 @@ class Engine:
         cache_dtype = next(iter(attention_layers(model).values())).kv_cache_dtype or dtype  # float8 if the model uses it
         per_block = KVCache.bytes_per_block(spec.layers, block_size, spec.kv_heads, spec.head_dim, cache_dtype)
         graphs = cuda_graphs and self.device.type == "cuda"
+        if self.device.type == "cuda":  # before the KV cache's budget, which must count them (not their scratch)
+            make_kernel_views(model, self.device)
+            torch.cuda.empty_cache()
         blocks = (cache_bytes or self._cache_budget(memory_utilization)) // per_block - graphs  # one scratch block
         if blocks < 1:
             raise QtoolError("no memory is left for the KV cache; lower the model's footprint or allow more memory")

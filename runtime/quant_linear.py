@@ -13,9 +13,13 @@ multiply integers (`qtool.kernels.int8_matmul`: Triton and cuBLAS int8 kernels o
 reference elsewhere); the first forward on a device makes the codes' int8 copy there once
 (N * K bytes, as large as the packed codes, plus the scales in float32).
 
-Products of up to 16 tokens may be left pending for the kernel that reads them
+On Hopper, 4-bit uniform grids with groups of 64 or more keep their codes a third time, swizzled
+for the tensor-core tiles of 16-64 tokens (`with_swizzled_tiles`: N * K / 2 bytes, 3.5 GB for
+Llama-3-8B). The runtime makes all of these before it sizes its KV cache (`make_kernel_views`).
+
+Products of up to 64 tokens may be left pending for the kernel that reads them
 (`pending_product`, `qtool.kernels.pending`): each kernel view then keeps a float32 accumulator of
-16 x its outputs (for Llama-3-8B, 2.75 MB a layer, 88 MB in all), made at the first such product.
+64 x its outputs (for Llama-3-8B, 11 MB a layer, 352 MB in all), made at the first such product.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from torch import nn
 
 from qtool.kernels import int8_matmul
 from qtool.kernels.pending import PendingSum
-from qtool.kernels.quant_matmul import PENDING_TOKENS, KERNEL_BITS, KernelWeight, kernel_fits, pends, quant_matmul
+from qtool.kernels.quant_matmul import (PENDING_TOKENS, KERNEL_BITS, KernelWeight, kernel_fits, pends, quant_matmul,
+                                        with_swizzled_tiles)
 from qtool.quantize import packing
 from qtool.quantize.qweight import OUTLIER_FIELDS, QuantizedWeight, SparseOutliers
 from qtool.quantize.scheme import Scheme
@@ -124,7 +129,13 @@ class KernelLayout:
 
 
 def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
-    """The weight as the kernel reads it, or None when the kernel does not hold it."""
+    """The weight as the kernel reads it, or None when the kernel does not hold it; on Hopper with
+    its codes also swizzled for tiles of 16-64 tokens where those hold it (`with_swizzled_tiles`)."""
+    layout = _unswizzled_layout(weight)
+    return None if layout is None else KernelLayout(with_swizzled_tiles(layout.weight), layout.columns)
+
+
+def _unswizzled_layout(weight: QuantizedWeight) -> KernelLayout | None:
     scheme = weight.scheme
     if scheme.lut and scheme.bits > 4 or not scheme.lut and scheme.bits not in KERNEL_BITS:
         return None
@@ -151,7 +162,7 @@ def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
     """One kernel view of weights that read the same input, joined along the outputs (columns of
     the view); None unless all are uniform grids of one kind (bits, group, zero points), without
     tables or outliers, with one column order."""
-    layouts = [kernel_layout(weight) for weight in weights]
+    layouts = [_unswizzled_layout(weight) for weight in weights]
     if any(layout is None for layout in layouts):
         return None
     first, kernels = layouts[0], [layout.weight for layout in layouts]
@@ -167,8 +178,9 @@ def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
         parts = [getattr(kernel, field) for kernel in kernels]
         return None if parts[0] is None else torch.cat(parts, dim=1)
 
-    return KernelLayout(KernelWeight(joined("packed"), head.bits, head.in_features, head.group_size,
-                                     scales=joined("scales"), zeros=joined("zeros")), first.columns)
+    return KernelLayout(with_swizzled_tiles(KernelWeight(joined("packed"), head.bits, head.in_features,
+                                                         head.group_size, scales=joined("scales"),
+                                                         zeros=joined("zeros"))), first.columns)
 
 
 def _same_order(columns: torch.Tensor | None, others: torch.Tensor | None) -> bool:
@@ -216,3 +228,24 @@ class FusedLinears:
                 fused = (layout, [linear.out_features for linear in linears], bias)
             self._fused = (device, fused)
         return self._fused[1]
+
+    def make_view(self, device: torch.device) -> bool:
+        """Makes the joined view now (as the first call on `device` would); whether there is one."""
+        return self._fused_on(device, [getattr(self.owner, name) for name in self.names]) is not None
+
+
+def make_kernel_views(model: nn.Module, device: torch.device) -> None:
+    """Makes every kernel view (and int8 copy) the model's first forward on `device` would make:
+    the fused groups' joined views, the other linears' own, so that memory measured afterwards (the
+    runtime's KV-cache budget) counts them."""
+    fused = set()
+    for module in model.modules():
+        for group in vars(module).values():
+            if isinstance(group, FusedLinears) and group.make_view(device):
+                fused.update(id(getattr(group.owner, name)) for name in group.names)
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and id(module) not in fused:
+            if module.scheme.activation_bits:
+                module._int8_weight(device)
+            else:
+                module._kernel_layout(device)

@@ -9,7 +9,7 @@ from qtool.kernels.quant_matmul import triton_matmul
 from qtool.quantize.grid import fit_minmax, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
-from qtool.runtime.quant_linear import FusedLinears, QuantLinear, fused_kernel_layout
+from qtool.runtime.quant_linear import FusedLinears, QuantLinear, fused_kernel_layout, make_kernel_views
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)
@@ -62,3 +62,20 @@ def test_joined_linears_give_each_linear_its_own_output():
     assert joined._fused[1] is not None  # one product ran
     torch.testing.assert_close(q, owner.q(x), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(k, owner.k(x), rtol=2e-3, atol=2e-3)
+
+
+def test_kernel_views_are_made_before_the_first_forward_as_it_would_make_them():
+    """The runtime sizes its KV cache after `make_kernel_views`: joined groups get their one view,
+    the linears outside them their own, a W8A8 linear its int8 copy."""
+    owner = nn.Module()
+    owner.q, owner.k, owner.o = QuantLinear(quantized(64)), QuantLinear(quantized(32)), QuantLinear(quantized(16))
+    w8a8 = Scheme(8, -1, True, activation_bits=8)
+    dense = torch.randn(16, 128) * 0.05
+    grid = fit_minmax(dense, w8a8, torch.float16)
+    owner.w8a8 = QuantLinear(QuantizedWeight.from_codes(quantize_to_codes(dense, grid, w8a8), grid, w8a8).to(DEVICE))
+    owner.joined = FusedLinears(owner, ("q", "k"))
+    make_kernel_views(owner, torch.device(DEVICE))
+    assert owner.joined._fused is not None and owner.joined._fused[1] is not None
+    assert owner.q._kernel is None and owner.k._kernel is None
+    assert owner.o._kernel is not None and owner.o._kernel[1] is not None
+    assert owner.w8a8._int8 is not None and owner.w8a8._kernel is None

@@ -33,7 +33,7 @@ def accumulators(model) -> list[torch.Tensor]:
 
 def test_windows_give_the_logits_of_products_finished_by_the_kernel(monkeypatch):
     model = synthetic_model(CONFIG, 4, 64, torch.float16, "cuda")
-    ids = torch.randint(0, CONFIG.vocab_size, (1, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         pending = model(ids).logits
         held = accumulators(model)
@@ -41,9 +41,9 @@ def test_windows_give_the_logits_of_products_finished_by_the_kernel(monkeypatch)
         assert not any(accumulator.any() for accumulator in held)
         monkeypatch.setattr(quant_linear, "pends", lambda tokens: False)
         finished = model(ids).logits
-    # the same float32 shares, added in another order: fp16 logits within rounding (a share lost or
-    # added twice moves them by tens of percent)
-    assert ((pending.float() - finished.float()).norm() / finished.float().norm()).item() < 1e-2
+    # the same float32 shares, added in another order: fp16 logits within rounding, whose flips two
+    # layers over 40 tokens carry to 2.1% (H200); a share lost or added twice moves them by tens of percent
+    assert ((pending.float() - finished.float()).norm() / finished.float().norm()).item() < 3e-2
 
 
 def greedy_tokens(model, graphs: bool, max_tokens: int) -> list[list[int]]:
