@@ -103,7 +103,7 @@ class KernelWeight:
     outlier_values: torch.Tensor | None = None
     outlier_columns: torch.Tensor | None = None
     outlier_row_offsets: torch.Tensor | None = None
-    tiles: torch.Tensor | None = None  # the codes again, swizzled for tiles of 16-64 tokens (`with_swizzled_tiles`)
+    tiles: torch.Tensor | None = None  # the codes again, swizzled for tensor-core tiles (`with_swizzled_tiles`)
 
     def __post_init__(self):
         self.max_row_outliers = 0
@@ -171,8 +171,8 @@ class KernelWeight:
 
 
 def with_swizzled_tiles(weight: KernelWeight) -> KernelWeight:
-    """The weight with its codes also laid out for the tensor-core tiles of 16-64 tokens
-    (`qtool.kernels.swizzled`), where they take it (`swizzled_tiles_fit`) and on devices of compute
+    """The weight with its codes also laid out for the tensor-core tiles of 16-128 tokens that take
+    products of 2-256 (`qtool.kernels.swizzled`), where they take it (`swizzled_tiles_fit`) and on devices of compute
     capability 9 or more (Hopper, where those tiles were measured): a second copy of the codes,
     N * K / 2 bytes (3.5 GB for Llama-3-8B's linears)."""
     if not (weight.packed.is_cuda and compute_capability(weight.packed.device) >= (9, 0)
@@ -302,10 +302,10 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
         if sums is not None:
             raise ValueError("dequantize-then-cuBLAS leaves no product pending")
         return x @ dequantize_t(weight, x.dtype, config)
-    m, n, k = x.shape[0], weight.out_features, weight.in_features
-    meta = _meta(weight)
     if config.get("SWIZZLED"):
         return _launch_swizzled(x, weight, config, sums)
+    m, n, k = x.shape[0], weight.out_features, weight.in_features
+    meta = _meta(weight)
     half2 = config.get("HALF2", False)
     cuda_core_half2 = half2 and config["BLOCK_M"] <= 2  # one or two tokens a program row
     if half2 and not (half2_fits if cuda_core_half2 else half2_tiles_fit)(weight, x.dtype):
@@ -508,7 +508,8 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     the weight allows), and for 2-4 tokens of two (in half2, the weights made once for both); up to
     64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as the dot's columns; the
     weights made in half2 arithmetic where the weight allows); for more, dots of 64-128 tokens in
-    float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS. Tiles up to 64
+    float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS; for 2-256 tokens
+    and a weight with swizzled codes, their tiles too (`swizzled_candidates`). Tiles up to 64
     tokens are the fastest of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8
     rows of words."""
     bits = weight.bits
@@ -558,8 +559,9 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                   dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
     by_bound = ((1, one), (4, two + one + few), (16, few), (64, some), (256, some + many + dequantize))
     chosen = next((chosen for bound, chosen in by_bound if m <= bound), many + dequantize)
-    return chosen + swizzled_candidates(m) if 1 < m <= 256 and weight.tiles is not None and dtype == torch.float16 \
-        else chosen
+    if 1 < m <= 256 and weight.tiles is not None and dtype == torch.float16:
+        chosen = chosen + swizzled_candidates(m)
+    return chosen
 
 
 def swizzled_candidates(m: int) -> list[dict]:

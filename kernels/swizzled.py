@@ -1,4 +1,4 @@
-"""4-bit codes laid out so that tensor-core tiles of 16-64 tokens take their weights from registers.
+"""4-bit codes laid out so that tensor-core tiles of 16-128 tokens take their weights from registers.
 
 qtool's tiles of a few tokens (`quant_matmul`, SWAP) dequantize words of codes into an fp16 tile
 and hand it to the dot; on Hopper the tile goes through shared memory on its way (stores, a
@@ -18,8 +18,9 @@ already the dot operand's. The same here for uniform 4-bit grids:
   as the reference).
 
 Compiled for sm_90, nothing is stored to shared memory between the codes' loads and the wgmma
-(tests/kernels/test_sm90_compile.py). On an H200 a standalone kernel of this tile ran 1.2-1.8x
-faster than fp16 `F.linear` at 16-64 tokens on Llama-3-8B shapes (benchmarks/swizzled_tile.py).
+(tests/kernels/test_sm90_compile.py). On an H200 (benchmarks/results/kernels_h200.md, Version 13)
+it runs level with qtool's swapped half2 tiles at 8-16 tokens and 1-7% faster at 32-128 on the
+larger Llama-3-8B shapes: the round trip was not most of what those tiles spend.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def swizzle(codes: torch.Tensor) -> torch.Tensor:
     codes where `rearranged` takes them. A tile of 16 b outputs is b such tiles one under another:
     the kernel's blocks of outputs read the one layout."""
     n, k = codes.shape
+    codes = codes.to(torch.uint8)  # a byte a code while they are rearranged (int64 codes of a large layer: GBs)
     rows, width = TILE_N // 4, 2 * TILE_K
     slots = rearranged(torch.arange(rows * width * 2, device=codes.device).reshape(rows, width, 2)).flatten()
     tiles = codes.reshape(n // TILE_N, TILE_N, k // TILE_K, TILE_K).permute(0, 2, 1, 3)

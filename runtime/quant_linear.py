@@ -14,7 +14,7 @@ reference elsewhere); the first forward on a device makes the codes' int8 copy t
 (N * K bytes, as large as the packed codes, plus the scales in float32).
 
 On Hopper, 4-bit uniform grids with groups of 64 or more keep their codes a third time, swizzled
-for the tensor-core tiles of 16-64 tokens (`with_swizzled_tiles`: N * K / 2 bytes, 3.5 GB for
+for the tensor-core tiles of many tokens (`with_swizzled_tiles`: N * K / 2 bytes, 3.5 GB for
 Llama-3-8B). The runtime makes all of these before it sizes its KV cache (`make_kernel_views`).
 
 Products of up to 64 tokens may be left pending for the kernel that reads them
@@ -130,7 +130,7 @@ class KernelLayout:
 
 def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
     """The weight as the kernel reads it, or None when the kernel does not hold it; on Hopper with
-    its codes also swizzled for tiles of 16-64 tokens where those hold it (`with_swizzled_tiles`)."""
+    its codes also swizzled for the tiles of many tokens where those hold it (`with_swizzled_tiles`)."""
     layout = _unswizzled_layout(weight)
     return None if layout is None else KernelLayout(with_swizzled_tiles(layout.weight), layout.columns)
 
