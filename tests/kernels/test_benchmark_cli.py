@@ -37,7 +37,9 @@ def test_merge_refuses_unreadable_and_foreign_json(tmp_path):
     ("decode_ab.py", ["--repeats", "0"], "--repeats must be at least 1"),
     ("decode_ab.py", ["--output-len", "1"], "--output-len must be at least 2"),
     ("decode_ab.py", ["--synthetic", "no-such-preset"], "--synthetic takes a preset"),
-    ("step_drift.py", ["--after", "32", "0"], "--after takes request counts of at least 1"),
+    ("step_drift.py", ["--after", "32", "0"], "is not a request count or REQUESTSxPROMPTxOUTPUT"),
+    ("step_drift.py", ["--after", "64x2"], "is not a request count or REQUESTSxPROMPTxOUTPUT"),
+    ("step_drift.py", ["--after", "8x4096x4"], "--max-batched-tokens must be at least the prompts' 4096 tokens"),
     ("step_drift.py", ["--kv-cache-gib", "0"], "--kv-cache-gib must be positive"),
     ("step_drift.py", ["--max-batched-tokens", "64"], "--max-batched-tokens must be at least the prompts' 128 tokens"),
     ("step_drift.py", ["--synthetic", "no-such-preset"], "--synthetic takes a preset")])
