@@ -59,14 +59,33 @@ def main() -> None:
         args.after = [load_shape(text) for text in args.after]
         if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
             raise QtoolError("--kv-cache-gib must be positive")
+        if len(set(args.after)) < len(args.after):
+            raise QtoolError("--after names a load twice; give each load once")
+        if max(prompt + output for _, prompt, output in args.after) > config.max_position_embeddings:
+            raise QtoolError(f"--after: a request of more than the model's {config.max_position_embeddings} "
+                             f"positions (prompt + output)")
         longest = max(prompt for _, prompt, _ in args.after)
         if args.max_batched_tokens < max(longest, PROMPT):
             raise QtoolError(f"--max-batched-tokens must be at least the prompts' {max(longest, PROMPT)} tokens")
         if not torch.cuda.is_available():
             raise QtoolError("this benchmark replays CUDA-graph decode steps: run it on a CUDA GPU")
-    except QtoolError as error:
+        steps = measured(config, args)
+    except QtoolError as error:  # bad input, or a load the engine refuses (a KV cache too small for it)
         print(error, file=sys.stderr)
         raise SystemExit(2)
+    for label, (rate, ms) in steps.items():
+        print(f"{label}: batch-1 decode {rate:.1f} tok/s, GPU step {ms:.3f} ms", flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(dict(script="benchmarks/step_drift.py",
+                           arguments={key: value for key, value in vars(args).items() if key != "json"},
+                           device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           steps={label: dict(decode_tokens_per_s=rate, gpu_step_ms=ms)
+                                  for label, (rate, ms) in steps.items()}), file, indent=1)
+
+
+def measured(config, args) -> dict[str, tuple[float, float]]:
+    """(decode tok/s, GPU step ms) of the batch-1 load fresh, after each load, on a new engine."""
     model = synthetic_model(config, 4, 64, torch.float16, "cuda")
     cache_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * (1 << 30))
     options = dict(max_sequences=max(requests for requests, _, _ in args.after),
@@ -82,15 +101,7 @@ def main() -> None:
     engine = Engine(model, None, "cuda", torch.float16, **options)
     run_load(engine, 1, PROMPT, OUTPUT, seed=1)
     steps["engine built again"] = batch1_step(engine)
-    for label, (rate, ms) in steps.items():
-        print(f"{label}: batch-1 decode {rate:.1f} tok/s, GPU step {ms:.3f} ms", flush=True)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(dict(script="benchmarks/step_drift.py",
-                           arguments={key: value for key, value in vars(args).items() if key != "json"},
-                           device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           steps={label: dict(decode_tokens_per_s=rate, gpu_step_ms=ms)
-                                  for label, (rate, ms) in steps.items()}), file, indent=1)
+    return steps
 
 
 if __name__ == "__main__":

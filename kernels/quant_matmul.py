@@ -148,11 +148,11 @@ class KernelWeight:
         """The same weight in new memory."""
         return replace(self, **{name: tensor.clone() for name, tensor in self._tensors().items()})
 
-    def codes(self) -> torch.Tensor:
-        """The codes [N, K] (int64)."""
+    def codes(self, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """The codes [N, K] in `dtype`."""
         shifts = torch.tensor(code_slots(self.bits), device=self.packed.device, dtype=torch.int32) * self.bits
         codes = (self.packed.t().unsqueeze(-1) >> shifts) & ((1 << self.bits) - 1)
-        return codes.reshape(self.out_features, -1)[:, : self.in_features].long()
+        return codes.reshape(self.out_features, -1)[:, : self.in_features].to(dtype)
 
     def dequantize(self) -> torch.Tensor:
         """W [N, K] in float32, outliers included."""
@@ -172,18 +172,18 @@ class KernelWeight:
 
 def with_swizzled_tiles(weight: KernelWeight) -> KernelWeight:
     """The weight with its codes also laid out for the tensor-core tiles of 16-128 tokens that take
-    products of 2-256 (`qtool.kernels.swizzled`), where they take it (`swizzled_tiles_fit`) and on devices of compute
-    capability 9 or more (Hopper, where those tiles were measured): a second copy of the codes,
+    products of 2-256 (`qtool.kernels.swizzled`), where they hold it (`swizzled_tiles_fit`), on
+    Hopper (compute capability 9.x, where those tiles were measured): a second copy of the codes,
     N * K / 2 bytes (3.5 GB for Llama-3-8B's linears)."""
-    if not (weight.packed.is_cuda and compute_capability(weight.packed.device) >= (9, 0)
-            and swizzled_tiles_fit(weight)):
+    if not (weight.packed.is_cuda and compute_capability(weight.packed.device)[0] == 9 and swizzled_tiles_fit(weight)):
         return weight
-    return replace(weight, tiles=swizzled.swizzle(weight.codes()))
+    return replace(weight, tiles=swizzled.swizzle(weight.codes(torch.uint8)))
 
 
 def swizzled_tiles_fit(weight: KernelWeight) -> bool:
     """Whether the swizzled tiles hold this weight: 4-bit codes of a uniform grid with fp16 scales
-    (made in fp16 like the half2 tiles), no outliers, whole tiles, groups of 64 or more."""
+    (made in fp16 like the half2 tiles), no outliers, whole tiles, power-of-two groups of 64 or more
+    (or one a row)."""
     return (weight.lut is None and weight.outlier_values is None and weight.scales.dtype == torch.float16
             and swizzled.fits(weight.out_features, weight.in_features, weight.bits, weight.group_size))
 
@@ -236,7 +236,8 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
                   sums: torch.Tensor | None = None) -> torch.Tensor | PendingSum:
     """x [M, K] @ W^T -> [M, N] in x's dtype through the Triton kernels; with `sums` (zero,
     float32, at least [M, N]), the product added into them and left pending. `config` fixes BLOCK_M,
-    BLOCK_N, BLOCK_K, SPLIT_K (0: one program per BLOCK_K rows of K), or DEQUANTIZE, and
+    BLOCK_N, BLOCK_K, SPLIT_K (0: one program per BLOCK_K rows of K), or DEQUANTIZE, or SWIZZLED
+    (BLOCK_M, BLOCK_N, SPLIT_K: the swizzled tiles, for a weight that has them), and
     num_warps / num_stages on a GPU, instead of the tuned choice: tests under TRITON_INTERPRET=1
     use it."""
     x = x.contiguous()
@@ -291,8 +292,9 @@ def _meta(weight: KernelWeight) -> dict:
 
 def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None = None
             ) -> torch.Tensor | PendingSum:
-    """One product by the configuration's path: dequantize-then-cuBLAS, or the matmul kernel (or the
-    half2 kernel of one or two tokens a program row) on a grid of N tiles x M tiles x shares of K.
+    """One product by the configuration's path: dequantize-then-cuBLAS, the swizzled tiles
+    (SWIZZLED), or the matmul kernel (or the half2 kernel of one or two tokens a program row) on a
+    grid of N tiles x M tiles x shares of K.
     HALF2: half2 arithmetic, for BLOCK_M 1 or 2 tokens in its own kernel, for tiles of tokens in the
     weights the matmul kernel's dot takes.
     SWAP: the dot computes y^T = W x^T, so the weights are its first operand (on Hopper that one
@@ -348,7 +350,7 @@ def _launch_swizzled(x: torch.Tensor, weight: KernelWeight, config: dict, sums: 
                            HAS_ZEROS=weight.zeros is not None, SPLIT=grid[2] > 1 and sums is None,
                            PENDING=sums is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                            STAGES=config["num_stages"], ASM=os.environ.get("TRITON_INTERPRET") != "1",
-                           **_launch_options(config), **dependent_launch(x.device))
+                           HALF=swizzled.MIN_GROUP, **_launch_options(config), **dependent_launch(x.device))
     return out if sums is None else PendingSum(sums, x.dtype)
 
 
@@ -392,16 +394,22 @@ def _launch_options(config: dict) -> dict:
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept: CUDA graphs captured with them still use them
 
 
 def _workspace(device: torch.device, size: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 partial sums and per-tile arrival counts for split-K, one pair per device and stream,
-    all zero between launches (the last program of each tile sets its part back to zero)."""
+    all zero between launches (the last program of each tile sets its part back to zero). A pair
+    too small is replaced by one at least twice its size and kept (`_OUTGROWN`): a CUDA graph
+    captured with it would otherwise write into freed memory; the doubling bounds what is kept to
+    the size of the pair in use."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     held = _WORKSPACES.get(key)
     if held is None or held[0].numel() < size or held[1].numel() < tiles:
-        sizes = (size, tiles) if held is None else (max(size, held[0].numel()), max(tiles, held[1].numel()))
+        if held is not None:
+            _OUTGROWN.append(held)
+        sizes = (size, tiles) if held is None else (max(size, 2 * held[0].numel()), max(tiles, 2 * held[1].numel()))
         held = _WORKSPACES[key] = (torch.zeros(sizes[0], device=device, dtype=torch.float32),
                                    torch.zeros(sizes[1], device=device, dtype=torch.int32))
     return held
@@ -1223,13 +1231,12 @@ if triton is not None:
     def _swizzled_kernel(x_ptr, t_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, arrivals_ptr, M, N, K,
                          GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr, PENDING: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                         PDL: tl.constexpr):
+                         PDL: tl.constexpr, HALF: tl.constexpr):
         """y^T = W x^T for a tile of BLOCK_N outputs x BLOCK_M tokens, over this program's share of K in
-        tiles of 128 inputs read from the swizzled codes (`swizzled.swizzled_tile`): each half of 64
+        tiles of 2 HALF inputs read from the swizzled codes (`swizzled.swizzled_tile`): each half of HALF
         inputs shifted by 1024 + its zero and scaled in fp16 (exact, then one rounding, as the
         reference), then a dot with the tokens as its columns."""
         wait_for_previous(PDL)
-        HALF: tl.constexpr = 64
         pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

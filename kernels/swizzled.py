@@ -35,7 +35,7 @@ except ImportError:
 
 TILE_K = 128  # inputs a tile: two groups of 64
 TILE_N = 16  # outputs: the swizzle's unit (4 rows of bytes make 16 rows of weights)
-MIN_GROUP = TILE_K // 2  # a tile's halves each take one scale and zero
+MIN_GROUP = TILE_K // 2  # a tile's halves each take one scale and zero: inputs a half
 UPCAST = """{
 .reg .b32 hi, t;
 shr.u32 hi, $4, 4;
@@ -51,9 +51,9 @@ lop3.b32 $3, t, 0x000f000f, 0x64006400, 0xea;
 
 
 def fits(out_features: int, in_features: int, bits: int, group_size: int) -> bool:
-    """Whether codes of this shape and grid can be swizzled: 4-bit, whole tiles, groups of at least
-    a tile's half (or one a row)."""
-    whole_groups = group_size == -1 or group_size >= MIN_GROUP and group_size % MIN_GROUP == 0
+    """Whether codes of this shape and grid can be swizzled: 4-bit, whole tiles, power-of-two groups
+    of at least a tile's half (or one a row), as the kernels take them."""
+    whole_groups = group_size == -1 or group_size >= MIN_GROUP and group_size & (group_size - 1) == 0
     return bits == 4 and whole_groups and out_features % TILE_N == 0 and in_features % TILE_K == 0
 
 

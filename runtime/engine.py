@@ -146,13 +146,13 @@ class Engine:
                  memory_utilization: float = 0.9, cuda_graphs: bool = True):
         """`cuda_graphs`: decode steps replay CUDA graphs on a GPU (`qtool.runtime.cuda_graphs`)."""
         self.model, self.tokenizer = model, tokenizer
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = _indexed(torch.device(device)), dtype
         spec = model.spec
         cache_dtype = next(iter(attention_layers(model).values())).kv_cache_dtype or dtype  # float8 if the model uses it
         per_block = KVCache.bytes_per_block(spec.layers, block_size, spec.kv_heads, spec.head_dim, cache_dtype)
         graphs = cuda_graphs and self.device.type == "cuda"
         if self.device.type == "cuda":  # before the KV cache's budget, which must count them (not their scratch)
-            make_kernel_views(model, self.device)
+            make_kernel_views(model, self.device, dtype)
             torch.cuda.empty_cache()
         blocks = (cache_bytes or self._cache_budget(memory_utilization)) // per_block - graphs  # one scratch block
         if blocks < 1:
@@ -301,6 +301,14 @@ class Engine:
                 if event.finished is not None:
                     finished[event.finished.id] = event.finished
         return finished
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """"cuda" as "cuda:N" (the current device): the device tensors report, which the layers' kernel
+    views are kept under (a view made for "cuda" would be made again for "cuda:0")."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -19,7 +19,8 @@ Llama-3-8B). The runtime makes all of these before it sizes its KV cache (`make_
 
 Products of up to 64 tokens may be left pending for the kernel that reads them
 (`pending_product`, `qtool.kernels.pending`): each kernel view then keeps a float32 accumulator of
-64 x its outputs (for Llama-3-8B, 11 MB a layer, 352 MB in all), made at the first such product.
+64 x its outputs (for Llama-3-8B, 11 MB a layer, 352 MB in all), made at the first such product,
+or by the runtime before it sizes its KV cache.
 """
 
 from __future__ import annotations
@@ -229,23 +230,32 @@ class FusedLinears:
             self._fused = (device, fused)
         return self._fused[1]
 
-    def make_view(self, device: torch.device) -> bool:
-        """Makes the joined view now (as the first call on `device` would); whether there is one."""
-        return self._fused_on(device, [getattr(self.owner, name) for name in self.names]) is not None
+    def make_view(self, probe: torch.Tensor) -> KernelLayout | None:
+        """Makes the joined view now, as the first call with activations like `probe` would; the
+        view, if that call runs on it."""
+        fused = self._fused_on(probe.device, [getattr(self.owner, name) for name in self.names])
+        return fused[0] if fused is not None and kernel_fits(probe, fused[0].weight) else None
 
 
-def make_kernel_views(model: nn.Module, device: torch.device) -> None:
-    """Makes every kernel view (and int8 copy) the model's first forward on `device` would make:
-    the fused groups' joined views, the other linears' own, so that memory measured afterwards (the
-    runtime's KV-cache budget) counts them."""
-    fused = set()
+def make_kernel_views(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Makes what the model's first forwards on `device` with `dtype` activations would make: every
+    kernel view (the fused groups' joined views where the kernel runs them, the other linears' own),
+    the pending products' accumulators of the views the kernel runs, and the W8A8 linears' int8
+    copies, so that memory measured afterwards (the runtime's KV-cache budget) counts them."""
+    if device.type != "cuda":  # the forward makes none elsewhere
+        return
+    probe = torch.empty(0, device=device, dtype=dtype)
+    fused, layouts = set(), []
     for module in model.modules():
-        for group in vars(module).values():
-            if isinstance(group, FusedLinears) and group.make_view(device):
+        for group in list(vars(module).values()):
+            if isinstance(group, FusedLinears) and (layout := group.make_view(probe)) is not None:
                 fused.update(id(getattr(group.owner, name)) for name in group.names)
+                layouts.append(layout)
     for module in model.modules():
         if isinstance(module, QuantLinear) and id(module) not in fused:
             if module.scheme.activation_bits:
                 module._int8_weight(device)
-            else:
-                module._kernel_layout(device)
+            elif (layout := module._kernel_layout(device)) is not None and kernel_fits(probe, layout.weight):
+                layouts.append(layout)
+    for layout in layouts:
+        layout._accumulator(device)

@@ -80,7 +80,7 @@ def main() -> None:
     for tokens, split, pending in ((16, True, False), (64, False, True)):
         ptx = compile_for_sm90(quant_matmul._swizzled_kernel, dict(GROUP=64, HAS_ZEROS=True, SPLIT=split,
                                                                    PENDING=pending, BLOCK_M=tokens, BLOCK_N=64,
-                                                                   STAGES=3, ASM=True, PDL=True),
+                                                                   STAGES=3, ASM=True, PDL=True, HALF=64),
                                dict(words, t_ptr="*u8"), options={"num_stages": 3})
         before_dot = ptx[:ptx.index("wgmma.mma_async")]
         assert "st.shared" not in before_dot and "shfl" not in before_dot, "the swizzled tile went through shared memory"

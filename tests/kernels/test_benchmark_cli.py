@@ -40,6 +40,8 @@ def test_merge_refuses_unreadable_and_foreign_json(tmp_path):
     ("step_drift.py", ["--after", "32", "0"], "is not a request count or REQUESTSxPROMPTxOUTPUT"),
     ("step_drift.py", ["--after", "64x2"], "is not a request count or REQUESTSxPROMPTxOUTPUT"),
     ("step_drift.py", ["--after", "8x4096x4"], "--max-batched-tokens must be at least the prompts' 4096 tokens"),
+    ("step_drift.py", ["--after", "64", "64x128x256"], "--after names a load twice"),
+    ("step_drift.py", ["--after", "1x128x9000"], "a request of more than the model's 8192 positions"),
     ("step_drift.py", ["--kv-cache-gib", "0"], "--kv-cache-gib must be positive"),
     ("step_drift.py", ["--max-batched-tokens", "64"], "--max-batched-tokens must be at least the prompts' 128 tokens"),
     ("step_drift.py", ["--synthetic", "no-such-preset"], "--synthetic takes a preset")])

@@ -36,4 +36,5 @@ def test_the_kernel_chain_puts_every_swizzled_code_back_in_place():
 def test_shapes_the_layout_takes():
     assert swizzled.fits(4096, 14336, 4, 64) and swizzled.fits(32, 256, 4, -1) and swizzled.fits(32, 256, 4, 128)
     assert not swizzled.fits(32, 256, 4, 32) and not swizzled.fits(32, 256, 4, 96)  # a half of a tile in two groups
+    assert not swizzled.fits(32, 384, 4, 192)  # whole halves, but no power of two: the kernels take none
     assert not swizzled.fits(24, 256, 4, 64) and not swizzled.fits(32, 192, 4, 64) and not swizzled.fits(32, 256, 8, 64)

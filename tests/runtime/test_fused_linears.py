@@ -64,18 +64,31 @@ def test_joined_linears_give_each_linear_its_own_output():
     torch.testing.assert_close(k, owner.k(x), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="kernel views are made on CUDA only")
 def test_kernel_views_are_made_before_the_first_forward_as_it_would_make_them():
     """The runtime sizes its KV cache after `make_kernel_views`: joined groups get their one view,
-    the linears outside them their own, a W8A8 linear its int8 copy."""
+    the linears outside them their own, each with its pending products' accumulator, a W8A8 linear
+    its int8 copy; a forward then makes nothing more."""
     owner = nn.Module()
     owner.q, owner.k, owner.o = QuantLinear(quantized(64)), QuantLinear(quantized(32)), QuantLinear(quantized(16))
     w8a8 = Scheme(8, -1, True, activation_bits=8)
     dense = torch.randn(16, 128) * 0.05
     grid = fit_minmax(dense, w8a8, torch.float16)
-    owner.w8a8 = QuantLinear(QuantizedWeight.from_codes(quantize_to_codes(dense, grid, w8a8), grid, w8a8).to(DEVICE))
+    owner.w8a8 = QuantLinear(QuantizedWeight.from_codes(quantize_to_codes(dense, grid, w8a8), grid, w8a8))
     owner.joined = FusedLinears(owner, ("q", "k"))
-    make_kernel_views(owner, torch.device(DEVICE))
-    assert owner.joined._fused is not None and owner.joined._fused[1] is not None
-    assert owner.q._kernel is None and owner.k._kernel is None
-    assert owner.o._kernel is not None and owner.o._kernel[1] is not None
-    assert owner.w8a8._int8 is not None and owner.w8a8._kernel is None
+    owner.half().to(DEVICE)
+    make_kernel_views(owner, torch.device(DEVICE, torch.cuda.current_device()), torch.float16)
+    joined, own = owner.joined._fused[1][0], owner.o._kernel[1]
+    assert owner.q._kernel is None and owner.k._kernel is None and owner.w8a8._int8 is not None
+    assert joined.accumulator is not None and own.accumulator is not None
+    x = torch.randn(3, 128, dtype=torch.float16, device=DEVICE)
+    owner.joined(x), owner.o(x[:, :16].repeat(1, 8))
+    assert owner.joined._fused[1][0] is joined and owner.o._kernel[1] is own  # the forward's own, not made again
+
+
+def test_no_kernel_view_is_made_off_cuda():
+    owner = nn.Module()
+    owner.q, owner.k = QuantLinear(quantized(64)), QuantLinear(quantized(32))
+    owner.joined = FusedLinears(owner, ("q", "k"))
+    make_kernel_views(owner, torch.device("cpu"), torch.float32)
+    assert owner.joined._fused is None and owner.q._kernel is None
