@@ -245,7 +245,8 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
         sums = sums.view(-1)[: x.shape[0] * weight.out_features].view(x.shape[0], weight.out_features)
     if config is None:
         key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype,
-               weight.outlier_values is not None, weight.tiles is not None, sums is not None, *_meta(weight).values())
+               weight.outlier_values is not None, weight.tiles is not None, sums is not None,
+               None if weight.scales is None else weight.scales.dtype, *_meta(weight).values())
         config = _TUNER.choose(key, lambda: _timed_products(x, weight, sums is not None),
                                candidates(x.shape[0], weight, x.dtype))
     return _launch(x, weight, config, sums)
@@ -434,7 +435,7 @@ class _Tuner:
     def choose(self, key: tuple, launches, candidates: list[dict]) -> dict:
         """`launches()`: functions that each launch the product for a configuration, one per copy of
         its operands (called only when the key is timed)."""
-        if key not in self.best:
+        if self.best.get(key) not in candidates:  # unseen; or chosen among candidates this weight is not offered
             stored = self._stored().get(repr(key)) if self.persist else None
             if stored in candidates:
                 self.best[key] = stored

@@ -290,6 +290,9 @@ def test_tuned_choices_are_stored_and_read_back(monkeypatch, tmp_path):
     assert len(timed) == 5
     source.write_text("changed kernel source")
     assert _Tuner(str(source)).choose(key, launches, candidates) == dict(BLOCK_N=2) and len(timed) == 8
+    tuner = _Tuner(str(source))  # in one process: a choice the next caller is not offered is not handed out
+    assert tuner.choose(key, launches, candidates) == dict(BLOCK_N=2) and len(timed) == 8
+    assert tuner.choose(key, launches, candidates[2:]) == dict(BLOCK_N=3) and len(timed) == 9
 
 
 def test_token_buckets_span_a_factor_of_two():
