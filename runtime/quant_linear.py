@@ -73,10 +73,16 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.scheme.activation_bits:
             return int8_matmul.int8_matmul(x, *self._int8_weight(x.device), bias)
-        layout = self._kernel_layout(x.device) if x.is_cuda else None
-        if layout is None or not kernel_fits(x, layout.weight):
+        layout = self._running_layout(x)
+        if layout is None:
             return F.linear(x, self.quantized_weight().dequantize(x.dtype), bias)
         return layout.multiply(x, bias, pending)
+
+    def _running_layout(self, x: torch.Tensor) -> KernelLayout | None:
+        """The kernel view that x's product runs on (made at the first call on x's device); None: the
+        reference path."""
+        layout = self._kernel_layout(x.device) if x.is_cuda else None
+        return layout if layout is not None and kernel_fits(x, layout.weight) else None
 
     def _int8_weight(self, device: torch.device) -> int8_matmul.Int8Weight:
         """The codes as signed int8 [out, in] (unsigned codes less their fixed zero) and the scales
@@ -206,13 +212,21 @@ class FusedLinears:
     def __call__(self, x: torch.Tensor, pending: bool = False) -> list[torch.Tensor | PendingSum]:
         """The linears' outputs; `pending`: their products may be left for the kernel that reads them
         (`pending_product`)."""
-        linears = [getattr(self.owner, name) for name in self.names]
-        fused = self._fused_on(x.device, linears) if x.is_cuda else None
-        if fused is None or not kernel_fits(x, fused[0].weight):
-            return [pending_product(linear, x) if pending else linear(x) for linear in linears]
+        fused = self._running(x)
+        if fused is None:
+            return [pending_product(linear, x) if pending else linear(x) for linear in self._linears()]
         layout, sizes, bias = fused
         out = layout.multiply(x, None if bias is None else bias.to(x.dtype), pending)
         return list(out.split(sizes, dim=-1))
+
+    def _linears(self) -> list[nn.Module]:
+        return [getattr(self.owner, name) for name in self.names]
+
+    def _running(self, x: torch.Tensor) -> tuple | None:
+        """The joined view (with its sizes and bias) that x's product runs on, made at the first call
+        on x's device; None: each linear runs alone."""
+        fused = self._fused_on(x.device, self._linears()) if x.is_cuda else None
+        return fused if fused is not None and kernel_fits(x, fused[0].weight) else None
 
     def _fused_on(self, device: torch.device, linears: list[nn.Module]) -> tuple | None:
         if self._fused is None or self._fused[0] != device:
@@ -230,32 +244,25 @@ class FusedLinears:
             self._fused = (device, fused)
         return self._fused[1]
 
-    def make_view(self, probe: torch.Tensor) -> KernelLayout | None:
-        """Makes the joined view now, as the first call with activations like `probe` would; the
-        view, if that call runs on it."""
-        fused = self._fused_on(probe.device, [getattr(self.owner, name) for name in self.names])
-        return fused[0] if fused is not None and kernel_fits(probe, fused[0].weight) else None
-
 
 def make_kernel_views(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Makes what the model's first forwards on `device` with `dtype` activations would make: every
     kernel view (the fused groups' joined views where the kernel runs them, the other linears' own),
     the pending products' accumulators of the views the kernel runs, and the W8A8 linears' int8
-    copies, so that memory measured afterwards (the runtime's KV-cache budget) counts them."""
-    if device.type != "cuda":  # the forward makes none elsewhere
-        return
+    copies, so that memory measured afterwards (the runtime's KV-cache budget) counts them. It asks
+    what the forward asks (`_running`, `_running_layout`) of activations like theirs."""
     probe = torch.empty(0, device=device, dtype=dtype)
     fused, layouts = set(), []
     for module in model.modules():
         for group in list(vars(module).values()):
-            if isinstance(group, FusedLinears) and (layout := group.make_view(probe)) is not None:
-                fused.update(id(getattr(group.owner, name)) for name in group.names)
-                layouts.append(layout)
+            if isinstance(group, FusedLinears) and (running := group._running(probe)) is not None:
+                fused.update(map(id, group._linears()))
+                layouts.append(running[0])
     for module in model.modules():
         if isinstance(module, QuantLinear) and id(module) not in fused:
             if module.scheme.activation_bits:
                 module._int8_weight(device)
-            elif (layout := module._kernel_layout(device)) is not None and kernel_fits(probe, layout.weight):
+            elif (layout := module._running_layout(probe)) is not None:
                 layouts.append(layout)
     for layout in layouts:
         layout._accumulator(device)
