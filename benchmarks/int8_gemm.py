@@ -3,7 +3,8 @@ shapes and 8192x8192, for 1 to 4096 tokens:
 - W8A8: the whole call as QuantLinear makes it (`int8_matmul`: per-token activation quantization,
   then the tuned int8 GEMM with its fused epilogue);
 - GEMM: the tuned product alone, on activations already quantized;
-- Triton: the fastest Triton tile configuration the tuner timed, alone;
+- Triton: the fastest configuration of the Triton kernel (`tl.dot`) the tuner timed, alone;
+- wgmma: the fastest configuration of the Gluon kernel (Hopper: each wgmma kept in flight), alone;
 - _int_mm: `torch._int_mm` (cuBLAS) plus qtool's epilogue kernel, alone (M > 16 only);
 - the activation quantization alone (fp16 read, int8 and a scale per row written).
 Timed as benchmarks/kernels.py times (its `graph_time`: median replay of a CUDA graph over copies
@@ -45,10 +46,12 @@ def int8_weight(n: int, k: int) -> Int8Weight:
                       torch.rand(n, device="cuda") * 0.01 + 0.001)
 
 
-def fastest_triton(m: int, n: int, k: int) -> dict:
-    """The tuner's fastest Triton configuration for this key (it has timed them all by now)."""
+def fastest(m: int, n: int, k: int, path: str) -> dict | None:
+    """The tuner's fastest configuration of a path ("Triton" or "wgmma") for this key (it has timed
+    them all by now), or None where the path was not a candidate."""
     timed = _TUNER.timings[(m_bucket(m), n, k, torch.float16)]
-    return next(config for _, config in timed if not config.get("INT_MM"))
+    return next((config for _, config in timed
+                 if not config.get("INT_MM") and bool(config.get("WGMMA")) == (path == "wgmma")), None)
 
 
 def measure_shape(k: int, n: int, tokens: list[int]) -> list[dict]:
@@ -69,7 +72,10 @@ def measure_shape(k: int, n: int, tokens: list[int]) -> list[dict]:
         quantize = graph_time(lambda i: (lambda: triton_quantize(xs[i])), len(xs))
         w8a8 = graph_time(lambda i: (lambda: int8_matmul(xq[i], *int8[i])), len(int8))
         paths = {"W8A8": w8a8, "GEMM": graph_time(product(None), len(int8))}
-        paths["Triton"] = graph_time(product(fastest_triton(m, n, k)), len(int8))
+        for path in ("Triton", "wgmma"):
+            config = fastest(m, n, k, path)
+            if config is not None:
+                paths[path] = graph_time(product(config), len(int8))
         if int_mm_fits(m, n, k):
             paths["_int_mm"] = graph_time(product(INT_MM), len(int8))
         chosen = _TUNER.best[(m_bucket(m), n, k, torch.float16)]
@@ -85,7 +91,7 @@ def measure_shape(k: int, n: int, tokens: list[int]) -> list[dict]:
 
 def layout_probe(k: int = 4096, n: int = 4096, m: int = 4096) -> dict:
     """The best Triton configuration for [N, K] codes, on the same codes stored [K, N]."""
-    config = fastest_triton(m, n, k)
+    config = fastest(m, n, k, "Triton")
     copies = copies_for(n * k)
     row_major = [int8_weight(n, k) for _ in range(copies)]
     column_major = [Int8Weight(w.codes.t().contiguous().t(), w.scales) for w in row_major]  # [N, K] view of [K, N]
@@ -133,7 +139,8 @@ def write(result: dict, out: Path, slug: str) -> None:
 def describe(config: dict) -> str:
     if config.get("INT_MM"):
         return "_int_mm"
-    return "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} split {SPLIT_K} w{num_warps} s{num_stages}".format(**config)
+    return ("wgmma " if config.get("WGMMA") else "") + \
+        "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} split {SPLIT_K} w{num_warps} s{num_stages}".format(**config)
 
 
 def markdown(result: dict) -> str:
@@ -141,21 +148,23 @@ def markdown(result: dict) -> str:
              f"{result['gpu']}; torch {result['versions']['torch']}, triton {result['versions']['triton']}. "
              f"`{result['command']}`. {result['method']}. Speed-up over fp16 `F.linear` (higher is faster); "
              "W8A8 is the whole call (activation quantization + GEMM), the others the GEMM alone.", "",
-             "| in x out | M | fp16 ms | W8A8 | GEMM (tuned) | Triton | _int_mm + epilogue | tuned choice "
-             "| quantize ms (GB/s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| in x out | M | fp16 ms | W8A8 | GEMM (tuned) | Triton | wgmma (Gluon) | _int_mm + epilogue "
+             "| tuned choice | quantize ms (GB/s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         cells = [f"{row[name]['speedup']:.2f}x" if name in row else ""
-                 for name in ("W8A8", "GEMM", "Triton", "_int_mm")]
+                 for name in ("W8A8", "GEMM", "Triton", "wgmma", "_int_mm")]
         quantize = row["quantize"]
         lines.append(f"| {row['in']}x{row['out']} | {row['tokens']} | {row['fp16_ms']:.4f} | " + " | ".join(cells)
                      + f" | {describe(row['chosen'])} | {quantize['ms']:.4f} ({quantize['GB/s']:.0f}) |")
     target = [row for row in result["rows"] if (row["in"], row["out"]) in LLAMA_SHAPES and row["tokens"] >= 256]
     if target:
-        worst = min(target, key=lambda row: row["W8A8"]["speedup"])
-        met = sum(row["W8A8"]["speedup"] >= TARGET for row in target)
-        lines += ["", f"Issue 12's target (W8A8 >= {TARGET}x fp16 at M >= 256 on Llama-3-8B shapes): met in {met} of "
-                  f"{len(target)} cases; lowest {worst['W8A8']['speedup']:.2f}x ({worst['in']}x{worst['out']}, "
-                  f"M={worst['tokens']})."]
+        lines.append("")
+        for path in ("GEMM", "W8A8"):
+            worst = min(target, key=lambda row: row[path]["speedup"])
+            met = sum(row[path]["speedup"] >= TARGET for row in target)
+            lines.append(f"Issue 12's target ({path} >= {TARGET}x fp16 at M >= 256 on Llama-3-8B shapes): met in {met} "
+                         f"of {len(target)} cases; lowest {worst[path]['speedup']:.2f}x ({worst['in']}x{worst['out']}, "
+                         f"M={worst['tokens']}).")
     probe = result.get("layout_probe")
     if probe:
         lines += ["", f"Weight layout probe ({probe['shape']}, M={probe['tokens']}, {describe(probe['config'])}): "

@@ -17,20 +17,21 @@ Four things, as every kernel here:
   clamp), writing the int8 codes and the float32 scale: bit for bit `quantize_per_token`.
 - `triton_matmul`: `triton_quantize`, then an int8 x int8 -> int32 tensor-core GEMM (`tl.dot`)
   with the epilogue fused (scales, bias, cast), K optionally split among programs that add into
-  an int32 workspace (exact) and the last of which writes y; or `torch._int_mm` (cuBLAS) and a
-  fused epilogue kernel. The path and tile shapes are chosen per (M bucket, N, K, dtype) by
-  timing the candidates once on the device.
+  an int32 workspace (exact) and the last of which writes y; on Hopper the same product by
+  `int8_wgmma`'s Gluon kernel (each wgmma kept in flight, which Triton's `tl.dot` does not do for
+  int32 accumulators); or `torch._int_mm` (cuBLAS) and a fused epilogue kernel. The path and tile
+  shapes are chosen per (M bucket, N, K, dtype) by timing the candidates once on the device.
 - `int8_matmul`: the dispatcher: the kernels on CUDA, the reference elsewhere, with
   QTOOL_KERNELS=reference, or for shapes the kernels refuse (`kernel_fits`).
 
-Speed on an H200 against fp16 `F.linear` (benchmarks/results/int8_gemm_h200.md): from 1024
-tokens the GEMM alone is 1.67-1.94x on the 4096x4096, 4096x14336, 14336x4096 and 8192x8192
-shapes, and the whole call 1.46-1.78x; at 256 tokens the whole call is 0.91-1.38x there, and on
-4096x1024 it is 0.70-1.06x from 256 tokens up: the quantization pass over x costs as much as a
-large part of so small a product. For 1-16 tokens the product is bound by reading the weight (int8
-halves fp16's bytes): the GEMM alone 1.23-1.86x, the whole call 0.97-1.65x, the separate
-quantization launch costing 2.5-7.6 us. `torch._int_mm` plus the epilogue (0.64-1.48x) was never
-the faster path there, but stays a candidate of the tuner.
+Speed on an H200 against fp16 `F.linear` (benchmarks/results/int8_gemm_h200.md): from 256 tokens
+the GEMM alone is 1.39-2.01x on the Llama-3-8B shapes (the Gluon kernel the tuner's choice at 64
+tokens, mostly at 256 and on 4096x1024; Triton's at 1024-2048 on the larger shapes), and the whole
+call 1.23-1.79x on 4096x4096, 4096x14336, 14336x4096 and 8192x8192, but 0.92-1.21x on 4096x1024,
+where the separate quantization launch costs as much as a large part of so small a product. For 1-16 tokens the
+product is bound by reading the weight (int8 halves fp16's bytes): the GEMM alone 1.37-1.90x, the
+whole call 0.98-1.70x, the quantization launch costing 2.5-7.6 us. `torch._int_mm` plus the
+epilogue (0.64-1.49x) was never the faster path there, but stays a candidate of the tuner.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import NamedTuple
 
 import torch
 
-from qtool.kernels.dispatch import triton_runs
+from qtool.kernels import int8_wgmma
+from qtool.kernels.dispatch import compute_capability, triton_runs
 from qtool.kernels.quant_matmul import _launch_options, _Tuner, _workspace, copies_past_l2, m_bucket
 
 try:
@@ -112,6 +114,14 @@ def kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def wgmma_runs(codes: torch.Tensor, weight: Int8Weight) -> bool:
+    """Whether `int8_wgmma` takes this product: Hopper (compute capability 9.x), a Triton with
+    Gluon, both operands' rows contiguous and 16-byte aligned, as TMA reads them."""
+    return (int8_wgmma.available() and codes.is_cuda and compute_capability(codes.device)[0] == 9
+            and all(rows.data_ptr() % 16 == 0 and rows.stride(0) % 16 == 0 and rows.stride(1) == 1
+                    for rows in (codes, weight.codes)))
+
+
 def int_mm_fits(m: int, n: int, k: int) -> bool:
     """What `torch._int_mm` takes on CUDA: more than 16 rows, K and N multiples of 8."""
     return m > 16 and k % 8 == 0 and n % 8 == 0
@@ -159,7 +169,7 @@ def gemm(codes: torch.Tensor, scales: torch.Tensor, weight: Int8Weight, bias: to
     if config is None:
         config = _TUNER.choose((m_bucket(m), n, k, dtype), lambda: [
             functools.partial(_launch, codes, scales, copy, bias, dtype) for copy in copies_past_l2(weight)
-        ], candidates(m, n, k))
+        ], candidates(m, n, k, wgmma_runs(codes, weight)))
     return _launch(codes, scales, weight, bias, dtype, config)
 
 
@@ -170,6 +180,12 @@ def _launch(codes: torch.Tensor, scales: torch.Tensor, weight: Int8Weight, bias:
     out = torch.empty((m, n), device=codes.device, dtype=dtype)
     bias_arg = weight.scales if bias is None else bias
     blocks = dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"])
+    if config.get("WGMMA"):
+        if not wgmma_runs(codes, weight):
+            raise ValueError("the Gluon wgmma GEMM runs on compute capability 9.x with 16-byte aligned codes and a "
+                             "Triton with Gluon: choose a Triton configuration")
+        int8_wgmma.launch(codes, scales, weight.codes, weight.scales, bias, out, config)
+        return out
     if config.get("INT_MM"):
         if not int_mm_fits(m, n, k):
             raise ValueError(f"torch._int_mm takes M > 16 and K, N multiples of 8, got {m}x{k} by {n}: "
@@ -193,13 +209,14 @@ def _launch(codes: torch.Tensor, scales: torch.Tensor, weight: Int8Weight, bias:
 _TUNER = _Tuner(__file__)
 
 
-def candidates(m: int, n: int, k: int) -> list[dict]:
+def candidates(m: int, n: int, k: int, wgmma: bool = False) -> list[dict]:
     """The configurations worth timing for m tokens: 16-row tiles with K split among programs for a
     few tokens (the weight's bytes bound the time, so many programs must stream it), 64- to 256-row
-    tiles (wgmma) for more, and `torch._int_mm` wherever it takes the shape."""
-    def tiles(*shapes):
+    tiles (wgmma) for more, `torch._int_mm` wherever it takes the shape, and with `wgmma` (Hopper)
+    the Gluon kernel's tiles from 17 tokens on."""
+    def tiles(*shapes, **fixed):
         return [dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
-                     num_stages=stages)
+                     num_stages=stages, **fixed)
                 for block_m, block_n, block_k, split, warps, stages in shapes]
 
     by_bound = {
@@ -215,9 +232,25 @@ def candidates(m: int, n: int, k: int) -> list[dict]:
         1024: tiles((128, 128, 128, 1, 8, 3), (128, 128, 128, 1, 8, 4), (64, 128, 128, 1, 4, 4),
                     (128, 64, 128, 1, 4, 4), (128, 128, 128, 2, 8, 3), (64, 64, 256, 1, 4, 4)),
     }
-    chosen = next((chosen for bound, chosen in by_bound.items() if m <= bound), None) or tiles(  # more tokens: large tiles, and smaller ones for small N
+    # the Gluon kernel keeps one wgmma in flight, so deep rings of one warpgroup's tiles pay off; K split
+    # (each share's sums stored apart, added by the last) where the tiles are too few for the SMs
+    wgmma_by_bound = {
+        16: [],
+        64: tiles((64, 64, 256, 1, 4, 6), (64, 64, 256, 2, 4, 6), (64, 64, 256, 4, 4, 6), (64, 128, 256, 2, 4, 4),
+                  WGMMA=True),
+        256: tiles((64, 32, 256, 1, 4, 6), (64, 64, 256, 1, 4, 6), (64, 64, 256, 2, 4, 6), (64, 128, 256, 1, 4, 4),
+                   (64, 128, 256, 2, 4, 4), (128, 128, 128, 2, 8, 4), (128, 64, 256, 1, 8, 4),
+                   (256, 128, 128, 1, 8, 4), (128, 256, 128, 1, 8, 4), WGMMA=True),
+        1024: tiles((64, 128, 256, 1, 4, 4), (64, 128, 128, 1, 4, 6), (128, 128, 128, 1, 4, 3),
+                    (128, 128, 128, 1, 4, 5), (128, 256, 128, 1, 8, 4), (256, 128, 128, 1, 8, 4), WGMMA=True),
+    }
+    bound = next((bound for bound in by_bound if m <= bound), None)
+    chosen = by_bound[bound] if bound else tiles(  # more tokens: large tiles, and smaller ones for small N
         (128, 128, 128, 1, 8, 3), (128, 128, 128, 1, 8, 4), (128, 256, 128, 1, 8, 3), (256, 128, 128, 1, 8, 3),
         (64, 128, 128, 1, 4, 4), (128, 64, 128, 1, 4, 4))
+    if wgmma:
+        chosen = chosen + (wgmma_by_bound[bound] if bound else tiles(
+            (128, 256, 128, 1, 8, 4), (256, 128, 128, 1, 8, 4), (128, 128, 128, 1, 8, 4), WGMMA=True))
     if int_mm_fits(m, n, k):
         chosen = chosen + [dict(INT_MM=True, BLOCK_M=64, BLOCK_N=128, num_warps=4)]
     return chosen

@@ -398,14 +398,14 @@ _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept: CUDA graphs captured with them still use them
 
 
-def _workspace(device: torch.device, size: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 partial sums and per-tile arrival counts for split-K, one pair per device and stream,
-    all zero between launches (the last program of each tile sets its part back to zero). A pair
-    too small is replaced by one at least twice its size and kept (`_OUTGROWN`): a CUDA graph
-    captured with it would otherwise write into freed memory; the doubling bounds what is kept to
-    the size of the pair in use."""
+def _workspace(device: torch.device, size: int, tiles: int, use: str = "sums") -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 partial sums and per-tile arrival counts for split-K, one pair per device, stream and
+    `use`. The "sums" pair is all zero between launches (the last program of each tile sets its part
+    back to zero); any pair's counts are. A pair too small is replaced by one at least twice its size
+    and kept (`_OUTGROWN`): a CUDA graph captured with it would otherwise write into freed memory; the
+    doubling bounds what is kept to the size of the pair in use."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
+    key = (device, stream, use)
     held = _WORKSPACES.get(key)
     if held is None or held[0].numel() < size or held[1].numel() < tiles:
         if held is not None:

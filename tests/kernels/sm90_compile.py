@@ -7,12 +7,14 @@ import os
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import mangle_type  # noqa: E402
 
-from qtool.kernels import elementwise, int8_matmul, paged_attention, quant_matmul  # noqa: E402
+from qtool.kernels import elementwise, int8_matmul, int8_wgmma, paged_attention, quant_matmul  # noqa: E402
 
 FLOATS = {"eps", "scale"}  # scalars passed as float; the others are int32
 # what a launch on model shapes specialises on: pointers and these sizes divisible by 16 (without it
@@ -39,6 +41,25 @@ def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **(options or {})})
+    assert compiled.asm["cubin"]
+    print(kernel.__name__, constexprs)
+    return compiled.asm["ptx"]
+
+
+def compile_gluon_for_sm90(block_m: int, block_n: int, num_warps: int, split: bool) -> str:
+    """int8_wgmma's kernel, its tensor descriptors' types taken from descriptors of CPU tensors."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kernel = int8_wgmma._wgmma_gemm_kernel
+    descriptors = {"a_desc": int8_wgmma._descriptor(torch.zeros(256, 4096, dtype=torch.int8), [block_m, 128]),
+                   "w_desc": int8_wgmma._descriptor(torch.zeros(1024, 4096, dtype=torch.int8), [block_n, 128])}
+    pointers = {"y_ptr": "*fp16", "ws_ptr": "*i32", "arrivals_ptr": "*i32"}
+    signature = {param.name: "constexpr" if param.is_constexpr else mangle_type(descriptors[param.name])
+                 if param.name in descriptors else pointers.get(param.name, "*fp32") if param.name.endswith("_ptr")
+                 else "i32" for param in kernel.params}
+    constexprs = dict(HAS_BIAS=True, SPLIT=split, GROUP_M=8, STAGES=4, num_warps=num_warps)
+    compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"]
     print(kernel.__name__, constexprs)
     return compiled.asm["ptx"]
@@ -94,6 +115,13 @@ def main() -> None:
                      dict(scales, a_ptr="*i8", w_ptr="*i8", ws_ptr="*fp32", arrivals_ptr="*i32"), num_warps=8)
     compile_for_sm90(int8_matmul._epilogue_kernel, dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128),
                      dict(scales, sums_ptr="*i32"))
+    if int8_wgmma.available():  # each wgmma left in flight while the next is issued (one outstanding)
+        for block_m, block_n, warps, split in ((64, 64, 4, True), (128, 256, 8, False)):
+            ptx = compile_gluon_for_sm90(block_m, block_n, warps, split)
+            assert "wgmma.wait_group.sync.aligned 1;" in ptx and "wgmma.mma_async.sync.aligned" in ptx
+            assert ".s32.s8.s8" in ptx
+    else:
+        print("no Gluon\nno Gluon")  # the count stays: this Triton has no Hopper Gluon to compile
     decode = {"tables_ptr": "*i32", "lens_ptr": "*i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
               "values_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     for split in (False, True):

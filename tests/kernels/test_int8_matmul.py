@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qtool.kernels import int8_matmul as kernels
+from qtool.kernels import int8_wgmma
 from qtool.kernels.int8_matmul import (Int8Weight, candidates, gemm, int8_matmul, kernel_fits, quantize_per_token,
                                        reference, triton_matmul, triton_quantize)
 
@@ -14,6 +15,11 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1)  # small tiles keep the interpreter quick
 SPLIT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3)  # shares of K added in the int32 workspace
 INT_MM = dict(INT_MM=True, BLOCK_M=16, BLOCK_N=16)  # torch._int_mm, then the epilogue kernel
+# the Gluon kernel (wgmma kept in flight), on Hopper only; split, its shares' sums stored apart
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9 and int8_wgmma.available()
+on_hopper = pytest.mark.skipif(not HOPPER, reason="the wgmma kernel needs a Hopper GPU and a Triton with Gluon")
+WGMMA = dict(WGMMA=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=3)
+WGMMA_SPLIT = dict(WGMMA, SPLIT_K=3)
 
 
 def random_weight(n: int, k: int) -> Int8Weight:
@@ -76,6 +82,31 @@ def test_int_mm_and_the_epilogue_kernel_match_the_reference(dtype, with_bias):
     check(17, 40, 208, dtype, INT_MM, with_bias)
 
 
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.parametrize("config", [WGMMA, WGMMA_SPLIT], ids=["tiles", "split-k"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 17, 130])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_gluon_wgmma_gemm_matches_the_reference(config, dtype, m, with_bias):
+    # K of 4 blocks, the last one partial (TMA fills past the edge with zeros); split 3 ways, the
+    # third share has no block; launched twice, the second finding the arrival counts set back
+    for _ in range(2):
+        check(m, 40, 208, dtype, config, with_bias)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_the_gluon_wgmma_gemm_refuses_codes_tma_cannot_read():
+    weight = random_weight(40, 208)
+    codes, scales = triton_quantize(activations(17, 224, torch.float16))
+    assert kernels.wgmma_runs(codes[:, 16:], weight)  # rows starting 16 bytes in: still aligned
+    shifted = torch.empty(17 * 208 + 1, dtype=torch.int8, device=DEVICE)[1:].view(17, 208)
+    assert not kernels.wgmma_runs(shifted, weight)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        gemm(shifted, scales, weight, None, torch.float16, WGMMA)
+
+
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero():
     for _ in range(3):  # the last program of each tile resets its part of the workspace for the next launch
         check(5, 24, 320, torch.float16, SPLIT)
@@ -83,7 +114,9 @@ def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero():
     assert not workspace.any() and not arrivals.any()
 
 
-@pytest.mark.parametrize("config, n", [(SMALL, 33), (SPLIT, 33), (INT_MM, 40)], ids=["tiles", "split-k", "int_mm"])
+@pytest.mark.parametrize("config, n", [(SMALL, 33), (SPLIT, 33), (INT_MM, 40),
+                                       pytest.param(WGMMA, 33, marks=on_hopper), pytest.param(WGMMA_SPLIT, 33, marks=on_hopper)],
+                         ids=["tiles", "split-k", "int_mm", "wgmma", "wgmma split-k"])
 def test_every_output_is_written(monkeypatch, config, n):
     """Every buffer is poisoned first (NaN, or the code -128 that quantization never writes); a
     tile or row the kernels skipped would show."""
@@ -108,6 +141,11 @@ def test_shapes_the_kernels_cannot_take_are_refused_or_fall_back():
     assert not any(config.get("INT_MM") for config in candidates(16, 24, 96))
     assert any(config.get("INT_MM") for config in candidates(17, 24, 96))
     assert not any(config.get("INT_MM") for config in candidates(17, 20, 96))  # N not a multiple of 8
+    assert not any(config.get("WGMMA") for m in (17, 300, 5000) for config in candidates(m, 24, 96))
+    assert all(any(config.get("WGMMA") for config in candidates(m, 24, 96, wgmma=True)) for m in (17, 300, 5000))
+    assert not any(config.get("WGMMA") for config in candidates(16, 24, 96, wgmma=True))  # 16 rows: wgmma wastes 48
+    if DEVICE == "cpu":
+        assert not kernels.wgmma_runs(codes, random_weight(24, 96))
 
 
 def test_the_dispatcher_keeps_leading_dimensions_and_runs_the_reference_where_asked(monkeypatch):
@@ -129,7 +167,7 @@ def test_the_dispatcher_keeps_leading_dimensions_and_runs_the_reference_where_as
 @pytest.mark.parametrize("m, k", [(1, 1024), (48, 1024), (208, 1024), (320, 1024), (1100, 1024),  # each bucket's
                                   (17, 1040), (300, 1040)])  # candidates; K with a masked tail
 def test_every_candidate_configuration_on_the_gpu(m, k):
-    for config in candidates(m, 320, k):
+    for config in candidates(m, 320, k, wgmma=HOPPER):
         check(m, 320, k, torch.float16, config)
     for dtype in (torch.bfloat16, torch.float32):  # the epilogue's other casts, on the first candidate
         check(m, 320, k, dtype, candidates(m, 320, k)[0])

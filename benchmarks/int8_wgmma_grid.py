@@ -1,0 +1,106 @@
+"""The Gluon int8 GEMM (kernels/int8_wgmma.py) over a grid of tiles, ring depths and warps: first its
+exactness against the reference on odd shapes (every fifth configuration), then its time on the
+Llama-3-8B shapes at 256 and 1024 tokens against fp16 `F.linear` and the tuned Triton GEMM. The
+tuner's wgmma candidates come from here. Writes JSON to the path given (results:
+int8_gemm_h200_wgmma_grid.json; it was measured with split 1 only, before K could be split).
+
+usage: python benchmarks/int8_wgmma_grid.py OUT.json"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import copies_for, graph_time  # noqa: E402
+
+from qtool.kernels import int8_wgmma  # noqa: E402
+from qtool.kernels.int8_matmul import _TUNER, Int8Weight, gemm, triton_quantize  # noqa: E402
+
+_TUNER.persist = False
+TILES = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 4),
+         (256, 128, 8), (128, 64, 8)]
+
+
+def configs():
+    for bm, bn, warps in TILES:
+        for bk in (64, 128, 256):
+            for stages in (3, 4, 5, 6):
+                if stages * (bm + bn) * bk > 225 * 1024:
+                    continue
+                yield dict(WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=warps,
+                           num_stages=stages, GROUP_M=8)
+
+
+def expected(codes, scales, w, bias, dtype):
+    sums = codes.double() @ w.codes.double().t()
+    out = (sums.float() * scales) * w.scales
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(dtype)
+
+
+def check():
+    bad, worst = [], 0.0
+    for m, n, k, with_bias, dtype in ((256, 1024, 4096, False, torch.float16), (17, 96, 160, True, torch.float16),
+                                      (300, 4096, 14336, False, torch.bfloat16), (1, 200, 4112, True, torch.float16),
+                                      (129, 520, 1040, False, torch.float16)):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        codes, scales = triton_quantize(x)
+        w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"), torch.rand(n, device="cuda") * 0.01)
+        bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
+        want = expected(codes, scales, w, bias, dtype).float()
+        for config in list(configs())[::5]:
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+            try:
+                int8_wgmma.launch(codes, scales, w.codes, w.scales, bias, out, config)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            err = ((out.float() - want).abs() / want.abs().clamp(min=1e-3)).max().item()
+            worst = max(worst, err)
+            if not err < 1e-2:
+                bad.append(f"{m}x{n}x{k} {config}: {err}")
+    return bad, worst
+
+
+def main():
+    out = {"gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
+    bad, worst = check()
+    out["check"] = {"bad": bad[:20], "n_bad": len(bad), "worst_rel": worst}
+    print("check: bad", len(bad), bad[:3], "worst", worst, flush=True)
+    out["cases"] = []
+    start = time.time()
+    for k, n in ((4096, 1024), (4096, 4096), (14336, 4096), (4096, 14336)):
+        copies = copies_for(n * k * 2)
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
+        int8 = [Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
+                           torch.rand(n, device="cuda") * 0.01) for _ in range(copies)]
+        for m in (256, 1024):
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
+            qs = [triton_quantize(x) for x in xs]
+            ys = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
+            fp16 = graph_time(lambda i: (lambda: F.linear(xs[i], dense[i])), copies)
+            triton_t = graph_time(lambda i: (lambda: gemm(*qs[i], int8[i], None, torch.float16)), copies)
+            case = {"K": k, "N": n, "M": m, "fp16_us": fp16 * 1e6, "triton_tuned": [fp16 / triton_t, triton_t * 1e6],
+                    "wgmma": [], "errors": []}
+            for config in configs():
+                if m < config["BLOCK_M"]:
+                    continue
+                try:
+                    t = graph_time(lambda i: (lambda: int8_wgmma.launch(*qs[i], int8[i].codes, int8[i].scales, None,
+                                                                         ys[i], config)), copies)
+                    case["wgmma"].append([fp16 / t, t * 1e6, config])
+                except Exception as error:  # noqa: BLE001
+                    case["errors"].append(f"{config}: {type(error).__name__} {str(error)[:100]}")
+            case["wgmma"].sort(key=lambda row: -row[0])
+            out["cases"].append(case)
+            print(k, n, m, f"fp16 {fp16 * 1e6:.1f}us triton {fp16 / triton_t:.2f}x", "wgmma best",
+                  [(round(r[0], 2), round(r[1], 1), "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**r[2]))
+                   for r in case["wgmma"][:3]], "errors", len(case["errors"]), f"{time.time() - start:.0f}s", flush=True)
+            Path(sys.argv[1]).write_text(json.dumps(out, indent=1))
+
+
+main()
