@@ -9,11 +9,13 @@ wgmma of step i is issued, then the one of step i - 1 is waited for (at most one
 only then is that step's buffer refilled with the tile STAGES - 1 steps ahead. The epilogue is
 int8_matmul's: y = sums * token scale * channel scale (+ bias) in float32, cast to y's dtype.
 
-Runs on compute capability 9.x with a Triton that has Gluon's Hopper module (3.5 on); `available`
-says whether this one does. Both operands are [rows, K] with K contiguous, as wgmma wants 8-bit
-operands; TMA needs K * 1 byte rows 16-byte aligned (int8_matmul's K_MULTIPLE) and fills tiles past
-the edges with zeros, so no masks are needed in the loop. Exact integer sums: the result equals
-`int8_matmul.reference` up to the float32 epilogue's rounding, as `_gemm_kernel`'s does.
+Runs on compute capability 9.x with a Triton that has Gluon's Hopper module, 3.6 or later (compiled
+for sm_90 with 3.6 and 3.9 in the tests); `available` says whether this one does. Both operands
+are [rows, K] with K contiguous, as wgmma wants 8-bit operands; TMA needs rows 16-byte aligned
+(int8_matmul's K_MULTIPLE) and fills tiles past the edges with zeros, so no masks are needed in the
+loop. The sums are exact: the result equals `int8_matmul.reference` up to the float32 epilogue's
+rounding, as `_gemm_kernel`'s does. The epilogue is int8_matmul's `_scale_and_store` written again
+in Gluon, whose tensors carry their layouts.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ except ImportError:  # no Triton, or one without Gluon: int8_matmul's Triton ker
 INT8_N = (224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)  # wgmma's n for 8-bit inputs
 
 
+TESTED_FROM = (3, 6)  # Gluon is experimental and its API moves: versions before this one were never tried
+
+
 def available() -> bool:
-    return gluon is not None
+    """Whether this Triton has Gluon's Hopper module, in a version the kernel was compiled with."""
+    return gluon is not None and tuple(int(part) for part in triton.__version__.split(".")[:2]) >= TESTED_FROM
 
 
 def launch(codes: torch.Tensor, scales: torch.Tensor, weight_codes: torch.Tensor, weight_scales: torch.Tensor,
