@@ -1,10 +1,12 @@
 """The Gluon int8 GEMM (kernels/int8_wgmma.py) over a grid of tiles, ring depths and warps: first its
 exactness against the reference on odd shapes (every fifth configuration), then its time on the
 Llama-3-8B shapes at 256 and 1024 tokens against fp16 `F.linear` and the tuned Triton GEMM. The
-tuner's wgmma candidates come from here. Writes JSON to the path given (results:
-int8_gemm_h200_wgmma_grid.json; it was measured with split 1 only, before K could be split).
+tuner's wgmma candidates come from here. Writes JSON to --out (results: int8_gemm_h200_wgmma_grid.json,
+the defaults, split 1 only, before K could be split; int8_gemm_h200_wgmma_split_grid.json).
 
-usage: python benchmarks/int8_wgmma_grid.py OUT.json"""
+usage: python benchmarks/int8_wgmma_grid.py --out OUT.json [--shapes 4096x1024 ...] [--tokens 256 1024]
+                                           [--splits 1 2 4] [--block-k 64 128 256] [--skip-check]"""
+import argparse
 import json
 import sys
 import time
@@ -22,17 +24,18 @@ from qtool.kernels.int8_matmul import _TUNER, Int8Weight, gemm, triton_quantize 
 
 _TUNER.persist = False
 TILES = [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 4),
-         (256, 128, 8), (128, 64, 8)]
+         (256, 128, 8), (128, 64, 8), (64, 32, 4)]
 
 
-def configs():
+def configs(block_ks=(64, 128, 256), splits=(1,)):
     for bm, bn, warps in TILES:
-        for bk in (64, 128, 256):
+        for bk in block_ks:
             for stages in (3, 4, 5, 6):
                 if stages * (bm + bn) * bk > 225 * 1024:
                     continue
-                yield dict(WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=warps,
-                           num_stages=stages, GROUP_M=8)
+                for split in splits:
+                    yield dict(WGMMA=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
+                               num_stages=stages, GROUP_M=8)
 
 
 def expected(codes, scales, w, bias, dtype):
@@ -53,7 +56,7 @@ def check():
         w = Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"), torch.rand(n, device="cuda") * 0.01)
         bias = torch.randn(n, device="cuda", dtype=dtype) if with_bias else None
         want = expected(codes, scales, w, bias, dtype).float()
-        for config in list(configs())[::5]:
+        for config in list(configs(splits=(1, 3)))[::5]:
             out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
             try:
                 int8_wgmma.launch(codes, scales, w.codes, w.scales, bias, out, config)
@@ -67,18 +70,28 @@ def check():
 
 
 def main():
-    out = {"gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
-    bad, worst = check()
-    out["check"] = {"bad": bad[:20], "n_bad": len(bad), "worst_rel": worst}
-    print("check: bad", len(bad), bad[:3], "worst", worst, flush=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", nargs="+", default=["4096x1024", "4096x4096", "14336x4096", "4096x14336"])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--splits", type=int, nargs="+", default=[1])
+    parser.add_argument("--block-k", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--skip-check", action="store_true")
+    args = parser.parse_args()
+    out = {"gpu": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
+           "command": "python " + " ".join(sys.argv)}
+    if not args.skip_check:
+        bad, worst = check()
+        out["check"] = {"bad": bad[:20], "n_bad": len(bad), "worst_rel": worst}
+        print("check: bad", len(bad), bad[:3], "worst", worst, flush=True)
     out["cases"] = []
     start = time.time()
-    for k, n in ((4096, 1024), (4096, 4096), (14336, 4096), (4096, 14336)):
+    for k, n in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes):
         copies = copies_for(n * k * 2)
         dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
         int8 = [Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
                            torch.rand(n, device="cuda") * 0.01) for _ in range(copies)]
-        for m in (256, 1024):
+        for m in args.tokens:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
             qs = [triton_quantize(x) for x in xs]
             ys = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(copies)]
@@ -86,7 +99,7 @@ def main():
             triton_t = graph_time(lambda i: (lambda: gemm(*qs[i], int8[i], None, torch.float16)), copies)
             case = {"K": k, "N": n, "M": m, "fp16_us": fp16 * 1e6, "triton_tuned": [fp16 / triton_t, triton_t * 1e6],
                     "wgmma": [], "errors": []}
-            for config in configs():
+            for config in configs(args.block_k, args.splits):
                 if m < config["BLOCK_M"]:
                     continue
                 try:
@@ -98,9 +111,10 @@ def main():
             case["wgmma"].sort(key=lambda row: -row[0])
             out["cases"].append(case)
             print(k, n, m, f"fp16 {fp16 * 1e6:.1f}us triton {fp16 / triton_t:.2f}x", "wgmma best",
-                  [(round(r[0], 2), round(r[1], 1), "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**r[2]))
-                   for r in case["wgmma"][:3]], "errors", len(case["errors"]), f"{time.time() - start:.0f}s", flush=True)
-            Path(sys.argv[1]).write_text(json.dumps(out, indent=1))
+                  [(round(r[0], 2), round(r[1], 1),
+                    "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} split {SPLIT_K} w{num_warps} s{num_stages}".format(**r[2]))
+                   for r in case["wgmma"][:5]], "errors", len(case["errors"]), f"{time.time() - start:.0f}s", flush=True)
+            Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 main()
