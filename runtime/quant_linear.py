@@ -82,14 +82,12 @@ class QuantLinear(nn.Module):
         """The kernel view that x's product runs on (made at the first call on x's device); None: the
         reference path."""
         layout = self._kernel_layout(x.device) if x.is_cuda else None
-        return layout if layout is not None and kernel_fits(x, layout.weight) else None
+        return layout if layout is not None and layout.fits(x) else None
 
     def _int8_weight(self, device: torch.device) -> int8_matmul.Int8Weight:
-        """The codes as signed int8 [out, in] (unsigned codes less their fixed zero) and the scales
-        in float32, made once per device."""
+        """`int8_weight` of this W8A8 linear, made once per device."""
         if self._int8 is None or self._int8[0] != device:
-            codes = (self.quantized_weight().codes() - 128).to(device=device, dtype=torch.int8)
-            self._int8 = (device, int8_matmul.Int8Weight(codes, self.scales[:, 0].to(device, torch.float32)))
+            self._int8 = (device, int8_weight(self.quantized_weight(), device))
         return self._int8[1]
 
     def _kernel_layout(self, device: torch.device) -> KernelLayout | None:
@@ -128,11 +126,44 @@ class KernelLayout:
         out = quant_matmul(x, self.weight, sums)
         return out if bias is None else out + bias
 
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether the kernel runs x's product (else the reference path does)."""
+        return kernel_fits(x, self.weight)
+
     def _accumulator(self, device: torch.device) -> torch.Tensor:
         if self.accumulator is None or self.accumulator.device != device:
             self.accumulator = torch.zeros(PENDING_TOKENS * self.weight.out_features, device=device,
                                            dtype=torch.float32)
         return self.accumulator
+
+
+@dataclass
+class Int8Layout:
+    """W8A8 linears that read one input, joined along the outputs: the activations are quantized
+    once a call where each linear would quantize them again, and one int8 product runs where there
+    were several. The same outputs: each column's integer sums and epilogue are the linear's own."""
+
+    weight: int8_matmul.Int8Weight
+
+    @staticmethod
+    def joined(weights: list[QuantizedWeight], device: torch.device) -> "Int8Layout":
+        parts = [int8_weight(weight, device) for weight in weights]
+        return Int8Layout(int8_matmul.Int8Weight(torch.cat([part.codes for part in parts]),
+                                                 torch.cat([part.scales for part in parts])))
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return int8_matmul.kernel_fits(x, self.weight.codes)
+
+    def multiply(self, x: torch.Tensor, bias: torch.Tensor | None = None, pending: bool = False) -> torch.Tensor:
+        """x @ W^T (+ bias); never left pending (no reader finishes an int8 product)."""
+        return int8_matmul.int8_matmul(x, *self.weight, bias)
+
+
+def int8_weight(weight: QuantizedWeight, device: torch.device) -> int8_matmul.Int8Weight:
+    """A W8A8 weight as `int8_matmul` takes it: the codes as signed int8 [out, in] (unsigned codes
+    less their fixed zero of 128) and the per-channel scales in float32, on `device`."""
+    codes = (weight.codes() - 128).to(device=device, dtype=torch.int8)
+    return int8_matmul.Int8Weight(codes, weight.scales[:, 0].to(device, torch.float32))
 
 
 def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
@@ -200,8 +231,9 @@ def _same_order(columns: torch.Tensor | None, others: torch.Tensor | None) -> bo
 class FusedLinears:
     """Linears of one module that read the same input (q/k/v, gate/up), run as one quantized
     product on CUDA: their kernel views joined along the outputs once, at the first CUDA call
-    (as large as their separate views would be), then one launch where there were several. Where
-    that cannot be (dense or W8A8 layers, weights of different kinds, no GPU), each linear runs
+    (as large as their separate views would be), then one launch where there were several; W8A8
+    linears joined as one int8 weight (`Int8Layout`: one activation quantization, one product).
+    Where that cannot be (dense layers, weights of different kinds, no GPU), each linear runs
     alone. Looks its linears up by name at each call: the loader replaces them after the model
     is built."""
 
@@ -226,14 +258,17 @@ class FusedLinears:
         """The joined view (with its sizes and bias) that x's product runs on, made at the first call
         on x's device; None: each linear runs alone."""
         fused = self._fused_on(x.device, self._linears()) if x.is_cuda else None
-        return fused if fused is not None and kernel_fits(x, fused[0].weight) else None
+        return fused if fused is not None and fused[0].fits(x) else None
 
     def _fused_on(self, device: torch.device, linears: list[nn.Module]) -> tuple | None:
         if self._fused is None or self._fused[0] != device:
             fused = None
-            resident = all(isinstance(linear, QuantLinear) and not linear.scheme.activation_bits
-                           and not any(buffer.is_meta for buffer in linear.buffers()) for linear in linears)
-            layout = fused_kernel_layout([linear.quantized_weight() for linear in linears]) if resident else None
+            resident = all(isinstance(linear, QuantLinear) and not any(buffer.is_meta for buffer in linear.buffers())
+                           for linear in linears)
+            w8a8 = [bool(linear.scheme.activation_bits) for linear in linears] if resident else [False]
+            weights = [linear.quantized_weight() for linear in linears] if resident else []
+            layout = (Int8Layout.joined(weights, device) if all(w8a8) else
+                      fused_kernel_layout(weights) if resident and not any(w8a8) else None)
             if layout is not None:
                 biases = [linear.bias for linear in linears]
                 present = next((b for b in biases if b is not None), None)
@@ -249,7 +284,7 @@ def make_kernel_views(model: nn.Module, device: torch.device, dtype: torch.dtype
     """Makes what the model's first forwards on `device` with `dtype` activations would make: every
     kernel view (the fused groups' joined views where the kernel runs them, the other linears' own),
     the pending products' accumulators of the views the kernel runs, and the W8A8 linears' int8
-    copies, so that memory measured afterwards (the runtime's KV-cache budget) counts them. It asks
+    copies (joined for the groups), so that memory measured afterwards (the runtime's KV-cache budget) counts them. It asks
     what the forward asks (`_running`, `_running_layout`) of activations like theirs."""
     probe = torch.empty(0, device=device, dtype=dtype)
     fused, layouts = set(), []
@@ -265,4 +300,5 @@ def make_kernel_views(model: nn.Module, device: torch.device, dtype: torch.dtype
             elif (layout := module._running_layout(probe)) is not None:
                 layouts.append(layout)
     for layout in layouts:
-        layout._accumulator(device)
+        if isinstance(layout, KernelLayout):
+            layout._accumulator(device)

@@ -1,5 +1,6 @@
 """Linears that read one input (q/k/v, gate/up) joined into one quantized product: the joined
-kernel view gives each linear's own product, and weights of different kinds are not joined."""
+kernel view gives each linear's own product, W8A8 linears join as one int8 weight, and weights of
+different kinds are not joined."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from qtool.kernels.quant_matmul import triton_matmul
 from qtool.quantize.grid import fit_minmax, quantize_to_codes
 from qtool.quantize.qweight import QuantizedWeight
 from qtool.quantize.scheme import Scheme
-from qtool.runtime.quant_linear import FusedLinears, QuantLinear, fused_kernel_layout, make_kernel_views
+from qtool.runtime.quant_linear import FusedLinears, Int8Layout, QuantLinear, fused_kernel_layout, make_kernel_views
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1)
@@ -20,6 +21,14 @@ def quantized(out_features: int, bits: int = 4, group: int = 32, symmetric: bool
     scheme = Scheme(bits, group, symmetric)
     grid = fit_minmax(dense, scheme, torch.float16)
     return QuantizedWeight.from_codes(quantize_to_codes(dense, grid, scheme), grid, scheme).to(DEVICE)
+
+
+def w8a8_linear(out_features: int, bias: bool = False) -> QuantLinear:
+    scheme = Scheme(8, -1, True, activation_bits=8)
+    dense = torch.randn(out_features, 128) * 0.05
+    grid = fit_minmax(dense, scheme, torch.float16)
+    weight = QuantizedWeight.from_codes(quantize_to_codes(dense, grid, scheme), grid, scheme)
+    return QuantLinear(weight, torch.randn(out_features) if bias else None)
 
 
 def product(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
@@ -41,6 +50,30 @@ def test_weights_of_different_kinds_stay_apart(other):
     assert fused_kernel_layout([quantized(16), quantized(16, **other)]) is None
 
 
+def test_w8a8_linears_join_into_one_int8_product_that_gives_each_its_own_output():
+    owner = nn.Module()
+    owner.q, owner.k, owner.v = w8a8_linear(64, bias=True), w8a8_linear(32), w8a8_linear(32)
+    owner.half().to(DEVICE)
+    linears = [owner.q, owner.k, owner.v]
+    layout, sizes, bias = FusedLinears(owner, ("q", "k", "v"))._fused_on(torch.device(DEVICE), linears)
+    assert isinstance(layout, Int8Layout) and sizes == [64, 32, 32] and layout.weight.codes.shape == (128, 128)
+    x = torch.randn(5, 128, dtype=torch.float16, device=DEVICE) * 3
+    for out, linear in zip(layout.multiply(x, bias).split(sizes, dim=-1), linears):
+        # the same integer sums and epilogue a column: equal on the reference path; on a GPU another tile
+        # of the same kernels may contract the bias into a fused multiply-add
+        if DEVICE == "cpu":
+            assert torch.equal(out, linear(x))
+        else:
+            torch.testing.assert_close(out, linear(x), rtol=1e-3, atol=1e-3)
+
+
+def test_w8a8_linears_and_others_are_not_joined():
+    owner = nn.Module()
+    owner.q, owner.k = w8a8_linear(32), QuantLinear(quantized(32))
+    owner.to(DEVICE)
+    assert FusedLinears(owner, ("q", "k"))._fused_on(torch.device(DEVICE), [owner.q, owner.k]) is None
+
+
 def test_without_a_joined_product_each_linear_runs_alone():
     owner = nn.Module()
     owner.gate, owner.up = nn.Linear(128, 32), QuantLinear(quantized(32))
@@ -52,9 +85,11 @@ def test_without_a_joined_product_each_linear_runs_alone():
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="linears are joined on CUDA only")
-def test_joined_linears_give_each_linear_its_own_output():
+@pytest.mark.parametrize("make", [lambda out, bias: QuantLinear(quantized(out), torch.randn(out) if bias else None),
+                                  w8a8_linear], ids=["w4", "w8a8"])
+def test_joined_linears_give_each_linear_its_own_output(make):
     owner = nn.Module()
-    owner.q, owner.k = QuantLinear(quantized(64), torch.randn(64)), QuantLinear(quantized(32))
+    owner.q, owner.k = make(64, True), make(32, False)
     owner.half().to(DEVICE)
     x = torch.randn(5, 128, dtype=torch.float16, device=DEVICE)
     joined = FusedLinears(owner, ("q", "k"))
