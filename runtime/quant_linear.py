@@ -11,7 +11,8 @@ kernel does not hold, the reference path dequantizes the weight to the activatio
 calls `F.linear`. W8A8 weights (8-bit activations) quantize each token's activations to int8 and
 multiply integers (`qtool.kernels.int8_matmul`: Triton and cuBLAS int8 kernels on CUDA, the
 reference elsewhere); the first forward on a device makes the codes' int8 copy there once
-(N * K bytes, as large as the packed codes, plus the scales in float32).
+(N * K bytes, as large as the packed codes, plus the scales in float32), one for each group of
+linears that read one input (`FusedLinears`, `Int8Layout`).
 
 On Hopper, 4-bit uniform grids with groups of 64 or more keep their codes a third time, swizzled
 for the tensor-core tiles of many tokens (`with_swizzled_tiles`: N * K / 2 bytes, 3.5 GB for
