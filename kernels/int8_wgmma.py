@@ -24,24 +24,26 @@ import torch
 
 from qtool.kernels.quant_matmul import _workspace
 
+TESTED_FROM = (3, 6)  # Gluon is experimental and its API moves: versions before this one were never tried
+
 try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # no Triton, or one without Gluon: int8_matmul's Triton kernel serves
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < TESTED_FROM:
+        raise ImportError(f"Gluon of Triton {triton.__version__}: never tried")
+except ImportError:  # no Triton, one without Gluon, or an older one: int8_matmul's Triton kernel serves
     gluon = None
 
 INT8_N = (224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)  # wgmma's n for 8-bit inputs
 
 
-TESTED_FROM = (3, 6)  # Gluon is experimental and its API moves: versions before this one were never tried
-
-
 def available() -> bool:
     """Whether this Triton has Gluon's Hopper module, in a version the kernel was compiled with."""
-    return gluon is not None and tuple(int(part) for part in triton.__version__.split(".")[:2]) >= TESTED_FROM
+    return gluon is not None
 
 
 def launch(codes: torch.Tensor, scales: torch.Tensor, weight_codes: torch.Tensor, weight_scales: torch.Tensor,
@@ -49,6 +51,8 @@ def launch(codes: torch.Tensor, scales: torch.Tensor, weight_codes: torch.Tensor
     """out [M, N] = the product of int8 `codes` [M, K] (token `scales` [M, 1]) by `weight_codes`
     [N, K] (channel `weight_scales` [N]), with `config`'s BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
     num_stages, num_warps and GROUP_M."""
+    if config["num_stages"] < 2:
+        raise ValueError(f"the wgmma GEMM keeps a ring of at least 2 buffers, got num_stages={config['num_stages']}")
     (m, k), n = codes.shape, weight_codes.shape[0]
     block_m, block_n, block_k, split = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
     a_desc = _descriptor(codes, [block_m, block_k])

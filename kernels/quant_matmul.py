@@ -420,12 +420,12 @@ class _Tuner:
     """The fastest candidate configuration per key, timed once on the device (median replay of a
     CUDA graph of launches over copies of the operands, as `launches` makes them) the first time the
     key is seen, and kept: for the process, and on disk, so that later processes skip the timing
-    (`cache_dir()/tuning`, a file per kernel module source, GPU and Triton version; a stored choice
+    (`cache_dir()/tuning`, a file per kernel modules' sources, GPU and Triton version; a stored choice
     no longer among the candidates is timed again). `timings` keeps every candidate's time for the
     benchmarks' notes; they set `persist` False to time everything afresh."""
 
-    def __init__(self, source: str):
-        self.source = Path(source)  # the kernels' module: its digest names the stored choices
+    def __init__(self, *sources: str):
+        self.sources = [Path(source) for source in sources]  # the kernels' modules: their digest names the stored choices
         self.persist = True
         self.stored: dict[str, dict] | None = None  # repr(key) -> configuration, read at first use
         self.best: dict[tuple, dict] = {}
@@ -457,9 +457,9 @@ class _Tuner:
     @functools.cached_property
     def _path(self) -> Path:
         """Named once a process: the source's digest, the GPU and the Triton version do not change."""
-        digest = hashlib.sha256(self.source.read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha256(b"".join(source.read_bytes() for source in self.sources)).hexdigest()[:16]
         gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name())
-        return cache_dir() / "tuning" / f"{self.source.stem}-{gpu}-triton{triton.__version__}-{digest}.json"
+        return cache_dir() / "tuning" / f"{self.sources[0].stem}-{gpu}-triton{triton.__version__}-{digest}.json"
 
     def _stored(self) -> dict[str, dict]:
         if self.stored is None:

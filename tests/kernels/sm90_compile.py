@@ -46,18 +46,18 @@ def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num
     return compiled.asm["ptx"]
 
 
-def compile_gluon_for_sm90(block_m: int, block_n: int, num_warps: int, split: bool) -> str:
+def compile_gluon_for_sm90(block_m: int, block_n: int, block_k: int, num_warps: int, stages: int, split: bool) -> str:
     """int8_wgmma's kernel, its tensor descriptors' types taken from descriptors of CPU tensors."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     kernel = int8_wgmma._wgmma_gemm_kernel
-    descriptors = {"a_desc": int8_wgmma._descriptor(torch.zeros(256, 4096, dtype=torch.int8), [block_m, 128]),
-                   "w_desc": int8_wgmma._descriptor(torch.zeros(1024, 4096, dtype=torch.int8), [block_n, 128])}
+    descriptors = {"a_desc": int8_wgmma._descriptor(torch.zeros(256, 4096, dtype=torch.int8), [block_m, block_k]),
+                   "w_desc": int8_wgmma._descriptor(torch.zeros(1024, 4096, dtype=torch.int8), [block_n, block_k])}
     pointers = {"y_ptr": "*fp16", "ws_ptr": "*i32", "arrivals_ptr": "*i32"}
     signature = {param.name: "constexpr" if param.is_constexpr else mangle_type(descriptors[param.name])
                  if param.name in descriptors else pointers.get(param.name, "*fp32") if param.name.endswith("_ptr")
                  else "i32" for param in kernel.params}
-    constexprs = dict(HAS_BIAS=True, SPLIT=split, GROUP_M=8, STAGES=4, num_warps=num_warps)
+    constexprs = dict(HAS_BIAS=True, SPLIT=split, GROUP_M=8, STAGES=stages, num_warps=num_warps)
     compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"]
@@ -116,12 +116,15 @@ def main() -> None:
     compile_for_sm90(int8_matmul._epilogue_kernel, dict(HAS_BIAS=False, BLOCK_M=64, BLOCK_N=128),
                      dict(scales, sums_ptr="*i32"))
     if int8_wgmma.available():  # each wgmma left in flight while the next is issued (one outstanding)
-        for block_m, block_n, warps, split in ((64, 64, 4, True), (128, 256, 8, False)):
-            ptx = compile_gluon_for_sm90(block_m, block_n, warps, split)
+        # the tuner's kinds of tile: 256 inputs a step (two TMA boxes of 128) in a ring of 6, split; two
+        # warpgroups a tile; a 128-row tile of one warpgroup (two wgmma rows)
+        for block_m, block_n, block_k, warps, stages, split in ((64, 64, 256, 4, 6, True), (128, 256, 128, 8, 4, False),
+                                                                (128, 128, 128, 4, 3, False)):
+            ptx = compile_gluon_for_sm90(block_m, block_n, block_k, warps, stages, split)
             assert "wgmma.wait_group.sync.aligned 1;" in ptx and "wgmma.mma_async.sync.aligned" in ptx
             assert ".s32.s8.s8" in ptx
     else:
-        print("no Gluon\nno Gluon")  # the count stays: this Triton has no Hopper Gluon to compile
+        print("no Gluon\n" * 3, end="")  # the count stays: this Triton has no Hopper Gluon to compile
     decode = {"tables_ptr": "*i32", "lens_ptr": "*i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
               "values_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     for split in (False, True):

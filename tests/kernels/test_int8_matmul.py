@@ -107,6 +107,14 @@ def test_the_gluon_wgmma_gemm_refuses_codes_tma_cannot_read():
         gemm(shifted, scales, weight, None, torch.float16, WGMMA)
 
 
+@pytest.mark.skipif(not int8_wgmma.available(), reason="no Gluon in this Triton")
+def test_the_gluon_wgmma_gemm_refuses_a_ring_of_one_buffer():
+    codes, scales = quantize_per_token(activations(3, 64, torch.float32))
+    weight = random_weight(16, 64)
+    with pytest.raises(ValueError, match="at least 2 buffers"):
+        int8_wgmma.launch(codes, scales, weight.codes, weight.scales, None, torch.empty(3, 16), dict(WGMMA, num_stages=1))
+
+
 def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero():
     for _ in range(3):  # the last program of each tile resets its part of the workspace for the next launch
         check(5, 24, 320, torch.float16, SPLIT)

@@ -293,6 +293,11 @@ def test_tuned_choices_are_stored_and_read_back(monkeypatch, tmp_path):
     tuner = _Tuner(str(source))  # in one process: a choice the next caller is not offered is not handed out
     assert tuner.choose(key, launches, candidates) == dict(BLOCK_N=2) and len(timed) == 8
     assert tuner.choose(key, launches, candidates[2:]) == dict(BLOCK_N=3) and len(timed) == 9
+    other = tmp_path / "other_kernels.py"  # a second module's kernels (int8_matmul's Gluon one): its changes count too
+    other.write_text("other kernel source")
+    assert _Tuner(str(source), str(other)).choose(key, launches, candidates) == dict(BLOCK_N=2) and len(timed) == 12
+    other.write_text("changed other kernel source")
+    assert _Tuner(str(source), str(other)).choose(key, launches, candidates) == dict(BLOCK_N=2) and len(timed) == 15
 
 
 def test_token_buckets_span_a_factor_of_two():

@@ -74,6 +74,12 @@ def test_w8a8_linears_and_others_are_not_joined():
     assert FusedLinears(owner, ("q", "k"))._fused_on(torch.device(DEVICE), [owner.q, owner.k]) is None
 
 
+def test_w8a8_linears_too_large_together_for_32_bit_offsets_are_not_joined():
+    weight = w8a8_linear(32).quantized_weight()
+    too_many = 2**31 // (32 * 128) + 1  # joined codes of 2^31 elements or more
+    assert Int8Layout.joined([weight] * too_many, torch.device("meta")) is None
+
+
 def test_without_a_joined_product_each_linear_runs_alone():
     owner = nn.Module()
     owner.gate, owner.up = nn.Linear(128, 32), QuantLinear(quantized(32))
@@ -94,7 +100,8 @@ def test_joined_linears_give_each_linear_its_own_output(make):
     x = torch.randn(5, 128, dtype=torch.float16, device=DEVICE)
     joined = FusedLinears(owner, ("q", "k"))
     q, k = joined(x)
-    assert joined._fused[1] is not None  # one product ran
+    assert joined._running(x) is not None  # one product ran: the linears made no view or int8 copy of their own
+    assert owner.q._kernel is None and owner.q._int8 is None and owner.k._kernel is None and owner.k._int8 is None
     torch.testing.assert_close(q, owner.q(x), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(k, owner.k(x), rtol=2e-3, atol=2e-3)
 
@@ -103,22 +110,21 @@ def test_joined_linears_give_each_linear_its_own_output(make):
 def test_kernel_views_are_made_before_the_first_forward_as_it_would_make_them():
     """The runtime sizes its KV cache after `make_kernel_views`: joined groups get their one view,
     the linears outside them their own, each with its pending products' accumulator, a W8A8 linear
-    its int8 copy; a forward then makes nothing more."""
+    its int8 copy, a W8A8 group one joined int8 copy; a forward then makes nothing more."""
     owner = nn.Module()
     owner.q, owner.k, owner.o = QuantLinear(quantized(64)), QuantLinear(quantized(32)), QuantLinear(quantized(16))
-    w8a8 = Scheme(8, -1, True, activation_bits=8)
-    dense = torch.randn(16, 128) * 0.05
-    grid = fit_minmax(dense, w8a8, torch.float16)
-    owner.w8a8 = QuantLinear(QuantizedWeight.from_codes(quantize_to_codes(dense, grid, w8a8), grid, w8a8))
-    owner.joined = FusedLinears(owner, ("q", "k"))
+    owner.w8a8, owner.gate, owner.up = w8a8_linear(16), w8a8_linear(32), w8a8_linear(32)
+    owner.joined, owner.mlp = FusedLinears(owner, ("q", "k")), FusedLinears(owner, ("gate", "up"))
     owner.half().to(DEVICE)
     make_kernel_views(owner, torch.device(DEVICE, torch.cuda.current_device()), torch.float16)
-    joined, own = owner.joined._fused[1][0], owner.o._kernel[1]
+    joined, own, mlp = owner.joined._fused[1][0], owner.o._kernel[1], owner.mlp._fused[1][0]
     assert owner.q._kernel is None and owner.k._kernel is None and owner.w8a8._int8 is not None
+    assert isinstance(mlp, Int8Layout) and owner.gate._int8 is None and owner.up._int8 is None
     assert joined.accumulator is not None and own.accumulator is not None
     x = torch.randn(3, 128, dtype=torch.float16, device=DEVICE)
-    owner.joined(x), owner.o(x[:, :16].repeat(1, 8))
+    owner.joined(x), owner.o(x[:, :16].repeat(1, 8)), owner.mlp(x)
     assert owner.joined._fused[1][0] is joined and owner.o._kernel[1] is own  # the forward's own, not made again
+    assert owner.mlp._fused[1][0] is mlp and owner.gate._int8 is None
 
 
 def test_no_kernel_view_is_made_off_cuda():
