@@ -269,12 +269,15 @@ class FusedLinears:
     def _fused_on(self, device: torch.device, linears: list[nn.Module]) -> tuple | None:
         if self._fused is None or self._fused[0] != device:
             fused = None
-            resident = all(isinstance(linear, QuantLinear) and not any(buffer.is_meta for buffer in linear.buffers())
-                           for linear in linears)
-            w8a8 = [bool(linear.scheme.activation_bits) for linear in linears] if resident else [False]
-            weights = [linear.quantized_weight() for linear in linears] if resident else []
-            layout = (Int8Layout.joined(weights, device) if all(w8a8) else
-                      fused_kernel_layout(weights) if resident and not any(w8a8) else None)
+            layout = None
+            if all(isinstance(linear, QuantLinear) and not any(buffer.is_meta for buffer in linear.buffers())
+                   for linear in linears):
+                weights = [linear.quantized_weight() for linear in linears]
+                w8a8 = [bool(linear.scheme.activation_bits) for linear in linears]
+                if all(w8a8):
+                    layout = Int8Layout.joined(weights, device)
+                elif not any(w8a8):
+                    layout = fused_kernel_layout(weights)
             if layout is not None:
                 biases = [linear.bias for linear in linears]
                 present = next((b for b in biases if b is not None), None)
@@ -290,8 +293,9 @@ def make_kernel_views(model: nn.Module, device: torch.device, dtype: torch.dtype
     """Makes what the model's first forwards on `device` with `dtype` activations would make: every
     kernel view (the fused groups' joined views where the kernel runs them, the other linears' own),
     the pending products' accumulators of the views the kernel runs, and the W8A8 linears' int8
-    copies (joined for the groups), so that memory measured afterwards (the runtime's KV-cache budget) counts them. It asks
-    what the forward asks (`_running`, `_running_layout`) of activations like theirs."""
+    copies (joined for the groups), so that memory measured afterwards (the runtime's KV-cache
+    budget) counts them. It asks what the forward asks (`_running`, `_running_layout`) of
+    activations like theirs."""
     probe = torch.empty(0, device=device, dtype=dtype)
     fused, layouts = set(), []
     for module in model.modules():
