@@ -19,9 +19,17 @@ def triton_runs(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and os.environ.get("QTOOL_KERNELS") != "reference"
 
 
+def indexed(device: torch.device) -> torch.device:
+    """"cuda" as "cuda:N" (the current device): the device tensors report, the key per-device state
+    is kept under (state made for "cuda" would be made again for "cuda:0")."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def compute_capability(device: torch.device) -> tuple[int, int]:
     """The CUDA device's compute capability (asked once per device)."""
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _capability(indexed(device).index)
 
 
 @functools.cache

@@ -28,9 +28,9 @@ Speed on an H200 against fp16 `F.linear` (benchmarks/results/int8_gemm_h200.md):
 the GEMM alone is 1.39-2.01x on the Llama-3-8B shapes (the Gluon kernel the tuner's choice at 64
 tokens, mostly at 256 and on 4096x1024; Triton's at 1024-2048 on the larger shapes), and the whole
 call 1.23-1.79x on 4096x4096, 4096x14336, 14336x4096 and 8192x8192, but 0.92-1.21x on 4096x1024,
-where the separate quantization launch costs as much as a large part of so small a product. For 1-16 tokens the
-product is bound by reading the weight (int8 halves fp16's bytes): the GEMM alone 1.37-1.90x, the
-whole call 0.98-1.70x, the quantization launch costing 2.5-7.6 us. `torch._int_mm` plus the
+where the separate quantization launch costs as much as a large part of so small a product. For
+1-16 tokens the product is bound by reading the weight (int8 halves fp16's bytes): the GEMM alone
+1.37-1.90x, the whole call 0.98-1.70x, the quantization launch costing 2.5-7.6 us. `torch._int_mm` plus the
 epilogue (0.64-1.49x) was never the faster path there, but stays a candidate of the tuner.
 """
 
@@ -178,14 +178,14 @@ def _launch(codes: torch.Tensor, scales: torch.Tensor, weight: Int8Weight, bias:
     """One product of int8 codes [M, K] (token scales [M, 1]) by the configuration's path."""
     (m, k), n = codes.shape, weight.codes.shape[0]
     out = torch.empty((m, n), device=codes.device, dtype=dtype)
-    bias_arg = weight.scales if bias is None else bias
-    blocks = dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"])
     if config.get("WGMMA"):
         if not wgmma_runs(codes, weight):
             raise ValueError("the Gluon wgmma GEMM runs on compute capability 9.x with 16-byte aligned codes and a "
                              "Triton with Gluon: choose a Triton configuration")
         int8_wgmma.launch(codes, scales, weight.codes, weight.scales, bias, out, config)
         return out
+    bias_arg = weight.scales if bias is None else bias
+    blocks = dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"])
     if config.get("INT_MM"):
         if not int_mm_fits(m, n, k):
             raise ValueError(f"torch._int_mm takes M > 16 and K, N multiples of 8, got {m}x{k} by {n}: "

@@ -83,7 +83,8 @@ if gluon is not None:
 
     @gluon.constexpr_function
     def _instr_n(block_n, num_warps, block_m):
-        along_n = num_warps // min(num_warps, max(4, block_m // 16))
+        """The largest n of an 8-bit wgmma that divides a warpgroup's share of the tile's columns."""
+        along_n = _warps_per_cta(block_m, num_warps)[1]
         return next(n for n in INT8_N if (block_n // along_n) % n == 0)
 
     @gluon.jit
@@ -149,8 +150,8 @@ if gluon is not None:
         cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         in_m, in_n = rows < M, cols < N
         mask = in_m[:, None] & in_n[None, :]
+        offsets = rows.to(gl.int64)[:, None] * N + cols[None, :]  # of y, and of each share's slice of the workspace
         if SPLIT:
-            offsets = rows.to(gl.int64)[:, None] * N + cols[None, :]
             gl.store(ws_ptr + gl.program_id(1).to(gl.int64) * M * N + offsets, acc, mask=mask)
             _cta_barrier()  # every thread's sums are stored before one thread counts the arrival (acq_rel)
             arrived = gl.atomic_add(arrivals_ptr + pid, 1)
@@ -160,12 +161,12 @@ if gluon is not None:
                         acc += gl.load(ws_ptr + other.to(gl.int64) * M * N + offsets, mask=mask, other=0,
                                        cache_modifier=".cg")
                 gl.store(arrivals_ptr + pid, 0)
-                _scale_and_store(acc, rows, in_m, cols, in_n, mask, sa_ptr, sw_ptr, bias_ptr, y_ptr, N, HAS_BIAS)
+                _scale_and_store(acc, rows, in_m, cols, in_n, mask, offsets, sa_ptr, sw_ptr, bias_ptr, y_ptr, HAS_BIAS)
         else:
-            _scale_and_store(acc, rows, in_m, cols, in_n, mask, sa_ptr, sw_ptr, bias_ptr, y_ptr, N, HAS_BIAS)
+            _scale_and_store(acc, rows, in_m, cols, in_n, mask, offsets, sa_ptr, sw_ptr, bias_ptr, y_ptr, HAS_BIAS)
 
     @gluon.jit
-    def _scale_and_store(sums, rows, in_m, cols, in_n, mask, sa_ptr, sw_ptr, bias_ptr, y_ptr, N,
+    def _scale_and_store(sums, rows, in_m, cols, in_n, mask, offsets, sa_ptr, sw_ptr, bias_ptr, y_ptr,
                          HAS_BIAS: gl.constexpr):
         """int8_matmul's epilogue: y = sums * token scale * channel scale (+ bias) in float32."""
         token = gl.load(sa_ptr + rows, mask=in_m, other=0.0)
@@ -173,4 +174,4 @@ if gluon is not None:
         out = sums.to(gl.float32) * token[:, None] * channel[None, :]
         if HAS_BIAS:
             out += gl.load(bias_ptr + cols, mask=in_n, other=0.0).to(gl.float32)[None, :]
-        gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
+        gl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from qtool.errors import QtoolError
+from qtool.kernels.dispatch import indexed
 from qtool.runtime.attention import KVCache, PagedBatch
 from qtool.runtime.cache import BlockPool
 from qtool.runtime.cuda_graphs import DecodeGraphs
@@ -146,7 +147,7 @@ class Engine:
                  memory_utilization: float = 0.9, cuda_graphs: bool = True):
         """`cuda_graphs`: decode steps replay CUDA graphs on a GPU (`qtool.runtime.cuda_graphs`)."""
         self.model, self.tokenizer = model, tokenizer
-        self.device, self.dtype = _indexed(torch.device(device)), dtype
+        self.device, self.dtype = indexed(torch.device(device)), dtype  # the layers' kernel views' key
         spec = model.spec
         cache_dtype = next(iter(attention_layers(model).values())).kv_cache_dtype or dtype  # float8 if the model uses it
         per_block = KVCache.bytes_per_block(spec.layers, block_size, spec.kv_heads, spec.head_dim, cache_dtype)
@@ -301,14 +302,6 @@ class Engine:
                 if event.finished is not None:
                     finished[event.finished.id] = event.finished
         return finished
-
-
-def _indexed(device: torch.device) -> torch.device:
-    """"cuda" as "cuda:N" (the current device): the device tensors report, which the layers' kernel
-    views are kept under (a view made for "cuda" would be made again for "cuda:0")."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
