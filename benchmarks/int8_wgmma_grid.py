@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copies_for, graph_time  # noqa: E402
+from kernels import copies_for, graph_time, shape  # noqa: E402
 
 from qtool.kernels import int8_wgmma  # noqa: E402
 from qtool.kernels.int8_matmul import _TUNER, Int8Weight, gemm, triton_quantize  # noqa: E402
@@ -73,7 +73,8 @@ def check():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--shapes", nargs="+", default=["4096x1024", "4096x4096", "14336x4096", "4096x14336"])
+    parser.add_argument("--shapes", nargs="+", type=shape, metavar="INxOUT",
+                        default=[(4096, 1024), (4096, 4096), (14336, 4096), (4096, 14336)])
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--splits", type=int, nargs="+", default=[1])
     parser.add_argument("--block-k", type=int, nargs="+", default=[64, 128, 256])
@@ -87,7 +88,7 @@ def main():
         print("check: bad", len(bad), bad[:3], "worst", worst, flush=True)
     out["cases"] = []
     start = time.time()
-    for k, n in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes):
+    for k, n in args.shapes:
         copies = copies_for(n * k * 2)
         dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
         int8 = [Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),

@@ -26,12 +26,26 @@ TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, n
                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
 
 
+def load(text: str) -> tuple[int, int, int, int]:
+    """REQUESTSxPROMPTxOUTPUTxSEED: counts of at least 1, and a seed."""
+    try:
+        requests, prompt, output, seed = (int(part) for part in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not REQUESTSxPROMPTxOUTPUTxSEED, e.g. 32x128x256x1") from None
+    if min(requests, prompt, output) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has a count below 1")
+    return requests, prompt, output, seed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loads", nargs="+", default=["1x128x256x5", "32x128x64x1", "32x128x256x1"])
+    parser.add_argument("--loads", nargs="+", type=load, metavar="LOAD",
+                        default=[(1, 128, 256, 5), (32, 128, 64, 1), (32, 128, 256, 1)])
     parser.add_argument("--max-batched-tokens", type=int, default=2048)
     args = parser.parse_args()
-    loads = [tuple(int(part) for part in load.split("x")) for load in args.loads]
+    loads = args.loads
+    if args.max_batched_tokens < max(prompt for _, prompt, _, _ in loads):
+        parser.error("--max-batched-tokens must be at least the longest prompt")
     model = synthetic_model(TINY, 4, 64, torch.float32, "cpu")
     counts: set[int] = set()
     next(module for module in model.modules() if isinstance(module, QuantLinear)).register_forward_pre_hook(

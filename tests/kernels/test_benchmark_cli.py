@@ -23,6 +23,15 @@ def test_a_bad_shape_is_refused(shape, message, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, message", [(["--loads", "32x128x256"], "is not REQUESTSxPROMPTxOUTPUTxSEED"),
+                                           (["--loads", "0x128x256x1"], "has a count below 1"),
+                                           (["--max-batched-tokens", "64"], "at least the longest prompt")])
+def test_load_buckets_refuses_bad_loads(args, message):
+    result = subprocess.run([sys.executable, str(SCRIPT.with_name("load_buckets.py")), *args], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1] and not result.stdout
+
+
 def test_merge_refuses_unreadable_and_foreign_json(tmp_path):
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps({"rows": []}))
