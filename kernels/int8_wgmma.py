@@ -22,28 +22,15 @@ from __future__ import annotations
 
 import torch
 
+from qtool.kernels import gluon_hopper
+from qtool.kernels.gluon_hopper import (cta_barrier, descriptor, gl, gluon, mbarrier, tma_load, triton, warpgroup_mma,
+                                        warpgroup_mma_wait)
 from qtool.kernels.quant_matmul import _workspace
-
-TESTED_FROM = (3, 6)  # Gluon is experimental and its API moves: versions before this one were never tried
-
-try:
-    import triton
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < TESTED_FROM:
-        raise ImportError(f"Gluon of Triton {triton.__version__}: never tried")
-except ImportError:  # no Triton, one without Gluon, or an older one: int8_matmul's Triton kernel serves
-    gluon = None
 
 INT8_N = (224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)  # wgmma's n for 8-bit inputs
 
 
-def available() -> bool:
-    """Whether this Triton has Gluon's Hopper module, in a version the kernel was compiled with."""
-    return gluon is not None
+available = gluon_hopper.available
 
 
 def launch(codes: torch.Tensor, scales: torch.Tensor, weight_codes: torch.Tensor, weight_scales: torch.Tensor,
@@ -55,8 +42,8 @@ def launch(codes: torch.Tensor, scales: torch.Tensor, weight_codes: torch.Tensor
         raise ValueError(f"the wgmma GEMM keeps a ring of at least 2 buffers, got num_stages={config['num_stages']}")
     (m, k), n = codes.shape, weight_codes.shape[0]
     block_m, block_n, block_k, split = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["SPLIT_K"]
-    a_desc = _descriptor(codes, [block_m, block_k])
-    w_desc = _descriptor(weight_codes, [block_n, block_k])
+    a_desc = descriptor(codes, [block_m, block_k])
+    w_desc = descriptor(weight_codes, [block_n, block_k])
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     partials, arrivals = _workspace(codes.device, m * n * split if split > 1 else 1, tiles if split > 1 else 1,
                                     use="int8 partials")
@@ -66,15 +53,7 @@ def launch(codes: torch.Tensor, scales: torch.Tensor, weight_codes: torch.Tensor
         GROUP_M=config.get("GROUP_M", 8), STAGES=config["num_stages"], num_warps=config["num_warps"])
 
 
-def _descriptor(rows: torch.Tensor, block: list[int]) -> "TensorDescriptor":
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.int8)
-    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), block, layout)
-
-
 if gluon is not None:
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
-    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed in Triton 3.7
-
     @gluon.constexpr_function
     def _warps_per_cta(block_m, num_warps):
         """Warpgroups stacked along M while the tile has rows for them (16 rows a warp), then along N."""
@@ -95,8 +74,8 @@ if gluon is not None:
         block_k: gl.constexpr = a_desc.block_type.shape[1]
         present = step < steps
         mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=present)
-        _tma_load(a_desc, [off_m, (first + step) * block_k], ready.index(slot), a_bufs.index(slot), pred=present)
-        _tma_load(w_desc, [off_n, (first + step) * block_k], ready.index(slot), w_bufs.index(slot), pred=present)
+        tma_load(a_desc, [off_m, (first + step) * block_k], ready.index(slot), a_bufs.index(slot), pred=present)
+        tma_load(w_desc, [off_n, (first + step) * block_k], ready.index(slot), w_bufs.index(slot), pred=present)
 
     @gluon.jit
     def _wgmma_gemm_kernel(a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, y_ptr, ws_ptr, arrivals_ptr, M, N, K,
@@ -153,7 +132,7 @@ if gluon is not None:
         offsets = rows.to(gl.int64)[:, None] * N + cols[None, :]  # of y, and of each share's slice of the workspace
         if SPLIT:
             gl.store(ws_ptr + gl.program_id(1).to(gl.int64) * M * N + offsets, acc, mask=mask)
-            _cta_barrier()  # every thread's sums are stored before one thread counts the arrival (acq_rel)
+            cta_barrier()  # every thread's sums are stored before one thread counts the arrival (acq_rel)
             arrived = gl.atomic_add(arrivals_ptr + pid, 1)
             if arrived == gl.num_programs(1) - 1:
                 for other in range(gl.num_programs(1)):

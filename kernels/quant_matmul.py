@@ -23,7 +23,8 @@ Three things, as every kernel here:
   `half2_table_dot_ptx`). More tokens dequantize the tile exactly to the activations' dtype (codes
   [rows, per word, N] merged into K) and multiply on the tensor cores (`tl.dot`; up to 64 tokens
   as y^T = W x^T, the weights the first operand; on Hopper, 4-bit grids also from a second copy of
-  the codes laid out so that the dequantized tile stays in registers, `qtool.kernels.swizzled`). K is
+  the codes laid out so that the dequantized tile stays in registers, `qtool.kernels.swizzled`;
+  and, for 3-256 tokens, `qtool.kernels.w4_wgmma`'s Gluon kernel, its operands loaded by TMA). K is
   split among many programs so that every multiprocessor streams weights; they add into a float32
   workspace and the last to arrive writes y (one launch; no zeroing, no cast), or, for a caller
   that asks (`sums`: the runtime's model, up to PENDING_TOKENS tokens), into the caller's float32
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.cache import cache_dir
-from qtool.kernels import swizzled
+from qtool.kernels import swizzled, w4_wgmma
 from qtool.kernels.dependent_launch import dependent_launch
 from qtool.kernels.dispatch import compute_capability, triton_runs
 from qtool.kernels.pending import PendingSum
@@ -237,7 +238,8 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
     """x [M, K] @ W^T -> [M, N] in x's dtype through the Triton kernels; with `sums` (zero,
     float32, at least [M, N]), the product added into them and left pending. `config` fixes BLOCK_M,
     BLOCK_N, BLOCK_K, SPLIT_K (0: one program per BLOCK_K rows of K), or DEQUANTIZE, or SWIZZLED
-    (BLOCK_M, BLOCK_N, SPLIT_K: the swizzled tiles, for a weight that has them), and
+    (BLOCK_M, BLOCK_N, SPLIT_K: the swizzled tiles, for a weight that has them), or WGMMA (BLOCK_M,
+    BLOCK_N, SPLIT_K: `w4_wgmma`'s kernel, on Hopper), and
     num_warps / num_stages on a GPU, instead of the tuned choice: tests under TRITON_INTERPRET=1
     use it."""
     x = x.contiguous()
@@ -294,8 +296,8 @@ def _meta(weight: KernelWeight) -> dict:
 def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None = None
             ) -> torch.Tensor | PendingSum:
     """One product by the configuration's path: dequantize-then-cuBLAS, the swizzled tiles
-    (SWIZZLED), or the matmul kernel (or the half2 kernel of one or two tokens a program row) on a
-    grid of N tiles x M tiles x shares of K.
+    (SWIZZLED), `w4_wgmma`'s Gluon kernel (WGMMA), or the matmul kernel (or the half2 kernel of one
+    or two tokens a program row) on a grid of N tiles x M tiles x shares of K.
     HALF2: half2 arithmetic, for BLOCK_M 1 or 2 tokens in its own kernel, for tiles of tokens in the
     weights the matmul kernel's dot takes.
     SWAP: the dot computes y^T = W x^T, so the weights are its first operand (on Hopper that one
@@ -307,6 +309,8 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
         return x @ dequantize_t(weight, x.dtype, config)
     if config.get("SWIZZLED"):
         return _launch_swizzled(x, weight, config, sums)
+    if config.get("WGMMA"):
+        return _launch_w4_wgmma(x, weight, config, sums)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
     meta = _meta(weight)
     half2 = config.get("HALF2", False)
@@ -352,6 +356,21 @@ def _launch_swizzled(x: torch.Tensor, weight: KernelWeight, config: dict, sums: 
                            PENDING=sums is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                            STAGES=config["num_stages"], ASM=os.environ.get("TRITON_INTERPRET") != "1",
                            HALF=swizzled.MIN_GROUP, **_launch_options(config), **dependent_launch(x.device))
+    return out if sums is None else PendingSum(sums, x.dtype)
+
+
+def _launch_w4_wgmma(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None
+                     ) -> torch.Tensor | PendingSum:
+    """The product by `w4_wgmma`'s Gluon kernel, on a grid of N tiles x M tiles x shares of K."""
+    if not w4_wgmma.takes(weight, x.dtype):
+        raise ValueError("the W4 wgmma kernel takes fp16 activations and 4-bit uniform grids with fp16 scales, groups "
+                         "of a power of two >= 64 (or one a row), N a multiple of 16, on compute capability 9.x")
+    if x.data_ptr() % 16:
+        x = x.clone()  # TMA reads rows from 16-byte aligned addresses
+    m, n = x.shape[0], weight.out_features
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), config["SPLIT_K"])
+    out, workspace, arrivals = _outputs(x, n, grid, sums)
+    w4_wgmma.launch(x, weight, config, _meta(weight)["GROUP"], out, workspace, arrivals, pending=sums is not None)
     return out if sums is None else PendingSum(sums, x.dtype)
 
 
@@ -495,7 +514,7 @@ class _Tuner:
         return triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median") / len(calls)
 
 
-_TUNER = _Tuner(__file__)
+_TUNER = _Tuner(__file__, w4_wgmma.__file__)  # a change to either kernel times the choices again
 
 
 def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:
@@ -518,9 +537,9 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as the dot's columns; the
     weights made in half2 arithmetic where the weight allows); for more, dots of 64-128 tokens in
     float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS; for 2-256 tokens
-    and a weight with swizzled codes, their tiles too (`swizzled_candidates`). Tiles up to 64
-    tokens are the fastest of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8
-    rows of words."""
+    and a weight with swizzled codes, their tiles too (`swizzled_candidates`); for 3-256 tokens and a
+    weight `w4_wgmma` takes, its tiles (`w4_wgmma_candidates`). Tiles up to 64 tokens are the
+    fastest of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
     bits = weight.bits
 
     def tiles(*shapes, **form):
@@ -570,6 +589,8 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     chosen = next((chosen for bound, chosen in by_bound if m <= bound), many + dequantize)
     if 1 < m <= 256 and weight.tiles is not None and dtype == torch.float16:
         chosen = chosen + swizzled_candidates(m)
+    if 2 < m <= 256 and w4_wgmma.takes(weight, dtype):
+        chosen = chosen + w4_wgmma_candidates(m)
     return chosen
 
 
@@ -582,6 +603,18 @@ def swizzled_candidates(m: int) -> list[dict]:
     return [dict(SWIZZLED=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps, num_stages=3)
             for block_n, split, warps in ((64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 8, 4), (64, 16, 4), (128, 1, 8),
                                           (128, 2, 8), (128, 4, 8), (128, 8, 8), (128, 16, 8))]
+
+
+def w4_wgmma_candidates(m: int) -> list[dict]:
+    """Tiles of `w4_wgmma`'s kernel for m tokens: the tokens in one tile (16-64 of them; 128 up to
+    256), outputs in tiles of 64 or 128, K split 1-16 ways, a ring of 3-4 steps: the fastest of
+    sweeps on an H200 (benchmarks/results/kernels_h200.md, "Version 14")."""
+    if m <= 64:
+        block_m, shapes = max(16, m_bucket(m)), ((64, 8, 4), (64, 16, 4), (64, 4, 4), (128, 2, 4), (128, 4, 4))
+    else:
+        block_m, shapes = 128, ((64, 4, 4), (64, 2, 3), (64, 1, 4), (128, 2, 4))
+    return [dict(WGMMA=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=stages)
+            for block_n, split, stages in shapes]
 
 
 HALF2_EXPONENT = 0x4400  # fp16 4.0: a code q in the low mantissa bits reads 4 + q / 256

@@ -63,6 +63,10 @@ def run(ptx: str, operands: dict[int, int]) -> dict[int, int]:
             low, high, source = re.match(r"\{([$\w]+), ([$\w]+)\}, (\S+)", rest).groups()
             regs[low], regs[high] = value(source) & 0xFFFF, value(source) >> 16
             continue
+        if op == "mov.b32" and "{" in rest:  # pack two b16 into a b32
+            dest, low, high = re.match(r"(\S+), \{([$\w]+), ([$\w]+)\}", rest).groups()
+            regs[dest] = (value(low) & 0xFFFF) | (value(high) & 0xFFFF) << 16
+            continue
         dest, *args = [token.strip() for token in rest.split(",")]
         if op == "mov.b32":
             result = value(args[0])

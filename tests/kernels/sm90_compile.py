@@ -14,7 +14,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
-from qtool.kernels import elementwise, int8_matmul, int8_wgmma, paged_attention, quant_matmul  # noqa: E402
+from qtool.kernels import (elementwise, gluon_hopper, int8_matmul, int8_wgmma, paged_attention,  # noqa: E402
+                          quant_matmul, w4_wgmma)
 
 FLOATS = {"eps", "scale"}  # scalars passed as float; the others are int32
 # what a launch on model shapes specialises on: pointers and these sizes divisible by 16 (without it
@@ -46,23 +47,39 @@ def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num
     return compiled.asm["ptx"]
 
 
-def compile_gluon_for_sm90(block_m: int, block_n: int, block_k: int, num_warps: int, stages: int, split: bool) -> str:
-    """int8_wgmma's kernel, its tensor descriptors' types taken from descriptors of CPU tensors."""
+def compile_gluon_for_sm90(kernel, descriptors: dict, pointers: dict, constexprs: dict, num_warps: int) -> str:
+    """A Gluon kernel, its tensor descriptors' types taken from `descriptors` (of CPU tensors); pointers
+    float32 unless `pointers` names them, scalars int32. Returns the PTX."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    kernel = int8_wgmma._wgmma_gemm_kernel
-    descriptors = {"a_desc": int8_wgmma._descriptor(torch.zeros(256, 4096, dtype=torch.int8), [block_m, block_k]),
-                   "w_desc": int8_wgmma._descriptor(torch.zeros(1024, 4096, dtype=torch.int8), [block_n, block_k])}
-    pointers = {"y_ptr": "*fp16", "ws_ptr": "*i32", "arrivals_ptr": "*i32"}
     signature = {param.name: "constexpr" if param.is_constexpr else mangle_type(descriptors[param.name])
                  if param.name in descriptors else pointers.get(param.name, "*fp32") if param.name.endswith("_ptr")
                  else "i32" for param in kernel.params}
-    constexprs = dict(HAS_BIAS=True, SPLIT=split, GROUP_M=8, STAGES=stages, num_warps=num_warps)
-    compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs,
+                                                                                             num_warps=num_warps)),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"]
     print(kernel.__name__, constexprs)
     return compiled.asm["ptx"]
+
+
+def compile_int8_wgmma(block_m: int, block_n: int, block_k: int, num_warps: int, stages: int, split: bool) -> str:
+    descriptors = {"a_desc": gluon_hopper.descriptor(torch.zeros(256, 4096, dtype=torch.int8), [block_m, block_k]),
+                   "w_desc": gluon_hopper.descriptor(torch.zeros(1024, 4096, dtype=torch.int8), [block_n, block_k])}
+    return compile_gluon_for_sm90(int8_wgmma._wgmma_gemm_kernel, descriptors,
+                                  {"y_ptr": "*fp16", "ws_ptr": "*i32", "arrivals_ptr": "*i32"},
+                                  dict(HAS_BIAS=True, SPLIT=split, GROUP_M=8, STAGES=stages), num_warps)
+
+
+def compile_w4_wgmma(block_m: int, block_n: int, stages: int, zeros: bool, split: bool, pending: bool) -> str:
+    weight = quant_matmul.KernelWeight.from_rows(
+        torch.zeros(1024, 512, dtype=torch.int32), 4, 4096, 64, scales=torch.zeros(1024, 64, dtype=torch.float16),
+        zeros=torch.zeros(1024, 64, dtype=torch.int32) if zeros else None)
+    made = w4_wgmma.descriptors(torch.zeros(block_m, 4096, dtype=torch.float16), weight, block_m, block_n)
+    return compile_gluon_for_sm90(w4_wgmma._w4_kernel, dict(zip(("x_desc", "w_desc", "s_desc", "z_desc"), made)),
+                                  {"y_ptr": "*fp16", "arrivals_ptr": "*i32"},
+                                  dict(GROUP=64, HAS_ZEROS=zeros, SPLIT=split, PENDING=pending, BLOCK_N=block_n,
+                                       STAGES=stages), 4)
 
 
 def main() -> None:
@@ -120,11 +137,18 @@ def main() -> None:
         # warpgroups a tile; a 128-row tile of one warpgroup (two wgmma rows)
         for block_m, block_n, block_k, warps, stages, split in ((64, 64, 256, 4, 6, True), (128, 256, 128, 8, 4, False),
                                                                 (128, 128, 128, 4, 3, False)):
-            ptx = compile_gluon_for_sm90(block_m, block_n, block_k, warps, stages, split)
+            ptx = compile_int8_wgmma(block_m, block_n, block_k, warps, stages, split)
             assert "wgmma.wait_group.sync.aligned 1;" in ptx and "wgmma.mma_async.sync.aligned" in ptx
             assert ".s32.s8.s8" in ptx
+        # W4: split with zero points, 16 tokens; left pending, symmetric, 64 tokens x 128 outputs; 128 tokens
+        for block_m, block_n, stages, zeros, split, pending in ((16, 64, 4, True, True, False),
+                                                                (64, 128, 4, False, False, True),
+                                                                (128, 64, 3, True, False, False)):
+            ptx = compile_w4_wgmma(block_m, block_n, stages, zeros, split, pending)
+            assert "wgmma.wait_group.sync.aligned 1;" in ptx and "sub.rn.f16x2" in ptx
+            assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % block_m in ptx
     else:
-        print("no Gluon\n" * 3, end="")  # the count stays: this Triton has no Hopper Gluon to compile
+        print("no Gluon\n" * 6, end="")  # the count stays: this Triton has no Hopper Gluon to compile
     decode = {"tables_ptr": "*i32", "lens_ptr": "*i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
               "values_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     for split in (False, True):

@@ -1,0 +1,90 @@
+"""w4_wgmma's Gluon kernel (Hopper only) against quant_matmul's reference; its PTX on the CPU model;
+where it may be offered."""
+
+import numpy as np
+import pytest
+import torch
+
+from qtool.kernels import gluon_hopper, w4_wgmma
+from qtool.kernels.quant_matmul import candidates, code_slots, reference, triton_matmul
+
+from ptx_model import _bits16, run  # beside this file (pytest puts its folder on the path)
+from test_quant_matmul import DEVICE, check, relative_error, uniform_weight
+
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9 and gluon_hopper.available()
+on_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
+WGMMA = dict(WGMMA=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, num_warps=4, num_stages=3)
+
+
+@on_hopper
+@pytest.mark.parametrize("group_size, k", [(64, 320), (128, 384), (-1, 328)])  # one a row: a partial last step
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m, block_m", [(3, 16), (17, 32), (130, 128)])  # tokens past a tile; three tiles of 128
+def test_the_kernel_matches_the_reference(group_size, k, symmetric, m, block_m):
+    """Outputs 80 in tiles of 64 (the second masked)."""
+    check(uniform_weight(80, k, 4, group_size, symmetric), m, config=dict(WGMMA, BLOCK_M=block_m))
+
+
+@on_hopper
+@pytest.mark.parametrize("stages, warps, block_n", [(2, 4, 64), (4, 4, 128), (3, 8, 128)])
+def test_every_ring_and_warp_count_matches_the_reference(stages, warps, block_n):
+    check(uniform_weight(256, 640, 4, 64, False), 20, config=dict(WGMMA, BLOCK_N=block_n, num_warps=warps,
+                                                                  num_stages=stages))
+
+
+@on_hopper
+def test_split_k_and_pending_sums():
+    weight = uniform_weight(64, 640, 4, 64, False)  # 10 steps: shares of 4, 4 and 2; of 16 ways, six read none
+    for split in (3, 3, 3, 16):  # the last program of each tile resets the workspace for the next launch
+        check(weight, 5, config=dict(WGMMA, SPLIT_K=split))
+    x = torch.randn(5, 640, dtype=torch.float16, device=DEVICE)
+    sums = torch.zeros(5, 64, device=DEVICE)
+    pending = triton_matmul(x, weight, config=dict(WGMMA, SPLIT_K=3), sums=sums)
+    assert relative_error(pending.result(), reference(x, weight)) < 2e-3 and not sums.any()
+
+
+@on_hopper
+def test_every_output_is_written_and_unaligned_inputs_are_copied(monkeypatch):
+    weight = uniform_weight(48, 256, 4, 64, True)
+    flat = torch.randn(5 * 256 + 1, dtype=torch.float16, device=DEVICE)
+    x = flat[1:].view(5, 256)  # 2 bytes past a 16-byte boundary: TMA would not read it
+    expected = reference(x, weight)
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: torch.full(shape, float("nan"), **kw))
+    out = triton_matmul(x, weight, config=WGMMA)
+    assert torch.isfinite(out).all() and relative_error(out, expected) < 2e-3
+
+
+@on_hopper
+def test_weights_the_kernel_cannot_take_are_refused():
+    x = torch.randn(16, 256, dtype=torch.float16, device=DEVICE)
+    for weight in (uniform_weight(32, 256, 8, 64, False), uniform_weight(32, 256, 4, 32, False),
+                   uniform_weight(24, 256, 4, 64, False)):
+        with pytest.raises(ValueError, match="W4 wgmma"):
+            triton_matmul(x, weight, config=WGMMA)
+    with pytest.raises(ValueError, match="ring of at least 2"):
+        triton_matmul(x, uniform_weight(32, 256, 4, 64, False), config=dict(WGMMA, num_stages=1))
+
+
+def test_the_kernel_is_offered_only_where_it_runs():
+    weight = uniform_weight(64, 256, 4, 64, False)
+    offered = [config for config in candidates(40, weight, torch.float16) if config.get("WGMMA")]
+    assert bool(offered) == HOPPER and all(config["BLOCK_M"] == 64 for config in offered)
+    assert not any(config.get("WGMMA") for m in (1, 2, 257) for config in candidates(m, weight, torch.float16))
+    assert not any(config.get("WGMMA") for config in candidates(40, weight, torch.bfloat16))
+    assert not w4_wgmma.takes(uniform_weight(64, 256, 4, 64, False, torch.bfloat16), torch.float16)  # bf16 scales
+
+
+def test_the_dequantization_ptx_makes_each_weight_as_the_reference_rounds_it():
+    """w4_wgmma.DEQUANTIZE run by the CPU model of PTX: each of a word's 8 weights is (q - z) * s
+    rounded once to fp16 (what quant_matmul.reference makes of W), bit for bit."""
+    generator = np.random.default_rng(0)
+    slots = code_slots(4)
+    for _ in range(200):
+        word = int(generator.integers(0, 2**32))
+        zero = int(generator.integers(0, 16))
+        scale = np.float16(generator.uniform(-0.05, 0.05))
+        made = run(w4_wgmma.DEQUANTIZE, {8: word, 9: _bits16(np.float16(1024 + zero)), 10: _bits16(scale)})
+        for j in range(8):
+            code = (word >> (4 * slots[j])) & 15
+            expected = np.float16(np.float32(code - zero) * np.float32(scale))
+            assert made[j] == _bits16(expected), (word, zero, scale, j)
