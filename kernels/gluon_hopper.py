@@ -22,6 +22,8 @@ except ImportError:  # no Triton, one without Gluon, or an older one: the Triton
 if gluon is not None:
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
     cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed in Triton 3.7
+else:
+    tma_load = cta_barrier = None
 
 
 def available() -> bool:
@@ -30,14 +32,13 @@ def available() -> bool:
 
 
 def descriptor(tensor, block: list[int], layout=None) -> "TensorDescriptor":
-    """A TMA descriptor of a contiguous 2-D tensor in blocks of `block`, into shared memory laid out as wgmma reads
-    it (the default for the block) unless `layout` says otherwise."""
+    """A TMA descriptor of a 2-D tensor (its rows contiguous) in blocks of `block`, into shared memory
+    laid out as wgmma reads it (the default for the block) unless `layout` says otherwise."""
     layout = layout or gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[tensor.dtype])
     rows, columns = tensor.shape
-    if not tensor.is_contiguous():
-        raise ValueError("TMA descriptors here are of contiguous tensors")
-    # a tensor of one row may report any stride for it (a transposed column does): TMA checks them all
-    return TensorDescriptor(tensor, [rows, columns], [columns, 1], block, layout)
+    # a tensor of one row may report any stride for it (a transposed column does); TMA checks it
+    row_stride = columns if rows == 1 else tensor.stride(0)
+    return TensorDescriptor(tensor, [rows, columns], [row_stride, tensor.stride(1)], block, layout)
 
 
 if gluon is not None:

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.cache import cache_dir
-from qtool.kernels import swizzled, w4_wgmma
+from qtool.kernels import gluon_hopper, swizzled, w4_wgmma
 from qtool.kernels.dependent_launch import dependent_launch
 from qtool.kernels.dispatch import compute_capability, triton_runs
 from qtool.kernels.pending import PendingSum
@@ -363,13 +363,13 @@ def _launch_w4_wgmma(x: torch.Tensor, weight: KernelWeight, config: dict, sums: 
                      ) -> torch.Tensor | PendingSum:
     """The product by `w4_wgmma`'s Gluon kernel, on a grid of N tiles x M tiles x shares of K."""
     if not w4_wgmma.takes(weight, x.dtype):
-        raise ValueError("the W4 wgmma kernel takes fp16 activations and 4-bit uniform grids with fp16 scales, groups "
-                         "of a power of two >= 64 (or one a row), N a multiple of 16, on compute capability 9.x")
+        raise ValueError("the W4 wgmma kernel takes fp16 activations and 4-bit uniform grids (fp16 scales, byte zero "
+                         "points, no outliers), groups of a power of two >= 64 (or one a row), N a multiple of 16 and "
+                         "K of 8, on compute capability 9.x")
     if x.data_ptr() % 16:
         x = x.clone()  # TMA reads rows from 16-byte aligned addresses
-    m, n = x.shape[0], weight.out_features
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), config["SPLIT_K"])
-    out, workspace, arrivals = _outputs(x, n, grid, sums)
+    n = weight.out_features
+    out, workspace, arrivals = _outputs(x, n, w4_wgmma.grid(x.shape[0], n, config), sums)
     w4_wgmma.launch(x, weight, config, _meta(weight)["GROUP"], out, workspace, arrivals, pending=sums is not None)
     return out if sums is None else PendingSum(sums, x.dtype)
 
@@ -514,7 +514,7 @@ class _Tuner:
         return triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median") / len(calls)
 
 
-_TUNER = _Tuner(__file__, w4_wgmma.__file__)  # a change to either kernel times the choices again
+_TUNER = _Tuner(__file__, w4_wgmma.__file__, gluon_hopper.__file__)  # a change to any times the choices again
 
 
 def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:

@@ -53,15 +53,28 @@ DEQUANTIZE = _dequantize_ptx()
 
 
 def takes(weight, dtype: torch.dtype) -> bool:
-    """Whether the kernel takes products of this `KernelWeight` by activations of `dtype` (see the
-    module's docstring; x itself must start 16-byte aligned)."""
-    group = weight.group_size
+    """Whether the kernel runs products of this `KernelWeight` by activations of `dtype` here: on
+    compute capability 9.x with Gluon, for a weight it `fits` (x itself must start 16-byte aligned)."""
     device = weight.packed.device
     return (gluon_hopper.available() and device.type == "cuda" and compute_capability(device)[0] == 9
-            and dtype == torch.float16 and weight.bits == 4 and weight.lut is None
-            and weight.outlier_values is None and weight.scales.dtype == torch.float16
+            and fits(weight, dtype))
+
+
+def fits(weight, dtype: torch.dtype) -> bool:
+    """Whether the kernel computes products of this weight by activations of `dtype` (see the
+    module's docstring): its tensors contiguous and 16-byte aligned, as TMA reads them."""
+    group = weight.group_size
+    tensors = [weight.packed, weight.scales] + ([] if weight.zeros is None else [weight.zeros])
+    return (dtype == torch.float16 and weight.bits == 4 and weight.lut is None and weight.outlier_values is None
+            and weight.scales.dtype == torch.float16 and (weight.zeros is None or weight.zeros.dtype == torch.uint8)
             and (group == -1 or (group >= STEP and group & (group - 1) == 0))
-            and weight.out_features % 16 == 0 and weight.in_features % 8 == 0)
+            and weight.out_features % 16 == 0 and weight.in_features % 8 == 0
+            and all(tensor.is_contiguous() and tensor.data_ptr() % 16 == 0 for tensor in tensors))
+
+
+def grid(m: int, n: int, config: dict) -> tuple[int, int, int]:
+    """The programs of a product: tiles of N, tiles of M, shares of K."""
+    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), config["SPLIT_K"]
 
 
 def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor, workspace: torch.Tensor,
@@ -70,15 +83,17 @@ def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor,
     on a grid of N tiles x M tiles x shares of K; `group` as quant_matmul's kernels take it (one a
     row: wider than any K). `out`, `workspace` and `arrivals` as quant_matmul's `_outputs` makes them
     (with `pending`, the caller's sums in all three)."""
-    if config["num_stages"] < 2:
-        raise ValueError(f"the W4 wgmma kernel keeps a ring of at least 2 buffers, got "
-                         f"num_stages={config['num_stages']}")
+    block_n, split, warps = config["BLOCK_N"], config["SPLIT_K"], config["num_warps"]
+    # a ring of 2+ buffers; rows of scales of 128 bytes or more (each TMA box lands 128-byte aligned); a
+    # warp's 16 rows of each wgmma
+    if config["num_stages"] < 2 or split < 1 or block_n % 64 or block_n % (16 * warps):
+        raise ValueError(f"the W4 wgmma kernel takes num_stages >= 2, SPLIT_K >= 1 and BLOCK_N a multiple of 64 "
+                         f"and of 16 x num_warps, got {config}")
     (m, k), n = x.shape, weight.out_features
-    block_m, block_n, split = config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    _w4_kernel[grid](*descriptors(x, weight, block_m, block_n), out, workspace, arrivals, m, n, k, GROUP=group,
-                     HAS_ZEROS=weight.zeros is not None, SPLIT=split > 1 and not pending, PENDING=pending,
-                     BLOCK_N=block_n, STAGES=config["num_stages"], num_warps=config["num_warps"])
+    _w4_kernel[grid(m, n, config)](
+        *descriptors(x, weight, config["BLOCK_M"], block_n), out, workspace, arrivals, m, n, k, GROUP=group,
+        HAS_ZEROS=weight.zeros is not None, SPLIT=split > 1 and not pending, PENDING=pending, BLOCK_N=block_n,
+        STAGES=config["num_stages"], num_warps=warps)
 
 
 def descriptors(x: torch.Tensor, weight, block_m: int, block_n: int) -> tuple:
@@ -145,6 +160,7 @@ if gluon is not None:
         x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, _STEP], x_desc.layout)
         w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, _STEP // 8, BLOCK_N], w_desc.layout)
         s_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, 1, BLOCK_N], s_desc.layout)
+        # (symmetric: one slot never written, z_desc being the scales' descriptor)
         z_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES if HAS_ZEROS else 1, 1, z_desc.block_type.shape[1]],
                                            z_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -191,7 +207,8 @@ if gluon is not None:
     def _write(y_ptr, ws_ptr, arrivals_ptr, acc, tokens, outs, M, N, SPLIT: gl.constexpr, PENDING: gl.constexpr):
         """quant_matmul's `_write` for y^T: stored; split along K, added into the float32 workspace,
         whose last program to arrive writes y and zeroes its part and count for the next launch; or
-        PENDING, added into the caller's sums (the workspace here)."""
+        PENDING, added into the caller's sums (the workspace here). (The sums are exchanged as float32,
+        which Gluon's Tritons take; the Triton kernel exchanges int32 words, which any Triton takes.)"""
         offsets = tokens.to(gl.int64)[None, :] * N + outs[:, None]
         mask = (tokens < M)[None, :] & (outs < N)[:, None]
         if SPLIT or PENDING:

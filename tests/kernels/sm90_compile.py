@@ -71,15 +71,16 @@ def compile_int8_wgmma(block_m: int, block_n: int, block_k: int, num_warps: int,
                                   dict(HAS_BIAS=True, SPLIT=split, GROUP_M=8, STAGES=stages), num_warps)
 
 
-def compile_w4_wgmma(block_m: int, block_n: int, stages: int, zeros: bool, split: bool, pending: bool) -> str:
+def compile_w4_wgmma(block_m: int, block_n: int, stages: int, zeros: bool, split: bool, pending: bool, group: int,
+                     num_warps: int) -> str:
     weight = quant_matmul.KernelWeight.from_rows(
         torch.zeros(1024, 512, dtype=torch.int32), 4, 4096, 64, scales=torch.zeros(1024, 64, dtype=torch.float16),
         zeros=torch.zeros(1024, 64, dtype=torch.int32) if zeros else None)
     made = w4_wgmma.descriptors(torch.zeros(block_m, 4096, dtype=torch.float16), weight, block_m, block_n)
     return compile_gluon_for_sm90(w4_wgmma._w4_kernel, dict(zip(("x_desc", "w_desc", "s_desc", "z_desc"), made)),
                                   {"y_ptr": "*fp16", "arrivals_ptr": "*i32"},
-                                  dict(GROUP=64, HAS_ZEROS=zeros, SPLIT=split, PENDING=pending, BLOCK_N=block_n,
-                                       STAGES=stages), 4)
+                                  dict(GROUP=group, HAS_ZEROS=zeros, SPLIT=split, PENDING=pending, BLOCK_N=block_n,
+                                       STAGES=stages), num_warps)
 
 
 def main() -> None:
@@ -140,11 +141,12 @@ def main() -> None:
             ptx = compile_int8_wgmma(block_m, block_n, block_k, warps, stages, split)
             assert "wgmma.wait_group.sync.aligned 1;" in ptx and "wgmma.mma_async.sync.aligned" in ptx
             assert ".s32.s8.s8" in ptx
-        # W4: split with zero points, 16 tokens; left pending, symmetric, 64 tokens x 128 outputs; 128 tokens
-        for block_m, block_n, stages, zeros, split, pending in ((16, 64, 4, True, True, False),
-                                                                (64, 128, 4, False, False, True),
-                                                                (128, 64, 3, True, False, False)):
-            ptx = compile_w4_wgmma(block_m, block_n, stages, zeros, split, pending)
+        # W4: split with zero points, 16 tokens; left pending, symmetric, one group a row, 64 tokens x 128
+        # outputs in two warpgroups; 128 tokens
+        for block_m, block_n, stages, zeros, split, pending, group, warps in (
+                (16, 64, 4, True, True, False, 64, 4), (64, 128, 4, False, False, True, quant_matmul.ONE_GROUP, 8),
+                (128, 64, 3, True, False, False, 128, 4)):
+            ptx = compile_w4_wgmma(block_m, block_n, stages, zeros, split, pending, group, warps)
             assert "wgmma.wait_group.sync.aligned 1;" in ptx and "sub.rn.f16x2" in ptx
             assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % block_m in ptx
     else:

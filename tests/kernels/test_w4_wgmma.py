@@ -1,15 +1,20 @@
 """w4_wgmma's Gluon kernel (Hopper only) against quant_matmul's reference; its PTX on the CPU model;
 where it may be offered."""
 
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from qtool.kernels import gluon_hopper, w4_wgmma
-from qtool.kernels.quant_matmul import candidates, code_slots, reference, triton_matmul
+from qtool.kernels.quant_matmul import _WORKSPACES, candidates, code_slots, reference, triton_matmul
 
 from ptx_model import _bits16, run  # beside this file (pytest puts its folder on the path)
-from test_quant_matmul import DEVICE, check, relative_error, uniform_weight
+from test_quant_matmul import DEVICE, check, lut_weight, relative_error, uniform_weight
 
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9 and gluon_hopper.available()
 on_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on compute capability 9.x only")
@@ -37,10 +42,13 @@ def test_split_k_and_pending_sums():
     weight = uniform_weight(64, 640, 4, 64, False)  # 10 steps: shares of 4, 4 and 2; of 16 ways, six read none
     for split in (3, 3, 3, 16):  # the last program of each tile resets the workspace for the next launch
         check(weight, 5, config=dict(WGMMA, SPLIT_K=split))
+    torch.cuda.synchronize()
+    for (_, _, use), (sums, counts) in _WORKSPACES.items():
+        assert not counts.any() and (use != "sums" or not sums.any())
     x = torch.randn(5, 640, dtype=torch.float16, device=DEVICE)
     sums = torch.zeros(5, 64, device=DEVICE)
     pending = triton_matmul(x, weight, config=dict(WGMMA, SPLIT_K=3), sums=sums)
-    assert relative_error(pending.result(), reference(x, weight)) < 2e-3 and not sums.any()
+    assert relative_error(pending.result(), reference(x, weight)) < 2e-3
 
 
 @on_hopper
@@ -61,17 +69,43 @@ def test_weights_the_kernel_cannot_take_are_refused():
                    uniform_weight(24, 256, 4, 64, False)):
         with pytest.raises(ValueError, match="W4 wgmma"):
             triton_matmul(x, weight, config=WGMMA)
-    with pytest.raises(ValueError, match="ring of at least 2"):
-        triton_matmul(x, uniform_weight(32, 256, 4, 64, False), config=dict(WGMMA, num_stages=1))
+    for config in (dict(WGMMA, num_stages=1), dict(WGMMA, SPLIT_K=0), dict(WGMMA, BLOCK_N=32),
+                   dict(WGMMA, BLOCK_N=64, num_warps=8)):
+        with pytest.raises(ValueError, match="num_stages >= 2, SPLIT_K >= 1"):
+            triton_matmul(x, uniform_weight(32, 256, 4, 64, False), config=config)
 
 
-def test_the_kernel_is_offered_only_where_it_runs():
+def test_weights_it_fits_and_weights_it_does_not():
     weight = uniform_weight(64, 256, 4, 64, False)
-    offered = [config for config in candidates(40, weight, torch.float16) if config.get("WGMMA")]
-    assert bool(offered) == HOPPER and all(config["BLOCK_M"] == 64 for config in offered)
+    assert w4_wgmma.fits(weight, torch.float16) and w4_wgmma.fits(uniform_weight(64, 256, 4, -1, True), torch.float16)
+    assert not w4_wgmma.fits(weight, torch.bfloat16)
+    for other in (uniform_weight(64, 256, 8, 64, False), uniform_weight(64, 256, 4, 32, False),
+                  uniform_weight(24, 256, 4, 64, False), uniform_weight(64, 256, 4, 64, False, torch.bfloat16),
+                  lut_weight(64, 256, 16, -1), replace(weight, zeros=weight.zeros.int()),
+                  replace(weight, scales=weight.scales.t().contiguous().t())):
+        assert not w4_wgmma.fits(other, torch.float16)
+    assert w4_wgmma.takes(weight, torch.float16) == HOPPER
+
+
+def test_its_tiles_are_offered_for_3_to_256_tokens_of_fp16(monkeypatch):
+    monkeypatch.setattr(w4_wgmma, "takes", w4_wgmma.fits)  # as on a Hopper GPU
+    weight = uniform_weight(64, 256, 4, 64, False)
+    for m, block_m in ((3, 16), (40, 64), (200, 128)):
+        offered = [config for config in candidates(m, weight, torch.float16) if config.get("WGMMA")]
+        assert offered and all(config["BLOCK_M"] == block_m for config in offered)
     assert not any(config.get("WGMMA") for m in (1, 2, 257) for config in candidates(m, weight, torch.float16))
     assert not any(config.get("WGMMA") for config in candidates(40, weight, torch.bfloat16))
-    assert not w4_wgmma.takes(uniform_weight(64, 256, 4, 64, False, torch.bfloat16), torch.float16)  # bf16 scales
+
+
+@pytest.mark.parametrize("blocked", ["triton", "triton.experimental"])
+def test_the_package_imports_without_triton_or_its_gluon(tmp_path, blocked):
+    """With no Triton, or one without Gluon (as before 3.6), the dispatchers import and serve."""
+    (tmp_path / "sitecustomize.py").write_text(f"import sys\nsys.modules[{blocked!r}] = None\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    code = ("from qtool.kernels import gluon_hopper, int8_matmul, quant_matmul\nimport qtool.runtime.quant_linear\n"
+            "assert not gluon_hopper.available()")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_the_dequantization_ptx_makes_each_weight_as_the_reference_rounds_it():
