@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from qtool.kernels import int8_wgmma
+from qtool.kernels import gluon_hopper, int8_wgmma
 from qtool.kernels.dispatch import compute_capability, triton_runs
 from qtool.kernels.quant_matmul import _launch_options, _Tuner, _workspace, copies_past_l2, m_bucket
 
@@ -206,7 +206,7 @@ def _launch(codes: torch.Tensor, scales: torch.Tensor, weight: Int8Weight, bias:
     return out
 
 
-_TUNER = _Tuner(__file__, int8_wgmma.__file__)  # a change to either kernel times the choices again
+_TUNER = _Tuner(__file__, int8_wgmma.__file__, gluon_hopper.__file__)  # a change to any times the choices again
 
 
 def candidates(m: int, n: int, k: int, wgmma: bool = False) -> list[dict]:
