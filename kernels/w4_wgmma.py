@@ -54,7 +54,8 @@ DEQUANTIZE = _dequantize_ptx()
 
 def takes(weight, dtype: torch.dtype) -> bool:
     """Whether the kernel runs products of this `KernelWeight` by activations of `dtype` here: on
-    compute capability 9.x with Gluon, for a weight it `fits` (x itself must start 16-byte aligned)."""
+    compute capability 9.x with Gluon, for a weight it `fits` (an x not 16-byte aligned is copied first,
+    quant_matmul's `_launch_w4_wgmma`)."""
     device = weight.packed.device
     return (gluon_hopper.available() and device.type == "cuda" and compute_capability(device)[0] == 9
             and fits(weight, dtype))
