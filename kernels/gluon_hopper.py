@@ -3,6 +3,8 @@ from the Triton versions the kernels were compiled with, under the names of Trit
 
 from __future__ import annotations
 
+from qtool.kernels.dispatch import compute_capability
+
 TESTED_FROM = (3, 6)  # Gluon is experimental and its API moves: versions before this one were never tried
 
 triton = None
@@ -29,6 +31,12 @@ else:
 def available() -> bool:
     """Whether this Triton has Gluon's Hopper module, in a version the kernels were compiled with."""
     return gluon is not None
+
+
+def runs_on(device) -> bool:
+    """Whether the Gluon kernels run on `device`: a CUDA device of compute capability 9.x (Hopper, what
+    they are written for), with this Triton's Gluon."""
+    return available() and device.type == "cuda" and compute_capability(device)[0] == 9
 
 
 def descriptor(tensor, block: list[int], layout=None) -> "TensorDescriptor":

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from qtool.kernels import gluon_hopper, int8_wgmma
-from qtool.kernels.dispatch import compute_capability, triton_runs
+from qtool.kernels.dispatch import triton_runs
 from qtool.kernels.quant_matmul import _launch_options, _Tuner, _workspace, copies_past_l2, m_bucket
 
 try:
@@ -117,7 +117,7 @@ def kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def wgmma_runs(codes: torch.Tensor, weight: Int8Weight) -> bool:
     """Whether `int8_wgmma` takes this product: Hopper (compute capability 9.x), a Triton with
     Gluon, both operands' rows contiguous and 16-byte aligned, as TMA reads them."""
-    return (int8_wgmma.available() and codes.is_cuda and compute_capability(codes.device)[0] == 9
+    return (gluon_hopper.runs_on(codes.device)
             and all(rows.data_ptr() % 16 == 0 and rows.stride(0) % 16 == 0 and rows.stride(1) == 1
                     for rows in (codes, weight.codes)))
 

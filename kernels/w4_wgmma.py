@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 
 from qtool.kernels import gluon_hopper
-from qtool.kernels.dispatch import compute_capability
 from qtool.kernels.gluon_hopper import (cta_barrier, descriptor, fence_async_shared, gl, gluon, mbarrier, tma_load,
                                         triton, warpgroup_mma, warpgroup_mma_wait)
 
@@ -56,9 +55,7 @@ def takes(weight, dtype: torch.dtype) -> bool:
     """Whether the kernel runs products of this `KernelWeight` by activations of `dtype` here: on
     compute capability 9.x with Gluon, for a weight it `fits` (an x not 16-byte aligned is copied first,
     quant_matmul's `_launch_w4_wgmma`)."""
-    device = weight.packed.device
-    return (gluon_hopper.available() and device.type == "cuda" and compute_capability(device)[0] == 9
-            and fits(weight, dtype))
+    return gluon_hopper.runs_on(weight.packed.device) and fits(weight, dtype)
 
 
 def fits(weight, dtype: torch.dtype) -> bool:
