@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import triton
 
 from graph_timing import graph_us
-from qtool.kernels.quant_matmul import _TUNER, KernelWeight, copies_to_fill_l2, quant_matmul, with_swizzled_tiles
+from qtool.kernels.quant_matmul import _TUNER, KernelWeight, copies_to_fill_l2, quant_matmul, with_fragments
 from qtool.quantize import packing
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192)]  # (in K, out N)
@@ -45,7 +45,7 @@ def uniform(n: int, k: int, bits: int, group: int, symmetric: bool) -> KernelWei
     zeros = None if symmetric else torch.randint(0, 2**bits, (n, groups), dtype=torch.int32, device="cuda")
     scales = torch.rand(n, groups, device="cuda", dtype=torch.float16) * 0.01
     weight = KernelWeight.from_rows(packing.pack(codes, bits), bits, k, group, scales=scales, zeros=zeros)
-    return with_swizzled_tiles(weight)  # as the runtime's layers hold them
+    return with_fragments(weight)  # as the runtime's layers hold them
 
 
 def table(n: int, k: int, outliers: float = 0.0) -> KernelWeight:

@@ -22,9 +22,9 @@ Three things, as every kernel here:
   kernel does it in half2 arithmetic, two codes an instruction (`half2_dot_ptx`,
   `half2_table_dot_ptx`). More tokens dequantize the tile exactly to the activations' dtype (codes
   [rows, per word, N] merged into K) and multiply on the tensor cores (`tl.dot`; up to 64 tokens
-  as y^T = W x^T, the weights the first operand; on Hopper, 4-bit grids also from a second copy of
-  the codes laid out so that the dequantized tile stays in registers, `qtool.kernels.swizzled`;
-  and, for 3-256 tokens, `qtool.kernels.w4_wgmma`'s Gluon kernel, its operands loaded by TMA). K is
+  as y^T = W x^T, the weights the first operand; on Hopper, for 3-256 tokens, 4-bit grids also by
+  Gluon kernels whose operands arrive by TMA: `qtool.kernels.w4_wgmma`'s, and `qtool.kernels.
+  w4_fragments`' from a second copy of the codes laid out as the wgmma's register fragments). K is
   split among many programs so that every multiprocessor streams weights; they add into a float32
   workspace and the last to arrive writes y (one launch; no zeroing, no cast), or, for a caller
   that asks (`sums`: the runtime's model, up to PENDING_TOKENS tokens), into the caller's float32
@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from qtool.cache import cache_dir
-from qtool.kernels import gluon_hopper, swizzled, w4_wgmma
+from qtool.kernels import gluon_hopper, w4_fragments, w4_wgmma
 from qtool.kernels.dependent_launch import dependent_launch
-from qtool.kernels.dispatch import compute_capability, triton_runs
+from qtool.kernels.dispatch import triton_runs
 from qtool.kernels.pending import PendingSum
 
 try:
@@ -104,7 +104,7 @@ class KernelWeight:
     outlier_values: torch.Tensor | None = None
     outlier_columns: torch.Tensor | None = None
     outlier_row_offsets: torch.Tensor | None = None
-    tiles: torch.Tensor | None = None  # the codes again, swizzled for tensor-core tiles (`with_swizzled_tiles`)
+    fragments: torch.Tensor | None = None  # the codes again, as wgmma fragments (`with_fragments`)
 
     def __post_init__(self):
         self.max_row_outliers = 0
@@ -142,7 +142,7 @@ class KernelWeight:
     @property
     def nbytes(self) -> int:
         """The bytes a product reads of the weight (its codes in one layout)."""
-        read = (tensor for name, tensor in self._tensors().items() if name != "tiles")
+        read = (tensor for name, tensor in self._tensors().items() if name != "fragments")
         return sum(tensor.numel() * tensor.element_size() for tensor in read)
 
     def copy(self) -> "KernelWeight":
@@ -171,22 +171,14 @@ class KernelWeight:
         return weight
 
 
-def with_swizzled_tiles(weight: KernelWeight) -> KernelWeight:
-    """The weight with its codes also laid out for the tensor-core tiles of 16-128 tokens that take
-    products of 2-256 (`qtool.kernels.swizzled`), where they hold it (`swizzled_tiles_fit`), on
-    Hopper (compute capability 9.x, where those tiles were measured): a second copy of the codes,
-    N * K / 2 bytes (3.5 GB for Llama-3-8B's linears)."""
-    if not (weight.packed.is_cuda and compute_capability(weight.packed.device)[0] == 9 and swizzled_tiles_fit(weight)):
+def with_fragments(weight: KernelWeight) -> KernelWeight:
+    """The weight with its codes also laid out as the wgmma's register fragments, for products of
+    3-256 tokens (`qtool.kernels.w4_fragments`), where that kernel runs: on Hopper (compute
+    capability 9.x) with Gluon, for a weight it fits. A second copy of the codes, N * K / 2 bytes (3.5
+    GB for Llama-3-8B's linears)."""
+    if not (gluon_hopper.runs_on(weight.packed.device) and w4_fragments.fits(weight, torch.float16)):
         return weight
-    return replace(weight, tiles=swizzled.swizzle(weight.codes(torch.uint8)))
-
-
-def swizzled_tiles_fit(weight: KernelWeight) -> bool:
-    """Whether the swizzled tiles hold this weight: 4-bit codes of a uniform grid with fp16 scales
-    (made in fp16 like the half2 tiles), no outliers, whole tiles, power-of-two groups of 64 or more
-    (or one a row)."""
-    return (weight.lut is None and weight.outlier_values is None and weight.scales.dtype == torch.float16
-            and swizzled.fits(weight.out_features, weight.in_features, weight.bits, weight.group_size))
+    return replace(weight, fragments=w4_fragments.fragment_words(weight.codes(torch.uint8)))
 
 
 def reference(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
@@ -237,9 +229,9 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
                   sums: torch.Tensor | None = None) -> torch.Tensor | PendingSum:
     """x [M, K] @ W^T -> [M, N] in x's dtype through the Triton kernels; with `sums` (zero,
     float32, at least [M, N]), the product added into them and left pending. `config` fixes BLOCK_M,
-    BLOCK_N, BLOCK_K, SPLIT_K (0: one program per BLOCK_K rows of K), or DEQUANTIZE, or SWIZZLED
-    (BLOCK_M, BLOCK_N, SPLIT_K: the swizzled tiles, for a weight that has them), or WGMMA (BLOCK_M,
-    BLOCK_N, SPLIT_K: `w4_wgmma`'s kernel, on Hopper), and
+    BLOCK_N, BLOCK_K, SPLIT_K (0: one program per BLOCK_K rows of K), or DEQUANTIZE, or WGMMA (BLOCK_M,
+    BLOCK_N, SPLIT_K: `w4_wgmma`'s kernel, on Hopper; with FRAGMENTS, `w4_fragments`', for a weight
+    that has its fragment words), and
     num_warps / num_stages on a GPU, instead of the tuned choice: tests under TRITON_INTERPRET=1
     use it."""
     x = x.contiguous()
@@ -247,7 +239,7 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
         sums = sums.view(-1)[: x.shape[0] * weight.out_features].view(x.shape[0], weight.out_features)
     if config is None:
         key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype,
-               weight.outlier_values is not None, weight.tiles is not None, sums is not None,
+               weight.outlier_values is not None, weight.fragments is not None, sums is not None,
                None if weight.scales is None else weight.scales.dtype, *_meta(weight).values())
         config = _TUNER.choose(key, lambda: _timed_products(x, weight, sums is not None),
                                candidates(x.shape[0], weight, x.dtype))
@@ -295,8 +287,8 @@ def _meta(weight: KernelWeight) -> dict:
 
 def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None = None
             ) -> torch.Tensor | PendingSum:
-    """One product by the configuration's path: dequantize-then-cuBLAS, the swizzled tiles
-    (SWIZZLED), `w4_wgmma`'s Gluon kernel (WGMMA), or the matmul kernel (or the half2 kernel of one
+    """One product by the configuration's path: dequantize-then-cuBLAS, a Gluon kernel (WGMMA:
+    `w4_wgmma`'s, or with FRAGMENTS `w4_fragments`'), or the matmul kernel (or the half2 kernel of one
     or two tokens a program row) on a grid of N tiles x M tiles x shares of K.
     HALF2: half2 arithmetic, for BLOCK_M 1 or 2 tokens in its own kernel, for tiles of tokens in the
     weights the matmul kernel's dot takes.
@@ -307,8 +299,6 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
         if sums is not None:
             raise ValueError("dequantize-then-cuBLAS leaves no product pending")
         return x @ dequantize_t(weight, x.dtype, config)
-    if config.get("SWIZZLED"):
-        return _launch_swizzled(x, weight, config, sums)
     if config.get("WGMMA"):
         return _launch_w4_wgmma(x, weight, config, sums)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
@@ -341,36 +331,20 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
     return out if sums is None else PendingSum(sums, x.dtype)
 
 
-def _launch_swizzled(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None
-                     ) -> torch.Tensor | PendingSum:
-    """The product by the swizzled tiles (`weight.tiles`), on a grid of N tiles x M tiles x shares of K."""
-    if weight.tiles is None or x.dtype != torch.float16:
-        raise ValueError("the swizzled tiles take fp16 activations and a weight with its codes swizzled "
-                         "(`with_swizzled_tiles`)")
-    m, n = x.shape[0], weight.out_features
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), config["SPLIT_K"])
-    out, workspace, arrivals = _outputs(x, n, grid, sums)
-    _swizzled_kernel[grid](x, weight.tiles, weight.scales, weight.packed if weight.zeros is None else weight.zeros,
-                           out, workspace, arrivals, m, n, weight.in_features, GROUP=_meta(weight)["GROUP"],
-                           HAS_ZEROS=weight.zeros is not None, SPLIT=grid[2] > 1 and sums is None,
-                           PENDING=sums is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-                           STAGES=config["num_stages"], ASM=os.environ.get("TRITON_INTERPRET") != "1",
-                           HALF=swizzled.MIN_GROUP, **_launch_options(config), **dependent_launch(x.device))
-    return out if sums is None else PendingSum(sums, x.dtype)
-
-
 def _launch_w4_wgmma(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None
                      ) -> torch.Tensor | PendingSum:
-    """The product by `w4_wgmma`'s Gluon kernel, on a grid of N tiles x M tiles x shares of K."""
-    if not w4_wgmma.takes(weight, x.dtype):
-        raise ValueError("the W4 wgmma kernel takes fp16 activations and 4-bit uniform grids (fp16 scales, byte zero "
+    """The product by a Gluon kernel (`w4_wgmma`'s, or with FRAGMENTS `w4_fragments`'), on a grid of N
+    tiles x M tiles x shares of K."""
+    kernel = w4_fragments if config.get("FRAGMENTS") else w4_wgmma
+    if not kernel.takes(weight, x.dtype):
+        raise ValueError("the W4 wgmma kernels take fp16 activations and 4-bit uniform grids (fp16 scales, byte zero "
                          "points, no outliers), groups of a power of two >= 64 (or one a row), N a multiple of 16 and "
-                         "K of 8, on compute capability 9.x")
+                         "K of 8 (of 16 and a weight with its fragment words for FRAGMENTS), on compute capability 9.x")
     if x.data_ptr() % 16:
         x = x.clone()  # TMA reads rows from 16-byte aligned addresses
     n = weight.out_features
     out, workspace, arrivals = _outputs(x, n, w4_wgmma.grid(x.shape[0], n, config), sums)
-    w4_wgmma.launch(x, weight, config, _meta(weight)["GROUP"], out, workspace, arrivals, pending=sums is not None)
+    kernel.launch(x, weight, config, _meta(weight)["GROUP"], out, workspace, arrivals, pending=sums is not None)
     return out if sums is None else PendingSum(sums, x.dtype)
 
 
@@ -514,7 +488,8 @@ class _Tuner:
         return triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median") / len(calls)
 
 
-_TUNER = _Tuner(__file__, w4_wgmma.__file__, gluon_hopper.__file__)  # a change to any times the choices again
+# a change to any of the kernels' modules times the choices again
+_TUNER = _Tuner(__file__, w4_wgmma.__file__, w4_fragments.__file__, gluon_hopper.__file__)
 
 
 def half2_fits(weight: KernelWeight, dtype: torch.dtype) -> bool:
@@ -537,8 +512,8 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as the dot's columns; the
     weights made in half2 arithmetic where the weight allows); for more, dots of 64-128 tokens in
     float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS; for 2-256 tokens
-    and a weight with swizzled codes, their tiles too (`swizzled_candidates`); for 3-256 tokens and a
-    weight `w4_wgmma` takes, its tiles (`w4_wgmma_candidates`). Tiles up to 64 tokens are the
+    and a weight `w4_wgmma` takes, its tiles (`w4_wgmma_candidates`), and `w4_fragments`' where the
+    weight has its fragment words (`fragments_candidates`). Tiles up to 64 tokens are the
     fastest of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
     bits = weight.bits
 
@@ -587,22 +562,11 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
                   dict(DEQUANTIZE=True, BLOCK_N=256, BLOCK_K=128, num_warps=8)]
     by_bound = ((1, one), (4, two + one + few), (16, few), (64, some), (256, some + many + dequantize))
     chosen = next((chosen for bound, chosen in by_bound if m <= bound), many + dequantize)
-    if 1 < m <= 256 and weight.tiles is not None and dtype == torch.float16:
-        chosen = chosen + swizzled_candidates(m)
     if 2 < m <= 256 and w4_wgmma.takes(weight, dtype):
         chosen = chosen + w4_wgmma_candidates(m)
+    if 2 < m <= 256 and w4_fragments.takes(weight, dtype):
+        chosen = chosen + fragments_candidates(m)
     return chosen
-
-
-def swizzled_candidates(m: int) -> list[dict]:
-    """Tiles of the swizzled codes for m tokens: the tokens in one tile (16-64 of them; 128 up to
-    256), outputs in tiles of 64 (4 warps) or 128 (8 warps), K split 1-16 ways. Standalone, the
-    fastest at 16-64 tokens on an H200 split 4-8 ways (benchmarks/results/swizzled_tile_h200.json);
-    a product that finishes itself pays for its split (an arrival count, the last program's write)."""
-    block_m = 128 if m > 64 else max(16, m_bucket(m))
-    return [dict(SWIZZLED=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=warps, num_stages=3)
-            for block_n, split, warps in ((64, 1, 4), (64, 2, 4), (64, 4, 4), (64, 8, 4), (64, 16, 4), (128, 1, 8),
-                                          (128, 2, 8), (128, 4, 8), (128, 8, 8), (128, 16, 8))]
 
 
 def w4_wgmma_candidates(m: int) -> list[dict]:
@@ -615,6 +579,19 @@ def w4_wgmma_candidates(m: int) -> list[dict]:
         block_m, shapes = 128, ((64, 4, 4), (64, 2, 3), (64, 1, 4), (128, 2, 4))
     return [dict(WGMMA=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=stages)
             for block_n, split, stages in shapes]
+
+
+def fragments_candidates(m: int) -> list[dict]:
+    """Tiles of `w4_fragments`' kernel for m tokens: the tokens in one tile (8-64 of them; 128 up to
+    256), outputs in tiles of 64 or 128, K split 1-16 ways, a ring of 4 steps: the fastest of sweeps on
+    an H200 (benchmarks/results/kernels_h200.md, "Version 15"; 32 ways, rings of 6 and 256 outputs
+    were never faster)."""
+    if m <= 64:
+        block_m, shapes = max(8, m_bucket(m)), ((128, 4), (128, 8), (128, 16), (64, 4), (64, 8), (64, 16))
+    else:
+        block_m, shapes = 128, ((128, 1), (128, 2), (128, 4), (128, 8), (64, 2), (64, 4))
+    return [dict(WGMMA=True, FRAGMENTS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4,
+                 num_stages=4) for block_n, split in shapes]
 
 
 HALF2_EXPONENT = 0x4400  # fp16 4.0: a code q in the low mantissa bits reads 4 + q / 256
@@ -720,7 +697,6 @@ def half2_table_weights_ptx(entries: int) -> str:
 
 if triton is not None:
     from qtool.kernels.dependent_launch import wait_for_previous
-    from qtool.kernels.swizzled import swizzled_tile
 
     _EXPONENT = tl.constexpr(HALF2_EXPONENT)
     _ODD_EXPONENT = tl.constexpr(HALF2_ODD_EXPONENT)
@@ -1260,44 +1236,6 @@ if triton is not None:
             total += _outliers(x_ptr, ov_ptr, oc_ptr, oo_ptr, rows_m, rows_m < M, cols_n, in_n, K, MAX_ROW_OUTLIERS,
                                TOKENS, BLOCK_N)
         _write(y_ptr, ws_ptr, arrivals_ptr, total, rows_m, rows_m < M, cols_n, in_n, N, SPLIT, PENDING)
-
-    @triton.jit
-    def _swizzled_kernel(x_ptr, t_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, arrivals_ptr, M, N, K,
-                         GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT: tl.constexpr, PENDING: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                         PDL: tl.constexpr, HALF: tl.constexpr):
-        """y^T = W x^T for a tile of BLOCK_N outputs x BLOCK_M tokens, over this program's share of K in
-        tiles of 2 HALF inputs read from the swizzled codes (`swizzled.swizzled_tile`): each half of HALF
-        inputs shifted by 1024 + its zero and scaled in fp16 (exact, then one rounding, as the
-        reference), then a dot with the tokens as its columns."""
-        wait_for_previous(PDL)
-        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_m, in_n = rows_m < M, cols_n < N
-        rows = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)  # of the swizzled bytes
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for start in tl.range(pid_k * 2 * HALF, K, 2 * HALF * tl.num_programs(2), num_stages=STAGES):
-            first, second = swizzled_tile(t_ptr, start, rows, rows < N // 4, K, ASM)
-            acc = _half_tile_dot(first, acc, x_ptr, s_ptr, z_ptr, start, rows_m, in_m, cols_n, in_n, N, K, GROUP,
-                                 HAS_ZEROS)
-            acc = _half_tile_dot(second, acc, x_ptr, s_ptr, z_ptr, start + HALF, rows_m, in_m, cols_n, in_n, N, K,
-                                 GROUP, HAS_ZEROS)
-        _write(y_ptr, ws_ptr, arrivals_ptr, tl.trans(acc), rows_m, in_m, cols_n, in_n, N, SPLIT, PENDING)
-
-    @triton.jit
-    def _half_tile_dot(values, acc, x_ptr, s_ptr, z_ptr, start, rows_m, in_m, cols_n, in_n, N, K,
-                       GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
-        """acc + W x^T over the 64 inputs from `start`, whose weights `values` hold as 1024 + code."""
-        group = start // GROUP
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + group * N + cols_n, mask=in_n, other=0).to(tl.float16) + 1024.0
-        else:
-            zero = tl.full(cols_n.shape, 1032.0, tl.float16)  # 1024 + the fixed zero, 8
-        scale = tl.load(s_ptr + group * N + cols_n, mask=in_n, other=0.0)
-        inputs = start + tl.arange(0, values.shape[1])
-        xt = tl.load(x_ptr + rows_m[None, :] * K + inputs[:, None], mask=in_m[None, :], other=0.0)
-        return tl.dot((values - zero[:, None]) * scale[:, None], xt, acc)
 
     @triton.jit
     def _half2_tile(words, x0, x1, x2, x3, y0, y1, y2, y3, scale, zero, l0, l1, l2, l3, h0, h1, h2, h3,

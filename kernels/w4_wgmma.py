@@ -20,7 +20,7 @@ Takes (`takes`): 4-bit uniform grids with fp16 scales and byte zero points (or n
 groups of a power of two of at least 64 inputs or one a row, no outliers; fp16 activations; compute
 capability 9.x with Gluon (`gluon_hopper`). TMA reads rows 16-byte aligned, so N is a multiple of
 16 and K of 8; it fills tiles past the edges with zeros (a weight there meets an input of zero).
-Its products end as quant_matmul's do (`_write`): stored, or added into a workspace whose last
+Its products end as quant_matmul's do (`write_tile`): stored, or added into a workspace whose last
 program writes y (K split), or into the caller's pending sums.
 """
 
@@ -95,14 +95,21 @@ def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor,
 
 
 def descriptors(x: torch.Tensor, weight, block_m: int, block_n: int) -> tuple:
-    """The kernel's TMA descriptors: x's tiles, the words', and rows of scales and of zero points (the
-    scales' again where there are none)."""
+    """The kernel's TMA descriptors: x's tiles, the words', and rows of scales and of zero points
+    (`group_descriptors`)."""
+    return (descriptor(x, [block_m, STEP]), descriptor(weight.packed, [STEP // 8, block_n]),
+            *group_descriptors(weight, block_n))
+
+
+def group_descriptors(weight, block_n: int) -> tuple:
+    """TMA descriptors of rows [1, block_n] of the weight's scales and of its zero points (the scales'
+    again where there are none)."""
     scales = descriptor(weight.scales, [1, block_n], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16,
                                                                           rank=2))
     # each TMA box lands 128-byte aligned: a row of zero points at least 128 bytes long
     zeros = scales if weight.zeros is None else descriptor(
         weight.zeros, [1, max(block_n, 128)], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2))
-    return descriptor(x, [block_m, STEP]), descriptor(weight.packed, [STEP // 8, block_n]), scales, zeros
+    return scales, zeros
 
 
 if gluon is not None:
@@ -110,10 +117,21 @@ if gluon is not None:
     _STEP = gl.constexpr(STEP)
 
     @gluon.jit
-    def _load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first, off_m,
-                   off_n, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr):
-        """Step `step`'s x tile, words, scales and zero points (K block first + step) into buffer
-        step % STAGES, if the program has such a step."""
+    def tile_and_share(K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """This program's tile (its first output and token) and share of K's steps (the first, and how
+        many: program_id(2) of num_programs(2) shares, the last ones possibly short or empty)."""
+        blocks = gl.cdiv(K, _STEP)
+        share = gl.cdiv(blocks, gl.num_programs(2))
+        first = gl.program_id(2) * share
+        return gl.program_id(0) * BLOCK_N, gl.program_id(1) * BLOCK_M, first, gl.minimum(share, blocks - first)
+
+    @gluon.jit
+    def load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first, off_m,
+                  off_n, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr,
+                  FRAGMENTS: gl.constexpr = False):
+        """Step `step`'s x tile, words (K-major words [8, BLOCK_N], or FRAGMENTS: `w4_fragments`' words
+        [BLOCK_N / 2, 16]), scales and zero points (K block first + step) into buffer step % STAGES, if
+        the program has such a step."""
         slot = step % STAGES
         present = step < steps
         nbytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes + s_desc.block_type.nbytes
@@ -123,7 +141,10 @@ if gluon is not None:
         block = first + step
         group = block * _STEP // GROUP
         tma_load(x_desc, [off_m, block * _STEP], ready_slot, x_bufs.index(slot), pred=present)
-        tma_load(w_desc, [block * (_STEP // 8), off_n], ready_slot, w_bufs.index(slot), pred=present)
+        if FRAGMENTS:
+            tma_load(w_desc, [off_n // 2, block * (_STEP // 4)], ready_slot, w_bufs.index(slot), pred=present)
+        else:
+            tma_load(w_desc, [block * (_STEP // 8), off_n], ready_slot, w_bufs.index(slot), pred=present)
         tma_load(s_desc, [group, off_n], ready_slot, s_bufs.index(slot), pred=present)
         if HAS_ZEROS:
             tma_load(z_desc, [group, off_n], ready_slot, z_bufs.index(slot), pred=present)
@@ -136,12 +157,7 @@ if gluon is not None:
         (program_id(2) of num_programs(2)); a step's wgmma left in flight while the next step's
         weights are made (its tile the other of two)."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-        off_n = gl.program_id(0) * BLOCK_N
-        off_m = gl.program_id(1) * BLOCK_M
-        blocks = gl.cdiv(K, _STEP)
-        share = gl.cdiv(blocks, gl.num_programs(2))
-        first = gl.program_id(2) * share
-        steps = gl.minimum(share, blocks - first)
+        off_n, off_m, first, steps = tile_and_share(K, BLOCK_M, BLOCK_N)
 
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
@@ -165,7 +181,7 @@ if gluon is not None:
         for buffer in gl.static_range(STAGES):
             mbarrier.init(ready.index(buffer), count=1)
         for step in gl.static_range(STAGES - 1):
-            _load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first,
+            load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first,
                        off_m, off_n, GROUP, HAS_ZEROS, STAGES)
 
         zero = gl.full([BLOCK_N], 1032.0, gl.float16, n_layout)  # 1024 + the symmetric grid's zero, 8
@@ -191,22 +207,32 @@ if gluon is not None:
             acc = warpgroup_mma(tile, x_bufs.index(slot).permute((1, 0)), acc, is_async=True)
             # step - 1's wgmma is done: its weight tile and its buffer (the slot of step + STAGES - 1) are free
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            _load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step + STAGES - 1,
+            load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step + STAGES - 1,
                        steps, first, off_m, off_n, GROUP, HAS_ZEROS, STAGES)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for buffer in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(buffer))
 
-        outs = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-        tokens = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
-        _write(y_ptr, ws_ptr, arrivals_ptr, acc, tokens, outs, M, N, SPLIT, PENDING)
+        write_tile(y_ptr, ws_ptr, arrivals_ptr, acc, off_m, off_n, M, N, SPLIT, PENDING, num_warps)
 
     @gluon.jit
-    def _write(y_ptr, ws_ptr, arrivals_ptr, acc, tokens, outs, M, N, SPLIT: gl.constexpr, PENDING: gl.constexpr):
-        """quant_matmul's `_write` for y^T: stored; split along K, added into the float32 workspace,
-        whose last program to arrive writes y and zeroes its part and count for the next launch; or
-        PENDING, added into the caller's sums (the workspace here). (The sums are exchanged as float32,
-        which Gluon's Tritons take; the Triton kernel exchanges int32 words, which any Triton takes.)"""
+    def write_tile(y_ptr, ws_ptr, arrivals_ptr, acc, off_m, off_n, M, N, SPLIT: gl.constexpr, PENDING: gl.constexpr,
+                   num_warps: gl.constexpr):
+        """quant_matmul's `_write` for a tile y^T [BLOCK_N outputs from off_n, BLOCK_M tokens from off_m]:
+        stored; split along K, added into the float32 workspace, whose last program to arrive writes y
+        and zeroes its part and count for the next launch; or PENDING, added into the caller's sums (the
+        workspace here). The tile goes to one output a lane first (through shared memory, once), so that
+        a warp's writes and atomics are 128 bytes of one token's outputs: in the wgmma's layout a
+        thread's are 8 outputs apart, a quarter of each 32-byte sector (the pending sums of 64 tokens in
+        15-25% less time, kernels_h200.md "Version 15"). (The sums are exchanged as float32, which
+        Gluon's Tritons take; the Triton kernel exchanges int32 words, which any Triton takes.)"""
+        BLOCK_N: gl.constexpr = acc.shape[0]
+        BLOCK_M: gl.constexpr = acc.shape[1]
+        outputs: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                                 warps_per_cta=[1, num_warps], order=[0, 1])
+        acc = gl.convert_layout(acc, outputs)
+        outs = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, outputs))
+        tokens = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, outputs))
         offsets = tokens.to(gl.int64)[None, :] * N + outs[:, None]
         mask = (tokens < M)[None, :] & (outs < N)[:, None]
         if SPLIT or PENDING:

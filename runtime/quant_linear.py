@@ -14,9 +14,9 @@ reference elsewhere); the first forward on a device makes the codes' int8 copy t
 (N * K bytes, as large as the packed codes, plus the scales in float32), one for each group of
 linears that read one input (`FusedLinears`, `Int8Layout`).
 
-On Hopper, 4-bit uniform grids with groups of 64 or more keep their codes a third time, swizzled
-for the tensor-core tiles of many tokens (`with_swizzled_tiles`: N * K / 2 bytes, 3.5 GB for
-Llama-3-8B). The runtime makes all of these before it sizes its KV cache (`make_kernel_views`).
+On Hopper, 4-bit uniform grids with groups of 64 or more keep their codes a third time, laid out
+as the wgmma's register fragments for products of 3-256 tokens (`with_fragments`: N * K / 2 bytes,
+3.5 GB for Llama-3-8B). The runtime makes all of these before it sizes its KV cache (`make_kernel_views`).
 
 Products of up to 64 tokens may be left pending for the kernel that reads them
 (`pending_product`, `qtool.kernels.pending`): each kernel view then keeps a float32 accumulator of
@@ -36,7 +36,7 @@ from torch import nn
 from qtool.kernels import int8_matmul
 from qtool.kernels.pending import PendingSum
 from qtool.kernels.quant_matmul import (PENDING_TOKENS, KERNEL_BITS, KernelWeight, kernel_fits, pends, quant_matmul,
-                                        with_swizzled_tiles)
+                                        with_fragments)
 from qtool.quantize import packing
 from qtool.quantize.qweight import OUTLIER_FIELDS, QuantizedWeight, SparseOutliers
 from qtool.quantize.scheme import Scheme
@@ -174,12 +174,12 @@ def int8_weight(weight: QuantizedWeight, device: torch.device) -> int8_matmul.In
 
 def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
     """The weight as the kernel reads it, or None when the kernel does not hold it; on Hopper with
-    its codes also swizzled for the tiles of many tokens where those hold it (`with_swizzled_tiles`)."""
-    layout = _unswizzled_layout(weight)
-    return None if layout is None else KernelLayout(with_swizzled_tiles(layout.weight), layout.columns)
+    its codes also as wgmma fragments where that kernel takes it (`with_fragments`)."""
+    layout = _plain_layout(weight)
+    return None if layout is None else KernelLayout(with_fragments(layout.weight), layout.columns)
 
 
-def _unswizzled_layout(weight: QuantizedWeight) -> KernelLayout | None:
+def _plain_layout(weight: QuantizedWeight) -> KernelLayout | None:
     scheme = weight.scheme
     if scheme.lut and scheme.bits > 4 or not scheme.lut and scheme.bits not in KERNEL_BITS:
         return None
@@ -206,7 +206,7 @@ def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
     """One kernel view of weights that read the same input, joined along the outputs (columns of
     the view); None unless all are uniform grids of one kind (bits, group, zero points), without
     tables or outliers, with one column order."""
-    layouts = [_unswizzled_layout(weight) for weight in weights]
+    layouts = [_plain_layout(weight) for weight in weights]
     if any(layout is None for layout in layouts):
         return None
     first, kernels = layouts[0], [layout.weight for layout in layouts]
@@ -222,9 +222,8 @@ def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
         parts = [getattr(kernel, field) for kernel in kernels]
         return None if parts[0] is None else torch.cat(parts, dim=1)
 
-    return KernelLayout(with_swizzled_tiles(KernelWeight(joined("packed"), head.bits, head.in_features,
-                                                         head.group_size, scales=joined("scales"),
-                                                         zeros=joined("zeros"))), first.columns)
+    return KernelLayout(with_fragments(KernelWeight(joined("packed"), head.bits, head.in_features, head.group_size,
+                                                    scales=joined("scales"), zeros=joined("zeros"))), first.columns)
 
 
 def _same_order(columns: torch.Tensor | None, others: torch.Tensor | None) -> bool:

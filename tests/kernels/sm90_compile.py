@@ -15,7 +15,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
 from qtool.kernels import (elementwise, gluon_hopper, int8_matmul, int8_wgmma, paged_attention,  # noqa: E402
-                          quant_matmul, w4_wgmma)
+                          quant_matmul, w4_fragments, w4_wgmma)
 
 FLOATS = {"eps", "scale"}  # scalars passed as float; the others are int32
 # what a launch on model shapes specialises on: pointers and these sizes divisible by 16 (without it
@@ -72,12 +72,15 @@ def compile_int8_wgmma(block_m: int, block_n: int, block_k: int, num_warps: int,
 
 
 def compile_w4_wgmma(block_m: int, block_n: int, stages: int, zeros: bool, split: bool, pending: bool, group: int,
-                     num_warps: int) -> str:
+                     num_warps: int, fragments: bool = False) -> str:
+    """w4_wgmma's kernel, or with `fragments` w4_fragments' (4 warps), for a 4096 x 1024 weight."""
     weight = quant_matmul.KernelWeight.from_rows(
         torch.zeros(1024, 512, dtype=torch.int32), 4, 4096, 64, scales=torch.zeros(1024, 64, dtype=torch.float16),
         zeros=torch.zeros(1024, 64, dtype=torch.int32) if zeros else None)
-    made = w4_wgmma.descriptors(torch.zeros(block_m, 4096, dtype=torch.float16), weight, block_m, block_n)
-    return compile_gluon_for_sm90(w4_wgmma._w4_kernel, dict(zip(("x_desc", "w_desc", "s_desc", "z_desc"), made)),
+    weight.fragments = torch.zeros(512, 1024, dtype=torch.int32)
+    module, kernel = (w4_fragments, w4_fragments._fragments_kernel) if fragments else (w4_wgmma, w4_wgmma._w4_kernel)
+    made = module.descriptors(torch.zeros(block_m, 4096, dtype=torch.float16), weight, block_m, block_n)
+    return compile_gluon_for_sm90(kernel, dict(zip(("x_desc", "w_desc", "s_desc", "z_desc"), made)),
                                   {"y_ptr": "*fp16", "arrivals_ptr": "*i32"},
                                   dict(GROUP=group, HAS_ZEROS=zeros, SPLIT=split, PENDING=pending, BLOCK_N=block_n,
                                        STAGES=stages), num_warps)
@@ -114,16 +117,6 @@ def main() -> None:
                                                           EVEN_N=True, BLOCK_N=256,
                                                           EVEN_K=True, BLOCK_K=64, TOKENS=tokens, STAGES=stages,
                                                           ASM=True, PDL=True), matmul, num_warps=2, options={"num_stages": stages})
-    # the swizzled tiles of 16-64 tokens (split along K; left pending): the dequantized weights reach the
-    # wgmma from registers, nothing stored to shared memory (or shuffled) on the way
-    for tokens, split, pending in ((16, True, False), (64, False, True)):
-        ptx = compile_for_sm90(quant_matmul._swizzled_kernel, dict(GROUP=64, HAS_ZEROS=True, SPLIT=split,
-                                                                   PENDING=pending, BLOCK_M=tokens, BLOCK_N=64,
-                                                                   STAGES=3, ASM=True, PDL=True, HALF=64),
-                               dict(words, t_ptr="*u8"), options={"num_stages": 3})
-        before_dot = ptx[:ptx.index("wgmma.mma_async")]
-        assert "st.shared" not in before_dot and "shfl" not in before_dot, "the swizzled tile went through shared memory"
-        assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % tokens in ptx
     compile_for_sm90(quant_matmul._dequantize_kernel, dict(BITS=4, GROUP=64, HAS_ZEROS=True, HAS_LUT=False, LUT_SIZE=1,
                                                            EVEN_N=True, EVEN_K=True, BLOCK_N=128, BLOCK_K=64), words)
     scales = {"s_ptr": "*fp32", "sa_ptr": "*fp32", "sw_ptr": "*fp32"}
@@ -149,8 +142,20 @@ def main() -> None:
             ptx = compile_w4_wgmma(block_m, block_n, stages, zeros, split, pending, group, warps)
             assert "wgmma.wait_group.sync.aligned 1;" in ptx and "sub.rn.f16x2" in ptx
             assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % block_m in ptx
+        # W4 from register fragments: 8 tokens split, with zero points; 16 pending, symmetric, one group a
+        # row; 128 tokens x 256 outputs. Between a step's barrier wait and its wgmma nothing goes through
+        # shared memory but the TMA'd operands' loads: no store or shuffle, one barrier (Triton's, before
+        # the scales' read: w4_wgmma's step has its tile's store, fence and barrier besides)
+        for block_m, block_n, zeros, split, pending, group in (
+                (8, 128, True, True, False, 64), (16, 64, False, False, True, quant_matmul.ONE_GROUP),
+                (128, 256, True, False, False, 128)):
+            ptx = compile_w4_wgmma(block_m, block_n, 4, zeros, split, pending, group, 4, fragments=True)
+            step = ptx[ptx.index("mbarrier.try_wait"):ptx.rindex("wgmma.wait_group.sync.aligned 1")]
+            assert "st.shared" not in step and "shfl" not in step, "the fragments left registers"
+            assert step.count("bar.sync") <= 1
+            assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % block_m in ptx and "sub.rn.f16x2" in ptx
     else:
-        print("no Gluon\n" * 6, end="")  # the count stays: this Triton has no Hopper Gluon to compile
+        print("no Gluon\n" * 9, end="")  # the count stays: this Triton has no Hopper Gluon to compile
     decode = {"tables_ptr": "*i32", "lens_ptr": "*i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
               "values_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     for split in (False, True):

@@ -1,14 +1,11 @@
 """The quantized matmul kernel against its torch reference, on random inputs of odd shapes: under
 TRITON_INTERPRET=1 on a machine without a GPU (small shapes), on the GPU where there is one."""
 
-from dataclasses import replace
 
 import pytest
 import torch
 
-from qtool.kernels import swizzled
-from qtool.kernels.quant_matmul import (KernelWeight, candidates, quant_matmul, reference, swizzled_tiles_fit,
-                                        triton_matmul, with_swizzled_tiles)
+from qtool.kernels.quant_matmul import KernelWeight, candidates, quant_matmul, reference, triton_matmul, with_fragments
 from qtool.quantize import packing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,8 +201,8 @@ def test_a_tail_of_columns_is_masked():
 def test_every_configuration_the_tuner_may_choose_matches_the_reference(bits, group_size, symmetric, m):
     """The tuner keeps whichever candidate is fastest, so each one must be right, at its own warps:
     finishing its product, and leaving it pending (what the runtime asks of a few tokens); on
-    Hopper the 4-bit weight's swizzled tiles among them."""
-    weight = with_swizzled_tiles(uniform_weight(1536, 1024, bits, group_size, symmetric))
+    Hopper the Gluon kernels' tiles among them, of the 4-bit weight's fragment words too."""
+    weight = with_fragments(uniform_weight(1536, 1024, bits, group_size, symmetric))
     sums = torch.zeros(m, weight.out_features, device=DEVICE)
     for config in candidates(m, weight, torch.float16):
         x = check(weight, m, config=config)
@@ -346,58 +343,6 @@ def test_the_tuner_times_over_copies_that_fill_l2_three_times(monkeypatch):
 
     monkeypatch.setattr(KernelWeight, "copy", copy)
     assert len(copies_past_l2(weight)) == 4
-
-
-def tiled(weight: KernelWeight) -> KernelWeight:
-    """The weight with its codes swizzled for the tensor-core tiles (as `with_swizzled_tiles` makes on Hopper)."""
-    assert swizzled_tiles_fit(weight)
-    return replace(weight, tiles=swizzled.swizzle(weight.codes()))
-
-
-SWIZZLED = dict(SWIZZLED=True, BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, num_stages=2)
-
-
-@pytest.mark.parametrize("group_size", [64, 128, -1])
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("m", [3, 17])
-def test_swizzled_tiles_match_the_reference(group_size, symmetric, m):
-    """Outputs 48 in tiles of 32 (the second masked), two tiles of K, tokens past a tile of 16."""
-    check(tiled(uniform_weight(48, 256, 4, group_size, symmetric)), m, config=SWIZZLED)
-
-
-def test_swizzled_tiles_split_k_and_pending_sums():
-    weight = tiled(uniform_weight(32, 512, 4, 64, False))
-    for _ in range(3):  # the last program of each tile resets the workspace for the next launch
-        check(weight, 5, config=dict(SWIZZLED, SPLIT_K=3))  # one share of K with two tiles, two with one
-    x = torch.randn(5, 512, dtype=torch.float16, device=DEVICE)
-    sums = torch.zeros(5, 32, device=DEVICE)
-    pending = triton_matmul(x, weight, config=dict(SWIZZLED, SPLIT_K=2), sums=sums)
-    assert relative_error(pending.result(), reference(x, weight)) < 2e-3 and not sums.any()
-
-
-def test_swizzled_tiles_are_offered_only_where_they_run():
-    weight = uniform_weight(32, 256, 4, 64, False)
-    assert not any(config.get("SWIZZLED") for config in candidates(16, weight, torch.float16))
-    offered = [config for config in candidates(16, tiled(weight), torch.float16) if config.get("SWIZZLED")]
-    assert offered and all(config["BLOCK_M"] == 16 for config in offered)
-    assert not any(config.get("SWIZZLED") for m in (1, 257) for config in candidates(m, tiled(weight), torch.float16))
-    assert not any(config.get("SWIZZLED") for config in candidates(16, tiled(weight), torch.bfloat16))
-    assert not swizzled_tiles_fit(uniform_weight(32, 256, 4, 32, False))  # a group smaller than a tile's half
-    assert not swizzled_tiles_fit(uniform_weight(32, 192, 4, 64, False))  # K not whole tiles
-    assert not swizzled_tiles_fit(uniform_weight(24, 256, 4, 64, False))  # N not whole tiles
-    assert not swizzled_tiles_fit(uniform_weight(32, 256, 8, 64, False))
-    assert not swizzled_tiles_fit(uniform_weight(32, 256, 4, 64, False, torch.bfloat16))
-    with pytest.raises(ValueError, match="swizzled"):
-        triton_matmul(torch.randn(16, 256, dtype=torch.float16, device=DEVICE), weight, config=SWIZZLED)
-
-
-def test_the_swizzled_copy_is_made_on_hopper_only_and_not_counted_as_read():
-    weight = uniform_weight(32, 256, 4, 64, False)
-    made = with_swizzled_tiles(weight)
-    on_hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
-    assert (made.tiles is not None) == on_hopper
-    copy = tiled(weight).copy()
-    assert copy.tiles.data_ptr() != tiled(weight).tiles.data_ptr() and copy.nbytes == weight.nbytes
 
 
 def test_an_outgrown_split_workspace_stays_allocated():

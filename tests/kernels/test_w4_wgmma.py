@@ -39,26 +39,34 @@ def test_every_ring_and_warp_count_matches_the_reference(stages, warps, block_n)
 
 @on_hopper
 def test_split_k_and_pending_sums():
-    weight = uniform_weight(64, 640, 4, 64, False)  # 10 steps: shares of 4, 4 and 2; of 16 ways, six read none
+    check_split_k_and_pending_sums(uniform_weight(64, 640, 4, 64, False), WGMMA)
+
+
+def check_split_k_and_pending_sums(weight, config: dict) -> None:
+    """A weight of 640 inputs, 10 steps: split 3 ways, shares of 4, 4 and 2; 16 ways, six read none."""
     for split in (3, 3, 3, 16):  # the last program of each tile resets the workspace for the next launch
-        check(weight, 5, config=dict(WGMMA, SPLIT_K=split))
+        check(weight, 5, config=dict(config, SPLIT_K=split))
     torch.cuda.synchronize()
     for (_, _, use), (sums, counts) in _WORKSPACES.items():
         assert not counts.any() and (use != "sums" or not sums.any())
     x = torch.randn(5, 640, dtype=torch.float16, device=DEVICE)
-    sums = torch.zeros(5, 64, device=DEVICE)
-    pending = triton_matmul(x, weight, config=dict(WGMMA, SPLIT_K=3), sums=sums)
+    sums = torch.zeros(5, weight.out_features, device=DEVICE)
+    pending = triton_matmul(x, weight, config=dict(config, SPLIT_K=3), sums=sums)
     assert relative_error(pending.result(), reference(x, weight)) < 2e-3
 
 
 @on_hopper
 def test_every_output_is_written_and_unaligned_inputs_are_copied(monkeypatch):
-    weight = uniform_weight(48, 256, 4, 64, True)
+    check_every_output_written_from_unaligned_inputs(uniform_weight(48, 256, 4, 64, True), WGMMA, monkeypatch)
+
+
+def check_every_output_written_from_unaligned_inputs(weight, config: dict, monkeypatch) -> None:
+    """Outputs poisoned with NaN; x 2 bytes past a 16-byte boundary (copied first: TMA would not read it)."""
     flat = torch.randn(5 * 256 + 1, dtype=torch.float16, device=DEVICE)
-    x = flat[1:].view(5, 256)  # 2 bytes past a 16-byte boundary: TMA would not read it
+    x = flat[1:].view(5, 256)
     expected = reference(x, weight)
     monkeypatch.setattr(torch, "empty", lambda *shape, **kw: torch.full(shape, float("nan"), **kw))
-    out = triton_matmul(x, weight, config=WGMMA)
+    out = triton_matmul(x, weight, config=config)
     assert torch.isfinite(out).all() and relative_error(out, expected) < 2e-3
 
 
