@@ -1,4 +1,4 @@
-"""Gluon's Hopper module, as qtool's Gluon kernels take it (int8_wgmma, w4_wgmma): imported once,
+"""Gluon's Hopper module, as qtool's Gluon kernels take it (int8_wgmma, w4_wgmma, w4_fragments): imported once,
 from the Triton versions the kernels were compiled with, under the names of Triton 3.6 and 3.7+."""
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ A step is 64 inputs; x's tile, the words, the group's scales and zero points arr
 ring of STAGES buffers under one mbarrier, issued STAGES - 1 steps ahead (as in `w4_wgmma`), and
 each wgmma (W [BLOCK_N, 64] from registers times x^T: the tokens are the wgmma's n, 8-128 of them)
 is left in flight while the next step's weights are made. On an H200 (benchmarks/results/
-kernels_h200.md, "Version 15") 16 tokens of 4096x14336 take 16.8 us against 22.2 us for `w4_wgmma`.
+kernels_h200.md, "Version 15") 16 tokens of 4096x14336 took 17.1 us (pending) against 22.2 us for
+`w4_wgmma`, 64 tokens 24.1 against 28.4; the tuner takes it at 4-64 tokens and mostly at 128-256.
 
 Takes (`fits`): what `w4_wgmma` takes, with N a multiple of 16 and K of 16 (whole 16x16 blocks), and
 the weight's fragment words (`KernelWeight.fragments`, `quant_matmul.with_fragments`).

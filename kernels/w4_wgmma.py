@@ -1,8 +1,8 @@
 """4-bit products of a few to a few hundred tokens on Hopper, written in Gluon so that every operand
 of a step is in shared memory before the step needs it.
 
-qtool's Triton tiles of a few tokens (quant_matmul's swapped dots, the swizzled tiles) stay far
-from the weights' bandwidth: ncu showed them waiting on loads (the scales and zero points loaded
+qtool's Triton tiles of a few tokens (quant_matmul's swapped dots, and a tile over swizzled codes
+since replaced by `w4_fragments`) stay far from the weights' bandwidth: ncu showed them waiting on loads (the scales and zero points loaded
 inside the loop) and on every wgmma at once (kernels_h200.md, Version 13). Here a step is 64
 inputs (one group or part of one), and all it reads (x's tile [BLOCK_M, 64], the words of codes
 [8, BLOCK_N], the group's row of scales and of zero points) arrives by TMA into a ring of STAGES
@@ -12,9 +12,10 @@ exponent as 1024 + q by one LOP3, less 1024 + z, times the scale: exact, then on
 `quant_matmul.reference` rounds W), are stored into one of two shared-memory tiles, and that
 tile's wgmma (W [BLOCK_N, 64] times x^T: the tokens are the wgmma's n) is issued while the
 previous step's is still in flight. On an H200 (benchmarks/results/kernels_h200.md, "Version 14")
-the tuner takes it at 16-32 and 128-256 tokens of Llama-3-8B's shapes; 128 tokens in 15-19% less
-time than the Triton tiles, 16-32 up to 6%. It is bound by issuing instructions: a quarter of the
-loop's dequantize, the rest issue the copies, address and synchronise.
+128 tokens took 15-19% less time than the Triton tiles; bound by issuing instructions (a quarter of
+the loop's dequantize, the rest issue the copies, address and synchronise), it has since given way
+to `w4_fragments` (its weights from registers), except where that kernel's copy of the codes is not
+made and at 128 tokens of 4096x14336 ("Version 15").
 
 Takes (`takes`): 4-bit uniform grids with fp16 scales and byte zero points (or none: symmetric),
 groups of a power of two of at least 64 inputs or one a row, no outliers; fp16 activations; compute
@@ -223,8 +224,8 @@ if gluon is not None:
         and zeroes its part and count for the next launch; or PENDING, added into the caller's sums (the
         workspace here). The tile goes to one output a lane first (through shared memory, once), so that
         a warp's writes and atomics are 128 bytes of one token's outputs: in the wgmma's layout a
-        thread's are 8 outputs apart, a quarter of each 32-byte sector (the pending sums of 64 tokens in
-        15-25% less time, kernels_h200.md "Version 15"). (The sums are exchanged as float32, which
+        thread's are 8 outputs apart, a quarter of each 32-byte sector (`w4_fragments`' pending sums of 64
+        tokens in 17-22% less time, kernels_h200.md "Version 15"). (The sums are exchanged as float32, which
         Gluon's Tritons take; the Triton kernel exchanges int32 words, which any Triton takes.)"""
         BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
