@@ -224,9 +224,11 @@ if gluon is not None:
         and zeroes its part and count for the next launch; or PENDING, added into the caller's sums (the
         workspace here). The tile goes to one output a lane first (through shared memory, once), so that
         a warp's writes and atomics are 128 bytes of one token's outputs: in the wgmma's layout a
-        thread's are 8 outputs apart, a quarter of each 32-byte sector (`w4_fragments`' pending sums of 64
-        tokens in 17-22% less time, kernels_h200.md "Version 15"). (The sums are exchanged as float32, which
-        Gluon's Tritons take; the Triton kernel exchanges int32 words, which any Triton takes.)"""
+        warp's are 8 outputs of 4 tokens, and in `w4_fragments`' order those 8 are 8 bytes apart, half
+        of each sector unused (its pending sums of 64 tokens took 17-22% less time with this, H200,
+        kernels_h200.md "Version 15"; for this kernel's own tiles the change was not timed apart). (The
+        sums are exchanged as float32, which Gluon's Tritons take; the Triton kernel exchanges int32
+        words, which any Triton takes.)"""
         BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
         outputs: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
