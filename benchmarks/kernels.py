@@ -45,7 +45,7 @@ def uniform(n: int, k: int, bits: int, group: int, symmetric: bool) -> KernelWei
     zeros = None if symmetric else torch.randint(0, 2**bits, (n, groups), dtype=torch.int32, device="cuda")
     scales = torch.rand(n, groups, device="cuda", dtype=torch.float16) * 0.01
     weight = KernelWeight.from_rows(packing.pack(codes, bits), bits, k, group, scales=scales, zeros=zeros)
-    return with_fragments(weight)  # as the runtime's layers hold them
+    return with_fragments(weight, torch.float16)  # as the runtime's layers hold them
 
 
 def table(n: int, k: int, outliers: float = 0.0) -> KernelWeight:

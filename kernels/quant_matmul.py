@@ -171,12 +171,12 @@ class KernelWeight:
         return weight
 
 
-def with_fragments(weight: KernelWeight) -> KernelWeight:
+def with_fragments(weight: KernelWeight, dtype: torch.dtype) -> KernelWeight:
     """The weight with its codes also laid out as the wgmma's register fragments, for products of
-    3-256 tokens (`qtool.kernels.w4_fragments`), where that kernel runs: on Hopper (compute
-    capability 9.x) with Gluon, for a weight it fits. A second copy of the codes, N * K / 2 bytes (3.5
-    GB for Llama-3-8B's linears)."""
-    if not (gluon_hopper.runs_on(weight.packed.device) and w4_fragments.fits(weight, torch.float16)):
+    3-256 tokens by activations of `dtype` (`qtool.kernels.w4_fragments`), where that kernel runs:
+    on Hopper (compute capability 9.x) with Gluon, for a weight and dtype it fits. A second copy of
+    the codes, N * K / 2 bytes (3.5 GB for Llama-3-8B's linears)."""
+    if not (gluon_hopper.runs_on(weight.packed.device) and w4_fragments.fits(weight, dtype)):
         return weight
     return replace(weight, fragments=w4_fragments.fragment_words(weight.codes(torch.uint8)))
 
@@ -300,7 +300,7 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
             raise ValueError("dequantize-then-cuBLAS leaves no product pending")
         return x @ dequantize_t(weight, x.dtype, config)
     if config.get("WGMMA"):
-        return _launch_w4_wgmma(x, weight, config, sums)
+        return _launch_gluon_w4(x, weight, config, sums)
     m, n, k = x.shape[0], weight.out_features, weight.in_features
     meta = _meta(weight)
     half2 = config.get("HALF2", False)
@@ -331,7 +331,7 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
     return out if sums is None else PendingSum(sums, x.dtype)
 
 
-def _launch_w4_wgmma(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None
+def _launch_gluon_w4(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None
                      ) -> torch.Tensor | PendingSum:
     """The product by a Gluon kernel (`w4_wgmma`'s, or with FRAGMENTS `w4_fragments`'), on a grid of N
     tiles x M tiles x shares of K."""

@@ -39,23 +39,29 @@ def fragment_words(codes: torch.Tensor) -> torch.Tensor:
     Output n = 16 b + 2 r + h, input k = 16 c + 8 e + 2 t + d: word (8 b + r, 4 c + t) holds the code
     at nibble p + 4 d, p = h + 2 e (the order `DEQUANTIZE` makes its half2 pairs in)."""
     n, k = codes.shape
-    c = codes.to(torch.int64).reshape(n // 16, 8, 2, k // 16, 2, 4, 2)  # b, r, h, c, e, t, d
+    c = codes.to(torch.uint8).reshape(n // 16, 8, 2, k // 16, 2, 4, 2)  # b, r, h, c, e, t, d
     c = c.permute(0, 1, 3, 5, 6, 4, 2)  # b, r, c, t, d, e, h: nibble h + 2 e + 4 d
-    c = c.reshape(n // 2, k // 4, 8)
-    words = (c << (torch.arange(8, device=codes.device) * 4)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    # in bytes (a byte a code while they move: the codes of a joined gate/up are 117M), two nibbles a
+    # byte, four bytes a little-endian word
+    c = c.reshape(n // 2, k // 4, 4, 2)
+    return (c[..., 0] | c[..., 1] << 4).contiguous().view(torch.int32).squeeze(-1)
 
 
 def fits(weight, dtype: torch.dtype) -> bool:
     """Whether the kernel computes products of this weight by activations of `dtype`: what
-    `w4_wgmma.fits` asks, in whole 16x16 blocks (its fragment words then made by `fragment_words`)."""
-    return w4_wgmma.fits(weight, dtype) and weight.out_features % BLOCK == 0 and weight.in_features % BLOCK == 0
+    `w4_wgmma.fits` asks (N a multiple of 16 among it), and K in whole blocks of 16 inputs (its
+    fragment words then made by `fragment_words`, rows of K bytes: 16-byte aligned, as TMA reads them)."""
+    return w4_wgmma.fits(weight, dtype) and weight.in_features % BLOCK == 0
 
 
 def takes(weight, dtype: torch.dtype) -> bool:
     """Whether the kernel runs this product here: on compute capability 9.x with Gluon, for a weight
-    that has its fragment words."""
-    return weight.fragments is not None and gluon_hopper.runs_on(weight.packed.device) and fits(weight, dtype)
+    it fits whose fragment words are there, as `fragment_words` makes them (int32 [N / 2, K / 4],
+    contiguous, 16-byte aligned)."""
+    words = weight.fragments
+    return (words is not None and words.dtype == torch.int32 and words.is_contiguous() and words.data_ptr() % 16 == 0
+            and tuple(words.shape) == (weight.out_features // 2, weight.in_features // 4)
+            and gluon_hopper.runs_on(weight.packed.device) and fits(weight, dtype))
 
 
 def _dequantize_ptx() -> str:
@@ -74,6 +80,15 @@ def _dequantize_ptx() -> str:
 
 
 DEQUANTIZE = _dequantize_ptx()
+# the kernel's way from a word's 8 values to the fragments' rows, written out in `_fragments_kernel`
+# (Triton 3.6 takes no tuple constants there) and run in torch by tests/kernels/test_w4_fragments.py,
+# which checks the kernel's text names these: the values ($0-$7) in the order nested joins take them,
+# ((0 4) (2 6)) ((1 5) (3 7)), so that the joined axes are e, h, d; the words' [b, r, c, t] and those as
+# [b, h, r, c, e, t, d]: row 16 b + 8 h + r, input 16 c + 8 e + 2 t + d; and the accumulator's rows
+# [b, h, r] as [b, r, h]: output 16 b + 2 r + h
+JOINED = (0, 4, 2, 6, 1, 5, 3, 7)
+FRAGMENT_ORDER = (0, 5, 1, 2, 4, 3, 6)
+OUTPUT_ORDER = (0, 2, 1, 3)
 
 
 def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor, workspace: torch.Tensor,

@@ -2,8 +2,9 @@
 of a step is in shared memory before the step needs it.
 
 qtool's Triton tiles of a few tokens (quant_matmul's swapped dots, and a tile over swizzled codes
-since replaced by `w4_fragments`) stay far from the weights' bandwidth: ncu showed them waiting on loads (the scales and zero points loaded
-inside the loop) and on every wgmma at once (kernels_h200.md, Version 13). Here a step is 64
+since replaced by `w4_fragments`) stay far from the weights' bandwidth: ncu showed them waiting on
+loads (the scales and zero points loaded inside the loop) and on every wgmma at once
+(kernels_h200.md, Version 13). Here a step is 64
 inputs (one group or part of one), and all it reads (x's tile [BLOCK_M, 64], the words of codes
 [8, BLOCK_N], the group's row of scales and of zero points) arrives by TMA into a ring of STAGES
 buffers under one mbarrier, issued STAGES - 1 steps ahead. The words become fp16 weights by

@@ -14,9 +14,10 @@ reference elsewhere); the first forward on a device makes the codes' int8 copy t
 (N * K bytes, as large as the packed codes, plus the scales in float32), one for each group of
 linears that read one input (`FusedLinears`, `Int8Layout`).
 
-On Hopper, 4-bit uniform grids with groups of 64 or more keep their codes a third time, laid out
-as the wgmma's register fragments for products of 3-256 tokens (`with_fragments`: N * K / 2 bytes,
-3.5 GB for Llama-3-8B). The runtime makes all of these before it sizes its KV cache (`make_kernel_views`).
+On Hopper, 4-bit uniform grids that `w4_fragments` fits (fp16 scales and activations, groups of 64
+or more, N and K multiples of 16) keep their codes a third time, laid out as the wgmma's register
+fragments for products of 3-256 tokens (`with_fragments`: N * K / 2 bytes, 3.5 GB for Llama-3-8B).
+The runtime makes all of these before it sizes its KV cache (`make_kernel_views`).
 
 Products of up to 64 tokens may be left pending for the kernel that reads them
 (`pending_product`, `qtool.kernels.pending`): each kernel view then keeps a float32 accumulator of
@@ -58,7 +59,7 @@ class QuantLinear(nn.Module):
         for field in OUTLIER_FIELDS:
             self.register_buffer(f"outlier_{field}", None if outliers is None else getattr(outliers, field))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._kernel: tuple[torch.device, KernelLayout | None] | None = None
+        self._kernel: tuple[tuple[torch.device, torch.dtype], KernelLayout | None] | None = None
         self._int8: tuple[torch.device, int8_matmul.Int8Weight] | None = None
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -82,7 +83,7 @@ class QuantLinear(nn.Module):
     def _running_layout(self, x: torch.Tensor) -> KernelLayout | None:
         """The kernel view that x's product runs on (made at the first call on x's device); None: the
         reference path."""
-        layout = self._kernel_layout(x.device) if x.is_cuda else None
+        layout = self._kernel_layout(x.device, x.dtype) if x.is_cuda else None
         return layout if layout is not None and layout.fits(x) else None
 
     def _int8_weight(self, device: torch.device) -> int8_matmul.Int8Weight:
@@ -91,9 +92,10 @@ class QuantLinear(nn.Module):
             self._int8 = (device, int8_weight(self.quantized_weight(), device))
         return self._int8[1]
 
-    def _kernel_layout(self, device: torch.device) -> KernelLayout | None:
-        if self._kernel is None or self._kernel[0] != device:
-            self._kernel = (device, kernel_layout(self.quantized_weight()))
+    def _kernel_layout(self, device: torch.device, dtype: torch.dtype) -> KernelLayout | None:
+        """`kernel_layout` for activations of `dtype` on `device`, made once for each."""
+        if self._kernel is None or self._kernel[0] != (device, dtype):
+            self._kernel = ((device, dtype), kernel_layout(self.quantized_weight(), dtype))
         return self._kernel[1]
 
     def extra_repr(self) -> str:
@@ -172,11 +174,12 @@ def int8_weight(weight: QuantizedWeight, device: torch.device) -> int8_matmul.In
     return int8_matmul.Int8Weight(codes, weight.scales[:, 0].to(device, torch.float32))
 
 
-def kernel_layout(weight: QuantizedWeight) -> KernelLayout | None:
+def kernel_layout(weight: QuantizedWeight, dtype: torch.dtype) -> KernelLayout | None:
     """The weight as the kernel reads it, or None when the kernel does not hold it; on Hopper with
-    its codes also as wgmma fragments where that kernel takes it (`with_fragments`)."""
+    its codes also as wgmma fragments where that kernel takes it and activations of `dtype`
+    (`with_fragments`)."""
     layout = _plain_layout(weight)
-    return None if layout is None else KernelLayout(with_fragments(layout.weight), layout.columns)
+    return None if layout is None else KernelLayout(with_fragments(layout.weight, dtype), layout.columns)
 
 
 def _plain_layout(weight: QuantizedWeight) -> KernelLayout | None:
@@ -202,7 +205,7 @@ def _plain_layout(weight: QuantizedWeight) -> KernelLayout | None:
                         columns)
 
 
-def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
+def fused_kernel_layout(weights: list[QuantizedWeight], dtype: torch.dtype) -> KernelLayout | None:
     """One kernel view of weights that read the same input, joined along the outputs (columns of
     the view); None unless all are uniform grids of one kind (bits, group, zero points), without
     tables or outliers, with one column order."""
@@ -222,8 +225,9 @@ def fused_kernel_layout(weights: list[QuantizedWeight]) -> KernelLayout | None:
         parts = [getattr(kernel, field) for kernel in kernels]
         return None if parts[0] is None else torch.cat(parts, dim=1)
 
-    return KernelLayout(with_fragments(KernelWeight(joined("packed"), head.bits, head.in_features, head.group_size,
-                                                    scales=joined("scales"), zeros=joined("zeros"))), first.columns)
+    joined_weight = KernelWeight(joined("packed"), head.bits, head.in_features, head.group_size,
+                                 scales=joined("scales"), zeros=joined("zeros"))
+    return KernelLayout(with_fragments(joined_weight, dtype), first.columns)
 
 
 def _same_order(columns: torch.Tensor | None, others: torch.Tensor | None) -> bool:
@@ -244,7 +248,7 @@ class FusedLinears:
 
     def __init__(self, owner: nn.Module, names: tuple[str, ...]):
         self.owner, self.names = owner, names
-        self._fused: tuple[torch.device, tuple | None] | None = None
+        self._fused: tuple[tuple[torch.device, torch.dtype], tuple | None] | None = None
 
     def __call__(self, x: torch.Tensor, pending: bool = False) -> list[torch.Tensor | PendingSum]:
         """The linears' outputs; `pending`: their products may be left for the kernel that reads them
@@ -262,11 +266,11 @@ class FusedLinears:
     def _running(self, x: torch.Tensor) -> tuple | None:
         """The joined view (with its sizes and bias) that x's product runs on, made at the first call
         on x's device; None: each linear runs alone."""
-        fused = self._fused_on(x.device, self._linears()) if x.is_cuda else None
+        fused = self._fused_on(x.device, x.dtype, self._linears()) if x.is_cuda else None
         return fused if fused is not None and fused[0].fits(x) else None
 
-    def _fused_on(self, device: torch.device, linears: list[nn.Module]) -> tuple | None:
-        if self._fused is None or self._fused[0] != device:
+    def _fused_on(self, device: torch.device, dtype: torch.dtype, linears: list[nn.Module]) -> tuple | None:
+        if self._fused is None or self._fused[0] != (device, dtype):
             fused = None
             layout = None
             if all(isinstance(linear, QuantLinear) and not any(buffer.is_meta for buffer in linear.buffers())
@@ -276,7 +280,7 @@ class FusedLinears:
                 if all(w8a8):
                     layout = Int8Layout.joined(weights, device)
                 elif not any(w8a8):
-                    layout = fused_kernel_layout(weights)
+                    layout = fused_kernel_layout(weights, dtype)
             if layout is not None:
                 biases = [linear.bias for linear in linears]
                 present = next((b for b in biases if b is not None), None)
@@ -284,7 +288,7 @@ class FusedLinears:
                     present.new_zeros(linear.out_features) if b is None else b
                     for b, linear in zip(biases, linears)])
                 fused = (layout, [linear.out_features for linear in linears], bias)
-            self._fused = (device, fused)
+            self._fused = ((device, dtype), fused)
         return self._fused[1]
 
 

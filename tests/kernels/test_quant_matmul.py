@@ -202,7 +202,7 @@ def test_every_configuration_the_tuner_may_choose_matches_the_reference(bits, gr
     """The tuner keeps whichever candidate is fastest, so each one must be right, at its own warps:
     finishing its product, and leaving it pending (what the runtime asks of a few tokens); on
     Hopper the Gluon kernels' tiles among them, of the 4-bit weight's fragment words too."""
-    weight = with_fragments(uniform_weight(1536, 1024, bits, group_size, symmetric))
+    weight = with_fragments(uniform_weight(1536, 1024, bits, group_size, symmetric), torch.float16)
     sums = torch.zeros(m, weight.out_features, device=DEVICE)
     for config in candidates(m, weight, torch.float16):
         x = check(weight, m, config=config)
@@ -247,7 +247,7 @@ def test_kernel_layouts_of_act_order_and_3_bit_table_weights():
     act_order = QuantizedWeight.from_codes(quantize_to_codes(dense, grid, scheme), grid, scheme, g_idx=g_idx)
     table = squeeze(dense, torch.rand(40, 128), Scheme(3, -1, lut=True), outliers=0.02)
     for weight in (act_order, table):
-        layout = kernel_layout(weight.to(DEVICE))
+        layout = kernel_layout(weight.to(DEVICE), torch.float16)
         x = torch.randn(3, 128, dtype=torch.float16, device=DEVICE)
         expected = (x.float() @ weight.dequantize(torch.float16).float().t().to(DEVICE)).half()
         shuffled = x if layout.columns is None else x[:, layout.columns]

@@ -2,6 +2,7 @@
 chain from words to the wgmma's fragments, in torch; its PTX on the CPU model; where it may be
 offered."""
 
+import inspect
 from dataclasses import replace
 
 import numpy as np
@@ -21,7 +22,7 @@ FRAGMENTS = dict(WGMMA=True, FRAGMENTS=True, BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, 
 
 
 def fragment_weight(n: int, k: int, group_size: int, symmetric: bool):
-    weight = with_fragments(uniform_weight(n, k, 4, group_size, symmetric))
+    weight = with_fragments(uniform_weight(n, k, 4, group_size, symmetric), torch.float16)
     assert weight.fragments is not None
     return weight
 
@@ -68,7 +69,7 @@ def test_weights_it_fits_and_the_copy_it_needs():
     assert not w4_fragments.fits(uniform_weight(64, 264, 4, -1, False), torch.float16)  # K not whole blocks of 16
     assert not w4_fragments.fits(uniform_weight(40, 256, 4, 64, False), torch.float16)  # nor N
     assert not w4_fragments.fits(uniform_weight(64, 256, 4, 32, False), torch.float16)  # w4_wgmma's refusals
-    made = with_fragments(weight)
+    made = with_fragments(weight, torch.float16)
     assert (made.fragments is not None) == HOPPER and not w4_fragments.takes(weight, torch.float16)
     words = replace(weight, fragments=w4_fragments.fragment_words(weight.codes()))
     copy = words.copy()
@@ -87,29 +88,53 @@ def test_its_tiles_are_offered_for_3_to_256_tokens_of_fp16(monkeypatch):
     assert not any(config.get("FRAGMENTS") for config in candidates(40, weight, torch.bfloat16))
 
 
-def kernel_chain(words: torch.Tensor) -> torch.Tensor:
-    """The kernel's way from fragment words to the outputs' codes, in torch: DEQUANTIZE's 8 values of a
-    word (pair p = h + 2 e of nibbles p and p + 4), joined, reshaped and permuted as the kernel does into
-    the fragments' rows [N, K], whose row 16 b + 8 h + r is output 16 b + 2 r + h."""
-    rows, columns = words.shape
-    wide = words.to(torch.int64) & 0xFFFFFFFF
-    made = [(wide >> (4 * (j // 2 + 4 * (j % 2)))) & 15 for j in range(8)]  # $j: pair j // 2, input j % 2
-
-    def join(a, b):
-        return torch.stack((a, b), -1)
-
-    v = join(join(join(made[0], made[4]), join(made[2], made[6])), join(join(made[1], made[5]), join(made[3], made[7])))
-    v = v.reshape(rows // 8, 8, columns // 4, 4, 2, 2, 2).permute(0, 5, 1, 2, 4, 3, 6).reshape(rows * 2, columns * 4)
-    row = torch.arange(rows * 2)
-    outs = row // 16 * 16 + row % 8 * 2 + row % 16 // 8
-    codes = torch.empty_like(v)
-    codes[outs] = v
-    return codes
+def join(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gl.join: the two along a new last axis."""
+    return torch.stack((a, b), -1)
 
 
-def test_the_kernel_chain_puts_every_code_at_its_output_and_input():
-    codes = torch.randint(0, 16, (48, 192))
-    assert torch.equal(kernel_chain(w4_fragments.fragment_words(codes)), codes)
+def kernel_weights(weight) -> torch.Tensor:
+    """W [N, K] in fp16 as the kernel makes it, in torch, one output tile of all N and steps of 64
+    inputs: each word's 8 values as DEQUANTIZE makes them from the pair of scales and zero points of
+    its rows (the checkpoint's row [N] as [N / 2, 2]), joined in the order JOINED, reshaped and
+    permuted by FRAGMENT_ORDER into the fragments' rows, those put in the outputs' order by
+    OUTPUT_ORDER as the kernel puts its accumulator."""
+    words = w4_fragments.fragment_words(weight.codes()).to(torch.int64) & 0xFFFFFFFF
+    n, k = weight.out_features, weight.in_features
+    group = k if weight.group_size == -1 else weight.group_size
+    zeros = torch.full_like(weight.scales, 8, dtype=torch.int64) if weight.zeros is None else weight.zeros.long()
+    steps = []
+    for start in range(0, k, w4_fragments.STEP):
+        g = start // group
+        scale, zero = weight.scales[g].reshape(n // 2, 2).float(), zeros[g].reshape(n // 2, 2)
+        step = words[:, start // 4: (start + w4_fragments.STEP) // 4]  # [N / 2, 16]
+        values = []
+        for j in range(8):  # $j: pair p = j // 2 (nibbles p, p + 4), input d = j % 2, row h = p % 2
+            pair, d = divmod(j, 2)
+            code = (step >> (4 * (pair + 4 * d))) & 15
+            values.append(((code - zero[:, pair % 2, None]).float() * scale[:, pair % 2, None]).half())
+        v = [values[j] for j in w4_fragments.JOINED]
+        joined = join(join(join(v[0], v[1]), join(v[2], v[3])), join(join(v[4], v[5]), join(v[6], v[7])))
+        rows = joined.reshape(n // 16, 8, 4, 4, 2, 2, 2).permute(w4_fragments.FRAGMENT_ORDER).reshape(n, 64)
+        steps.append(rows.reshape(n // 16, 2, 8, 64).permute(w4_fragments.OUTPUT_ORDER).reshape(n, 64))
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("group_size, symmetric", [(64, False), (128, True), (-1, False)])
+def test_the_kernel_chain_makes_every_weight_as_the_reference_does(group_size, symmetric):
+    """Codes, scales and zero points reach the weight of their own output and input, rounded once."""
+    weight = uniform_weight(48, 256, 4, group_size, symmetric)
+    assert torch.equal(kernel_weights(weight).cpu(), weight.dequantize().half().cpu())
+
+
+@pytest.mark.skipif(not gluon_hopper.available(), reason="the kernel is defined where Triton has Gluon")
+def test_the_kernel_is_written_with_the_chain_tested_here():
+    source = inspect.getsource(w4_fragments._fragments_kernel.fn)
+    joined = "gl.join(gl.join(gl.join(w[{}], w[{}]), gl.join(w[{}], w[{}])),".format(*w4_fragments.JOINED[:4])
+    assert joined in source and "gl.join(gl.join(w[{}], w[{}]), gl.join(w[{}], w[{}])))".format(
+        *w4_fragments.JOINED[4:]) in source
+    assert f"v.permute({w4_fragments.FRAGMENT_ORDER})" in source
+    assert f".permute({w4_fragments.OUTPUT_ORDER}).reshape([BLOCK_N, BLOCK_M])" in source
 
 
 def test_the_dequantization_ptx_makes_each_weight_as_the_reference_rounds_it():

@@ -37,7 +37,7 @@ def product(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 def test_weights_of_one_kind_join_into_one_product():
     weights = [quantized(48), quantized(16), quantized(16)]
-    layout = fused_kernel_layout(weights)
+    layout = fused_kernel_layout(weights, torch.float16)
     x = torch.randn(3, 128, dtype=torch.float16, device=DEVICE)
     out = triton_matmul(x, layout.weight, config=SMALL)
     expected = torch.cat([product(x, weight) for weight in weights], dim=-1)
@@ -47,7 +47,7 @@ def test_weights_of_one_kind_join_into_one_product():
 
 @pytest.mark.parametrize("other", [dict(bits=8), dict(group=64), dict(symmetric=True)])
 def test_weights_of_different_kinds_stay_apart(other):
-    assert fused_kernel_layout([quantized(16), quantized(16, **other)]) is None
+    assert fused_kernel_layout([quantized(16), quantized(16, **other)], torch.float16) is None
 
 
 def test_w8a8_linears_join_into_one_int8_product_that_gives_each_its_own_output():
@@ -55,7 +55,7 @@ def test_w8a8_linears_join_into_one_int8_product_that_gives_each_its_own_output(
     owner.q, owner.k, owner.v = w8a8_linear(64, bias=True), w8a8_linear(32), w8a8_linear(32)
     owner.half().to(DEVICE)
     linears = [owner.q, owner.k, owner.v]
-    layout, sizes, bias = FusedLinears(owner, ("q", "k", "v"))._fused_on(torch.device(DEVICE), linears)
+    layout, sizes, bias = FusedLinears(owner, ("q", "k", "v"))._fused_on(torch.device(DEVICE), torch.float16, linears)
     assert isinstance(layout, Int8Layout) and sizes == [64, 32, 32] and layout.weight.codes.shape == (128, 128)
     x = torch.randn(5, 128, dtype=torch.float16, device=DEVICE) * 3
     for out, linear in zip(layout.multiply(x, bias).split(sizes, dim=-1), linears):
@@ -71,7 +71,7 @@ def test_w8a8_linears_and_others_are_not_joined():
     owner = nn.Module()
     owner.q, owner.k = w8a8_linear(32), QuantLinear(quantized(32))
     owner.to(DEVICE)
-    assert FusedLinears(owner, ("q", "k"))._fused_on(torch.device(DEVICE), [owner.q, owner.k]) is None
+    assert FusedLinears(owner, ("q", "k"))._fused_on(torch.device(DEVICE), torch.float16, [owner.q, owner.k]) is None
 
 
 def test_w8a8_linears_too_large_together_for_32_bit_offsets_are_not_joined():
