@@ -59,7 +59,7 @@ class QuantLinear(nn.Module):
         for field in OUTLIER_FIELDS:
             self.register_buffer(f"outlier_{field}", None if outliers is None else getattr(outliers, field))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._kernel: tuple[tuple[torch.device, torch.dtype], KernelLayout | None] | None = None
+        self._kernel: tuple[torch.device, KernelLayout | None] | None = None
         self._int8: tuple[torch.device, int8_matmul.Int8Weight] | None = None
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -93,9 +93,11 @@ class QuantLinear(nn.Module):
         return self._int8[1]
 
     def _kernel_layout(self, device: torch.device, dtype: torch.dtype) -> KernelLayout | None:
-        """`kernel_layout` for activations of `dtype` on `device`, made once for each."""
-        if self._kernel is None or self._kernel[0] != (device, dtype):
-            self._kernel = ((device, dtype), kernel_layout(self.quantized_weight(), dtype))
+        """`kernel_layout` on `device`, made once, for the activations' `dtype` of the first call there: a
+        model runs in one dtype, and calls in another take the same view (any fp16-only copy in it unused,
+        or absent)."""
+        if self._kernel is None or self._kernel[0] != device:
+            self._kernel = (device, kernel_layout(self.quantized_weight(), dtype))
         return self._kernel[1]
 
     def extra_repr(self) -> str:
@@ -248,7 +250,7 @@ class FusedLinears:
 
     def __init__(self, owner: nn.Module, names: tuple[str, ...]):
         self.owner, self.names = owner, names
-        self._fused: tuple[tuple[torch.device, torch.dtype], tuple | None] | None = None
+        self._fused: tuple[torch.device, tuple | None] | None = None
 
     def __call__(self, x: torch.Tensor, pending: bool = False) -> list[torch.Tensor | PendingSum]:
         """The linears' outputs; `pending`: their products may be left for the kernel that reads them
@@ -270,7 +272,7 @@ class FusedLinears:
         return fused if fused is not None and fused[0].fits(x) else None
 
     def _fused_on(self, device: torch.device, dtype: torch.dtype, linears: list[nn.Module]) -> tuple | None:
-        if self._fused is None or self._fused[0] != (device, dtype):
+        if self._fused is None or self._fused[0] != device:  # once, as `QuantLinear._kernel_layout`
             fused = None
             layout = None
             if all(isinstance(linear, QuantLinear) and not any(buffer.is_meta for buffer in linear.buffers())
@@ -288,7 +290,7 @@ class FusedLinears:
                     present.new_zeros(linear.out_features) if b is None else b
                     for b, linear in zip(biases, linears)])
                 fused = (layout, [linear.out_features for linear in linears], bias)
-            self._fused = ((device, dtype), fused)
+            self._fused = (device, fused)
         return self._fused[1]
 
 
