@@ -102,11 +102,8 @@ def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor,
             or block_m not in (8, 16, 32, 64, 128)):
         raise ValueError(f"the W4 fragments kernel takes num_stages >= 2, SPLIT_K >= 1, 4 warps, BLOCK_N 64, 128 or "
                          f"256 and BLOCK_M 8-128 (a power of two), got {config}")
-    (m, k), n = x.shape, weight.out_features
-    _fragments_kernel[w4_wgmma.grid(m, n, config)](
-        *descriptors(x, weight, block_m, block_n), out, workspace, arrivals, m, n, k, GROUP=group,
-        HAS_ZEROS=weight.zeros is not None, SPLIT=split > 1 and not pending, PENDING=pending, BLOCK_N=block_n,
-        STAGES=config["num_stages"], num_warps=4)
+    w4_wgmma.start(_fragments_kernel, descriptors(x, weight, block_m, block_n), x, weight, config, group, out,
+                   workspace, arrivals, pending)
 
 
 def descriptors(x: torch.Tensor, weight, block_m: int, block_n: int) -> tuple:

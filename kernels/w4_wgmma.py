@@ -89,11 +89,20 @@ def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor,
     if config["num_stages"] < 2 or split < 1 or block_n % 64 or block_n % (16 * warps):
         raise ValueError(f"the W4 wgmma kernel takes num_stages >= 2, SPLIT_K >= 1 and BLOCK_N a multiple of 64 "
                          f"and of 16 x num_warps, got {config}")
+    start(_w4_kernel, descriptors(x, weight, config["BLOCK_M"], block_n), x, weight, config, group, out, workspace,
+          arrivals, pending)
+
+
+def start(kernel, descriptors: tuple, x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor,
+          workspace: torch.Tensor, arrivals: torch.Tensor, pending: bool) -> None:
+    """Launches a W4 Gluon kernel of this module's signature (`_w4_kernel`, or `w4_fragments`') with its
+    TMA `descriptors` on `grid`; the rest as `launch` takes it (the K split writes through the
+    workspace unless the product is left pending)."""
     (m, k), n = x.shape, weight.out_features
-    _w4_kernel[grid(m, n, config)](
-        *descriptors(x, weight, config["BLOCK_M"], block_n), out, workspace, arrivals, m, n, k, GROUP=group,
-        HAS_ZEROS=weight.zeros is not None, SPLIT=split > 1 and not pending, PENDING=pending, BLOCK_N=block_n,
-        STAGES=config["num_stages"], num_warps=warps)
+    kernel[grid(m, n, config)](
+        *descriptors, out, workspace, arrivals, m, n, k, GROUP=group, HAS_ZEROS=weight.zeros is not None,
+        SPLIT=config["SPLIT_K"] > 1 and not pending, PENDING=pending, BLOCK_N=config["BLOCK_N"],
+        STAGES=config["num_stages"], num_warps=config["num_warps"])
 
 
 def descriptors(x: torch.Tensor, weight, block_m: int, block_n: int) -> tuple:
