@@ -343,7 +343,7 @@ def _launch_gluon_w4(x: torch.Tensor, weight: KernelWeight, config: dict, sums: 
     if x.data_ptr() % 16:
         x = x.clone()  # TMA reads rows from 16-byte aligned addresses
     n = weight.out_features
-    out, workspace, arrivals = _outputs(x, n, w4_wgmma.grid(x.shape[0], n, config), sums)
+    out, workspace, arrivals = _outputs(x, n, w4_wgmma.grid(x.shape[0], n, weight.in_features, config), sums)
     kernel.launch(x, weight, config, _meta(weight)["GROUP"], out, workspace, arrivals, pending=sums is not None)
     return out if sums is None else PendingSum(sums, x.dtype)
 
@@ -583,15 +583,21 @@ def w4_wgmma_candidates(m: int) -> list[dict]:
 
 def fragments_candidates(m: int) -> list[dict]:
     """Tiles of `w4_fragments`' kernel for m tokens: the tokens in one tile (8-64 of them; 128 up to
-    256), outputs in tiles of 64 or 128, K split 1-16 ways, a ring of 4 steps: the fastest of sweeps on
-    an H200 (benchmarks/results/kernels_h200.md, "Version 15"; 32 ways, rings of 6 and 256 outputs
-    were never faster)."""
+    256, and past 128 also 256 in two warpgroups), outputs in tiles of 64 or 128, K split 1-16 ways, a
+    ring of 4 steps (3 for 256 tokens): the fastest of sweeps on an H200 (benchmarks/results/
+    kernels_h200.md, "Version 15" and "Version 16"; 32 ways, rings of 6 and 256 outputs were never
+    faster)."""
+    fragments = dict(WGMMA=True, FRAGMENTS=True)
     if m <= 64:
         block_m, shapes = max(8, m_bucket(m)), ((128, 4), (128, 8), (128, 16), (64, 4), (64, 8), (64, 16))
     else:
         block_m, shapes = 128, ((128, 1), (128, 2), (128, 4), (128, 8), (64, 2), (64, 4))
-    return [dict(WGMMA=True, FRAGMENTS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4,
-                 num_stages=4) for block_n, split in shapes]
+    tiles = [dict(fragments, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=4)
+             for block_n, split in shapes]
+    if m > 128:
+        tiles += [dict(fragments, BLOCK_M=256, BLOCK_N=128, SPLIT_K=split, num_warps=8, num_stages=3)
+                  for split in (1, 2, 4)]
+    return tiles
 
 
 HALF2_EXPONENT = 0x4400  # fp16 4.0: a code q in the low mantissa bits reads 4 + q / 256

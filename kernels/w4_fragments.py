@@ -80,7 +80,7 @@ def _dequantize_ptx() -> str:
 
 
 DEQUANTIZE = _dequantize_ptx()
-# the kernel's way from a word's 8 values to the fragments' rows, written out in `_fragments_kernel`
+# the kernel's way from a word's 8 values to the fragments' rows, written out in `_fragments_step`
 # (Triton 3.6 takes no tuple constants there) and run in torch by tests/kernels/test_w4_fragments.py,
 # which checks the kernel's text names these: the values ($0-$7) in the order nested joins take them,
 # ((0 4) (2 6)) ((1 5) (3 7)), so that the joined axes are e, h, d; the words' [b, r, c, t] and those as
@@ -94,14 +94,14 @@ OUTPUT_ORDER = (0, 2, 1, 3)
 def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor, workspace: torch.Tensor,
            arrivals: torch.Tensor, pending: bool) -> None:
     """x [M, K] (contiguous, 16-byte aligned) @ W^T from `weight.fragments`, with `config`'s BLOCK_M,
-    BLOCK_N, SPLIT_K and num_stages (4 warps) on `w4_wgmma.grid`; the rest as `w4_wgmma.launch`."""
-    block_m, block_n, split = config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]
-    # a ring of 2+ buffers; a warp's 16 rows of each wgmma, whole rows of zero points of 128 bytes;
-    # the tokens as the wgmma's n
-    if (config["num_stages"] < 2 or split < 1 or config["num_warps"] != 4 or block_n not in (64, 128, 256)
-            or block_m not in (8, 16, 32, 64, 128)):
-        raise ValueError(f"the W4 fragments kernel takes num_stages >= 2, SPLIT_K >= 1, 4 warps, BLOCK_N 64, 128 or "
-                         f"256 and BLOCK_M 8-128 (a power of two), got {config}")
+    BLOCK_N, SPLIT_K, num_stages and num_warps on `w4_wgmma.grid`; the rest as `w4_wgmma.launch`."""
+    block_m, block_n, split, warps = config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"], config["num_warps"]
+    # a ring of 2+ buffers; one or two warpgroups, a warp's 16 rows of each wgmma, whole rows of zero
+    # points of 128 bytes; the tokens as the wgmma's n
+    if (config["num_stages"] < 2 or split < 1 or warps not in (4, 8) or block_n not in (64, 128, 256)
+            or block_n < 16 * warps or block_m not in (8, 16, 32, 64, 128, 256)):
+        raise ValueError(f"the W4 fragments kernel takes num_stages >= 2, SPLIT_K >= 1, 4 or 8 warps, BLOCK_N 64, 128 "
+                         f"or 256 (16 a warp at least) and BLOCK_M 8-256 (a power of two), got {config}")
     w4_wgmma.start(_fragments_kernel, descriptors(x, weight, block_m, block_n), x, weight, config, group, out,
                    workspace, arrivals, pending)
 
@@ -117,6 +117,9 @@ if gluon is not None:
     from qtool.kernels.w4_wgmma import load_step, tile_and_share, write_tile
 
     _DEQUANTIZE = gl.constexpr(DEQUANTIZE)
+    # the fewest tokens a tile for which a step's wgmma stays in flight while the next step's weights are
+    # made: faster from 64 tokens, slower for 4-32 (up to 18%, 4096x14336; kernels_h200.md "Version 16")
+    _IN_FLIGHT_FROM = gl.constexpr(64)
     _STEP = gl.constexpr(STEP)
 
     @gluon.jit
@@ -124,8 +127,8 @@ if gluon is not None:
                           HAS_ZEROS: gl.constexpr, SPLIT: gl.constexpr, PENDING: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, num_warps: gl.constexpr):
         """y^T [BLOCK_N outputs (in the fragments' order), BLOCK_M tokens] = W x^T over this program's
-        share of K's steps (program_id(2) of num_programs(2)); a step's wgmma left in flight while the
-        next step's weights are made."""
+        share of K's steps (program_id(2) of num_programs(2)); in tiles of 64 tokens or more a step's
+        wgmma left in flight while the next step's weights are made."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         Z_WIDTH: gl.constexpr = z_desc.block_type.shape[1]  # at least 128 bytes (`w4_wgmma.group_descriptors`)
         off_n, off_m, first, steps = tile_and_share(K, BLOCK_M, BLOCK_N)
@@ -133,12 +136,6 @@ if gluon is not None:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         fragment: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        # words [BLOCK_N / 2, 16]: lane 4 r + t holds word (8 b + r, 4 c + t), warps over b, the 4 c in registers
-        words_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[8, 4],
-                                                      warps_per_cta=[num_warps, 1], order=[1, 0])
-        pairs_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[8, 4],
-                                                      warps_per_cta=[num_warps, 1], order=[1, 0])
-        rows_layout: gl.constexpr = gl.SliceLayout(1, words_layout)
         x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, _STEP], x_desc.layout)
         w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N // 2, _STEP // 4], w_desc.layout)
         s_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, 1, BLOCK_N], s_desc.layout)
@@ -151,40 +148,81 @@ if gluon is not None:
             load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first,
                       off_m, off_n, GROUP, HAS_ZEROS, STAGES, FRAGMENTS=True)
 
-        zero0 = gl.full([BLOCK_N // 2], 1032.0, gl.float16, rows_layout)  # 1024 + the symmetric grid's zero, 8
-        zero1 = zero0
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-        for step in range(steps):
-            slot = step % STAGES
-            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-            words = w_bufs.index(slot).load(words_layout)
-            scale0, scale1 = gl.split(s_bufs.index(slot).reshape([BLOCK_N // 2, 2]).load(pairs_layout))
-            scale0 = gl.convert_layout(scale0, rows_layout)
-            scale1 = gl.convert_layout(scale1, rows_layout)
-            if HAS_ZEROS:
-                # the row's pairs, then the tile's (Triton 3.6 reshapes no slice)
-                zeros = z_bufs.index(slot).reshape([Z_WIDTH // 2, 2]).slice(0, BLOCK_N // 2, dim=0).load(pairs_layout)
-                zero0, zero1 = gl.split(zeros.to(gl.float16) + 1024.0)
-                zero0 = gl.convert_layout(zero0, rows_layout)
-                zero1 = gl.convert_layout(zero1, rows_layout)
-            w = gl.inline_asm_elementwise(asm=_DEQUANTIZE, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h,h,h",
-                                          args=[words, zero0[:, None], zero1[:, None], scale0[:, None],
-                                                scale1[:, None]], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-            # [R, C, e, h, d] = w[4 e + 2 h + d]
-            v = gl.join(gl.join(gl.join(w[0], w[4]), gl.join(w[2], w[6])),
-                        gl.join(gl.join(w[1], w[5]), gl.join(w[3], w[7])))
-            v = v.reshape([BLOCK_N // 16, 8, 4, 4, 2, 2, 2])  # b, r, c, t, e, h, d
-            v = v.permute((0, 5, 1, 2, 4, 3, 6))  # b, h, r, c, e, t, d: the fragment's row 8 h + r, input k
-            weights = gl.convert_layout(v.reshape([BLOCK_N, _STEP]), fragment)
-            acc = warpgroup_mma(weights, x_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-            # step - 1's wgmma is done: its buffer (the slot of step + STAGES - 1) is free
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step + STAGES - 1,
-                      steps, first, off_m, off_n, GROUP, HAS_ZEROS, STAGES, FRAGMENTS=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        # the first step before the loop, as in `w4_wgmma._w4_kernel` (ptxas then keeps the wgmmas in flight);
+        # then two steps a turn: a wgmma reads its weights from registers until it is done, so each step
+        # holds the one before's weights to its wait, and the two steps of a turn make theirs in
+        # different registers (one step a turn made each step's weights in the registers the wgmma
+        # before was still reading: wrong sums once three steps overlapped, H200)
+        acc, held = _fragments_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready,
+                                    gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma),
+                                    gl.zeros([BLOCK_N, _STEP], gl.float16, fragment), 0, steps, first, off_m, off_n,
+                                    GROUP, HAS_ZEROS, STAGES, num_warps)
+        for step in range(1, steps - 1, 2):
+            acc, other = _fragments_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, acc,
+                                         held, step, steps, first, off_m, off_n, GROUP, HAS_ZEROS, STAGES, num_warps)
+            acc, held = _fragments_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, acc,
+                                        other, step + 1, steps, first, off_m, off_n, GROUP, HAS_ZEROS, STAGES,
+                                        num_warps)
+        if steps % 2 == 0:
+            acc, held = _fragments_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, acc,
+                                        held, steps - 1, steps, first, off_m, off_n, GROUP, HAS_ZEROS, STAGES,
+                                        num_warps)
+        acc, held = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held))
         for buffer in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(buffer))
 
         # the fragments' row 16 b + 8 h + r is output 16 b + 2 r + h: in the outputs' order
         acc = acc.reshape([BLOCK_N // 16, 2, 8, BLOCK_M]).permute((0, 2, 1, 3)).reshape([BLOCK_N, BLOCK_M])
         write_tile(y_ptr, ws_ptr, arrivals_ptr, acc, off_m, off_n, M, N, SPLIT, PENDING, num_warps)
+
+    @gluon.jit
+    def _fragments_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, acc, held, step, steps,
+                        first, off_m, off_n, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr,
+                        num_warps: gl.constexpr):
+        """Step `step` of `_fragments_kernel`: its weights made in registers, its wgmma issued and left in
+        flight once step - 1's (which read `held`, kept alive to then) is done, then step + STAGES - 1's
+        loads issued into the buffer that frees. Returns the sums and this step's weights."""
+        BLOCK_N: gl.constexpr = acc.shape[0]
+        Z_WIDTH: gl.constexpr = z_desc.block_type.shape[1]  # at least 128 bytes (`w4_wgmma.group_descriptors`)
+        mma: gl.constexpr = acc.type.layout
+        fragment: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        # words [BLOCK_N / 2, 16]: lane 4 r + t holds word (8 b + r, 4 c + t), warps over b, the 4 c in registers
+        words_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[8, 4],
+                                                      warps_per_cta=[num_warps, 1], order=[1, 0])
+        pairs_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 2], threads_per_warp=[8, 4],
+                                                      warps_per_cta=[num_warps, 1], order=[1, 0])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, words_layout)
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        words = w_bufs.index(slot).load(words_layout)
+        scale0, scale1 = gl.split(s_bufs.index(slot).reshape([BLOCK_N // 2, 2]).load(pairs_layout))
+        scale0 = gl.convert_layout(scale0, rows_layout)
+        scale1 = gl.convert_layout(scale1, rows_layout)
+        if HAS_ZEROS:
+            # the row's pairs, then the tile's (Triton 3.6 reshapes no slice)
+            zeros = z_bufs.index(slot).reshape([Z_WIDTH // 2, 2]).slice(0, BLOCK_N // 2, dim=0).load(pairs_layout)
+            zero0, zero1 = gl.split(zeros.to(gl.float16) + 1024.0)
+            zero0 = gl.convert_layout(zero0, rows_layout)
+            zero1 = gl.convert_layout(zero1, rows_layout)
+        else:
+            zero0 = gl.full([BLOCK_N // 2], 1032.0, gl.float16, rows_layout)  # 1024 + the symmetric grid's zero, 8
+            zero1 = zero0
+        w = gl.inline_asm_elementwise(asm=_DEQUANTIZE, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h,h,h",
+                                      args=[words, zero0[:, None], zero1[:, None], scale0[:, None], scale1[:, None]],
+                                      dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+        # [R, C, e, h, d] = w[4 e + 2 h + d]
+        v = gl.join(gl.join(gl.join(w[0], w[4]), gl.join(w[2], w[6])),
+                    gl.join(gl.join(w[1], w[5]), gl.join(w[3], w[7])))
+        v = v.reshape([BLOCK_N // 16, 8, 4, 4, 2, 2, 2])  # b, r, c, t, e, h, d
+        v = v.permute((0, 5, 1, 2, 4, 3, 6))  # b, h, r, c, e, t, d: the fragment's row 8 h + r, input k
+        weights = gl.convert_layout(v.reshape([BLOCK_N, _STEP]), fragment)
+        acc = warpgroup_mma(weights, x_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        # step - 1's wgmma is done: its weights' registers and its buffer (the slot of step + STAGES - 1)
+        # free; this step's too for tiles of few tokens
+        if x_bufs.shape[1] >= _IN_FLIGHT_FROM:  # the tile's tokens
+            acc, held = warpgroup_mma_wait(num_outstanding=1, deps=(acc, held))
+        else:
+            acc, held = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held))
+        load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step + STAGES - 1, steps,
+                  first, off_m, off_n, GROUP, HAS_ZEROS, STAGES, FRAGMENTS=True)
+        return acc, weights

@@ -72,9 +72,13 @@ def fits(weight, dtype: torch.dtype) -> bool:
             and all(tensor.is_contiguous() and tensor.data_ptr() % 16 == 0 for tensor in tensors))
 
 
-def grid(m: int, n: int, config: dict) -> tuple[int, int, int]:
-    """The programs of a product: tiles of N, tiles of M, shares of K."""
-    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), config["SPLIT_K"]
+def grid(m: int, n: int, k: int, config: dict) -> tuple[int, int, int]:
+    """The programs of a product: tiles of N, tiles of M, shares of K. No share is empty (SPLIT_K 12 of
+    64 steps is 11 shares of 6): the kernels take a share's first step before their loop, so that ptxas
+    keeps the wgmmas in flight (`tile_and_share`)."""
+    steps, split = triton.cdiv(k, STEP), max(config["SPLIT_K"], 1)  # (the launches refuse SPLIT_K < 1)
+    shares = triton.cdiv(steps, triton.cdiv(steps, split))
+    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), shares
 
 
 def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor, workspace: torch.Tensor,
@@ -99,7 +103,7 @@ def start(kernel, descriptors: tuple, x: torch.Tensor, weight, config: dict, gro
     TMA `descriptors` on `grid`; the rest as `launch` takes it (the K split writes through the
     workspace unless the product is left pending)."""
     (m, k), n = x.shape, weight.out_features
-    kernel[grid(m, n, config)](
+    kernel[grid(m, n, k, config)](
         *descriptors, out, workspace, arrivals, m, n, k, GROUP=group, HAS_ZEROS=weight.zeros is not None,
         SPLIT=config["SPLIT_K"] > 1 and not pending, PENDING=pending, BLOCK_N=config["BLOCK_N"],
         STAGES=config["num_stages"], num_warps=config["num_warps"])
@@ -130,7 +134,7 @@ if gluon is not None:
     @gluon.jit
     def tile_and_share(K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         """This program's tile (its first output and token) and share of K's steps (the first, and how
-        many: program_id(2) of num_programs(2) shares, the last ones possibly short or empty)."""
+        many: program_id(2) of num_programs(2) shares, the last possibly short, none empty by `grid`)."""
         blocks = gl.cdiv(K, _STEP)
         share = gl.cdiv(blocks, gl.num_programs(2))
         first = gl.program_id(2) * share
@@ -172,14 +176,6 @@ if gluon is not None:
 
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
-        # words [BLOCK_N, 8]: consecutive lanes, consecutive outputs; a thread's word makes 8 weights in a row
-        made: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[32, 1, 1],
-                                              warps_per_cta=[1, num_warps, 1], order=[2, 0, 1])
-        words_layout: gl.constexpr = gl.SliceLayout(2, made)
-        n_layout: gl.constexpr = gl.SliceLayout(1, words_layout)
-        # a row [1, BLOCK_N] of scales or zero points as n_layout holds it (outputs over lanes, every warp alike)
-        row_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32],
-                                                    warps_per_cta=[num_warps, 1], order=[1, 0])
         w_tiles = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, _STEP],
                                             gl.NVMMASharedLayout.get_default_for([BLOCK_N, _STEP], gl.float16))
         x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, _STEP], x_desc.layout)
@@ -193,38 +189,63 @@ if gluon is not None:
             mbarrier.init(ready.index(buffer), count=1)
         for step in gl.static_range(STAGES - 1):
             load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first,
-                       off_m, off_n, GROUP, HAS_ZEROS, STAGES)
+                      off_m, off_n, GROUP, HAS_ZEROS, STAGES)
 
-        zero = gl.full([BLOCK_N], 1032.0, gl.float16, n_layout)  # 1024 + the symmetric grid's zero, 8
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma)
-        for step in range(steps):
-            slot = step % STAGES
-            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-            words = w_bufs.index(slot).permute((1, 0)).load(words_layout)
-            scale = gl.convert_layout(gl.reshape(s_bufs.index(slot).load(row_layout), [BLOCK_N]), n_layout)
-            if HAS_ZEROS:
-                zero = gl.convert_layout(gl.reshape(z_bufs.index(slot).slice(0, BLOCK_N, dim=1).load(row_layout),
-                                                    [BLOCK_N]), n_layout).to(gl.float16) + 1024.0
-            w = gl.inline_asm_elementwise(asm=_DEQUANTIZE, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-                                          args=[words, zero[:, None], scale[:, None]], dtype=(gl.float16,) * 8,
-                                          is_pure=True, pack=1)
-            # [BLOCK_N, 8, 2, 2, 2], [..., a, b, c] = w[4 a + 2 b + c]: the word's weights in order
-            weights = gl.join(gl.join(gl.join(w[0], w[4]), gl.join(w[2], w[6])),
-                              gl.join(gl.join(w[1], w[5]), gl.join(w[3], w[7])))
-            tile = w_tiles.index(step % 2)
-            tile.store(weights.reshape([BLOCK_N, _STEP]))
-            fence_async_shared()
-            cta_barrier()  # every thread's weights are in before the wgmma reads them
-            acc = warpgroup_mma(tile, x_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-            # step - 1's wgmma is done: its weight tile and its buffer (the slot of step + STAGES - 1) are free
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step + STAGES - 1,
-                       steps, first, off_m, off_n, GROUP, HAS_ZEROS, STAGES)
+        # the first step before the loop (every share has one, `grid`): a loop that might not run would
+        # leave ptxas a path on which the accumulator is set apart from the wgmmas, and for it ptxas waits
+        # for each wgmma as soon as it is issued
+        acc = _w4_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, w_tiles, ready,
+                       gl.zeros([BLOCK_N, BLOCK_M], gl.float32, mma), 0, steps, first, off_m, off_n, GROUP, HAS_ZEROS,
+                       STAGES, num_warps)
+        for step in range(1, steps):
+            acc = _w4_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, w_tiles, ready, acc, step,
+                           steps, first, off_m, off_n, GROUP, HAS_ZEROS, STAGES, num_warps)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for buffer in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(buffer))
 
         write_tile(y_ptr, ws_ptr, arrivals_ptr, acc, off_m, off_n, M, N, SPLIT, PENDING, num_warps)
+
+    @gluon.jit
+    def _w4_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, w_tiles, ready, acc, step, steps,
+                 first, off_m, off_n, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr,
+                 num_warps: gl.constexpr):
+        """Step `step` of `_w4_kernel`: its weights made into tile step % 2, its wgmma issued and left in
+        flight once step - 1's is done, then step + STAGES - 1's loads issued into the buffer that frees."""
+        BLOCK_N: gl.constexpr = acc.shape[0]
+        # words [BLOCK_N, 8]: consecutive lanes, consecutive outputs; a thread's word makes 8 weights in a row
+        made: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[32, 1, 1],
+                                              warps_per_cta=[1, num_warps, 1], order=[2, 0, 1])
+        words_layout: gl.constexpr = gl.SliceLayout(2, made)
+        n_layout: gl.constexpr = gl.SliceLayout(1, words_layout)
+        # a row [1, BLOCK_N] of scales or zero points as n_layout holds it (outputs over lanes, every warp alike)
+        row_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32],
+                                                    warps_per_cta=[num_warps, 1], order=[1, 0])
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        words = w_bufs.index(slot).permute((1, 0)).load(words_layout)
+        scale = gl.convert_layout(gl.reshape(s_bufs.index(slot).load(row_layout), [BLOCK_N]), n_layout)
+        if HAS_ZEROS:
+            zero = gl.convert_layout(gl.reshape(z_bufs.index(slot).slice(0, BLOCK_N, dim=1).load(row_layout),
+                                                [BLOCK_N]), n_layout).to(gl.float16) + 1024.0
+        else:
+            zero = gl.full([BLOCK_N], 1032.0, gl.float16, n_layout)  # 1024 + the symmetric grid's zero, 8
+        w = gl.inline_asm_elementwise(asm=_DEQUANTIZE, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                                      args=[words, zero[:, None], scale[:, None]], dtype=(gl.float16,) * 8,
+                                      is_pure=True, pack=1)
+        # [BLOCK_N, 8, 2, 2, 2], [..., a, b, c] = w[4 a + 2 b + c]: the word's weights in order
+        weights = gl.join(gl.join(gl.join(w[0], w[4]), gl.join(w[2], w[6])),
+                          gl.join(gl.join(w[1], w[5]), gl.join(w[3], w[7])))
+        tile = w_tiles.index(step % 2)
+        tile.store(weights.reshape([BLOCK_N, _STEP]))
+        fence_async_shared()
+        cta_barrier()  # every thread's weights are in before the wgmma reads them
+        acc = warpgroup_mma(tile, x_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        # step - 1's wgmma is done: its weight tile and its buffer (the slot of step + STAGES - 1) are free
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step + STAGES - 1, steps,
+                  first, off_m, off_n, GROUP, HAS_ZEROS, STAGES)
+        return acc
 
     @gluon.jit
     def write_tile(y_ptr, ws_ptr, arrivals_ptr, acc, off_m, off_n, M, N, SPLIT: gl.constexpr, PENDING: gl.constexpr,

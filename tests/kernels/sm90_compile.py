@@ -4,6 +4,9 @@ limits). Run as a script in a process without TRITON_INTERPRET (the interpreter 
 kernels); prints one line per kernel compiled."""
 
 import os
+import subprocess
+import tempfile
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without the interpreter"
 
@@ -14,6 +17,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
+import sass_hazards  # noqa: E402
 from qtool.kernels import (elementwise, gluon_hopper, int8_matmul, int8_wgmma, paged_attention,  # noqa: E402
                           quant_matmul, w4_fragments, w4_wgmma)
 
@@ -59,8 +63,32 @@ def compile_gluon_for_sm90(kernel, descriptors: dict, pointers: dict, constexprs
                                                                                              num_warps=num_warps)),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"]
+    assert_wgmmas_in_flight(compiled.asm["ptx"])
+    assert not (found := sass_hazards.hazards(sass_hazards.disassemble(compiled.asm["cubin"], nvdisasm()))), found
     print(kernel.__name__, constexprs)
     return compiled.asm["ptx"]
+
+
+def nvdisasm() -> str:
+    """The nvdisasm shipped beside the ptxas the compile used."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return str(Path(get_ptxas(90).path).with_name("nvdisasm"))
+
+
+def assert_wgmmas_in_flight(ptx: str) -> None:
+    """ptxas keeps the kernel's wgmmas in flight: where it cannot (its note C7515; say the accumulator
+    is set by another instruction on some path through the pipeline) it waits for each wgmma as soon as
+    it is issued, and the kernels' overlap of a step's wgmma with the next step's work is lost."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the ptxas the compile used
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        notes = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(source), "-o", str(source.with_suffix(".cubin"))],
+                               capture_output=True, text=True, check=True).stderr
+    assert "C7515" not in notes, notes
 
 
 def compile_int8_wgmma(block_m: int, block_n: int, block_k: int, num_warps: int, stages: int, split: bool) -> str:
@@ -73,7 +101,7 @@ def compile_int8_wgmma(block_m: int, block_n: int, block_k: int, num_warps: int,
 
 def compile_w4_wgmma(block_m: int, block_n: int, stages: int, zeros: bool, split: bool, pending: bool, group: int,
                      num_warps: int, fragments: bool = False) -> str:
-    """w4_wgmma's kernel, or with `fragments` w4_fragments' (4 warps), for a 4096 x 1024 weight."""
+    """w4_wgmma's kernel, or with `fragments` w4_fragments', for a 4096 x 1024 weight."""
     weight = quant_matmul.KernelWeight.from_rows(
         torch.zeros(1024, 512, dtype=torch.int32), 4, 4096, 64, scales=torch.zeros(1024, 64, dtype=torch.float16),
         zeros=torch.zeros(1024, 64, dtype=torch.int32) if zeros else None)
@@ -143,19 +171,20 @@ def main() -> None:
             assert "wgmma.wait_group.sync.aligned 1;" in ptx and "sub.rn.f16x2" in ptx
             assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % block_m in ptx
         # W4 from register fragments: 8 tokens split, with zero points; 16 pending, symmetric, one group a
-        # row; 128 tokens x 256 outputs. Between a step's barrier wait and its wgmma nothing goes through
+        # row; 128 tokens x 256 outputs; 256 tokens x 128 outputs in two warpgroups. Between a step's barrier wait and its wgmma nothing goes through
         # shared memory but the TMA'd operands' loads: no store or shuffle, one barrier (Triton's, before
         # the scales' read: w4_wgmma's step has its tile's store, fence and barrier besides)
-        for block_m, block_n, zeros, split, pending, group in (
-                (8, 128, True, True, False, 64), (16, 64, False, False, True, quant_matmul.ONE_GROUP),
-                (128, 256, True, False, False, 128)):
-            ptx = compile_w4_wgmma(block_m, block_n, 4, zeros, split, pending, group, 4, fragments=True)
-            step = ptx[ptx.index("mbarrier.try_wait"):ptx.rindex("wgmma.wait_group.sync.aligned 1")]
+        for block_m, block_n, zeros, split, pending, group, warps in (
+                (8, 128, True, True, False, 64, 4), (16, 64, False, False, True, quant_matmul.ONE_GROUP, 4),
+                (128, 256, True, False, False, 128, 4), (256, 128, True, False, False, 64, 8)):
+            ptx = compile_w4_wgmma(block_m, block_n, 4, zeros, split, pending, group, warps, fragments=True)
+            # the last step (the loop's steps come earlier in the PTX)
+            step = ptx[ptx.rindex("mbarrier.try_wait"):ptx.rindex("wgmma.wait_group.sync.aligned 1")]
             assert "st.shared" not in step and "shfl" not in step, "the fragments left registers"
             assert step.count("bar.sync") <= 1
             assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % block_m in ptx and "sub.rn.f16x2" in ptx
     else:
-        print("no Gluon\n" * 9, end="")  # the count stays: this Triton has no Hopper Gluon to compile
+        print("no Gluon\n" * 10, end="")  # the count stays: this Triton has no Hopper Gluon to compile
     decode = {"tables_ptr": "*i32", "lens_ptr": "*i32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
               "values_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     for split in (False, True):

@@ -37,9 +37,14 @@ def test_the_kernel_matches_the_reference(group_size, k, symmetric, m, block_m):
 
 
 @on_hopper
-@pytest.mark.parametrize("stages, block_n", [(2, 64), (4, 128), (3, 256)])
-def test_every_ring_and_tile_matches_the_reference(stages, block_n):
-    check(fragment_weight(272, 640, 64, False), 20, config=dict(FRAGMENTS, BLOCK_N=block_n, num_stages=stages))
+@pytest.mark.parametrize("stages, block_n, warps, block_m", [(2, 64, 4, 16), (4, 128, 4, 16), (3, 256, 4, 16),
+                                                            (4, 128, 8, 16), (3, 256, 8, 64), (3, 64, 4, 256),
+                                                            (3, 128, 8, 256)])
+def test_every_ring_and_tile_matches_the_reference(stages, block_n, warps, block_m):
+    """One or two warpgroups, 16 to 256 tokens a tile."""
+    config = dict(FRAGMENTS, BLOCK_N=block_n, num_stages=stages, num_warps=warps, BLOCK_M=block_m)
+    check(fragment_weight(272, 640, 64, False), 20, config=config)
+    check(fragment_weight(272, 640, 64, False), 300, config=config)
 
 
 @on_hopper
@@ -58,7 +63,7 @@ def test_weights_and_configurations_it_cannot_take_are_refused():
     with pytest.raises(ValueError, match="fragment words"):  # no fragment words
         triton_matmul(x, uniform_weight(32, 256, 4, 64, False), config=FRAGMENTS)
     for config in (dict(FRAGMENTS, num_stages=1), dict(FRAGMENTS, SPLIT_K=0), dict(FRAGMENTS, BLOCK_N=32),
-                   dict(FRAGMENTS, num_warps=8), dict(FRAGMENTS, BLOCK_M=24)):
+                   dict(FRAGMENTS, num_warps=2), dict(FRAGMENTS, num_warps=8, BLOCK_N=64), dict(FRAGMENTS, BLOCK_M=24)):
         with pytest.raises(ValueError, match="num_stages >= 2, SPLIT_K >= 1"):
             triton_matmul(x, fragment_weight(32, 256, 64, False), config=config)
 
@@ -81,9 +86,10 @@ def test_its_tiles_are_offered_for_3_to_256_tokens_of_fp16(monkeypatch):
     weight = uniform_weight(64, 256, 4, 64, False)
     assert not any(config.get("FRAGMENTS") for config in candidates(16, weight, torch.float16))  # no copy
     weight = replace(weight, fragments=w4_fragments.fragment_words(weight.codes()))
-    for m, block_m in ((3, 8), (16, 16), (40, 64), (200, 128)):
+    for m, block_ms in ((3, {8}), (16, {16}), (40, {64}), (128, {128}), (200, {128, 256})):
         offered = [config for config in candidates(m, weight, torch.float16) if config.get("FRAGMENTS")]
-        assert offered and all(config["BLOCK_M"] == block_m for config in offered)
+        assert {config["BLOCK_M"] for config in offered} == block_ms
+        assert all(config["num_warps"] == (8 if config["BLOCK_M"] == 256 else 4) for config in offered)
     assert not any(config.get("FRAGMENTS") for m in (1, 2, 257) for config in candidates(m, weight, torch.float16))
     assert not any(config.get("FRAGMENTS") for config in candidates(40, weight, torch.bfloat16))
 
@@ -129,7 +135,7 @@ def test_the_kernel_chain_makes_every_weight_as_the_reference_does(group_size, s
 
 @pytest.mark.skipif(not gluon_hopper.available(), reason="the kernel is defined where Triton has Gluon")
 def test_the_kernel_is_written_with_the_chain_tested_here():
-    source = inspect.getsource(w4_fragments._fragments_kernel.fn)
+    source = inspect.getsource(w4_fragments._fragments_kernel.fn) + inspect.getsource(w4_fragments._fragments_step.fn)
     joined = "gl.join(gl.join(gl.join(w[{}], w[{}]), gl.join(w[{}], w[{}])),".format(*w4_fragments.JOINED[:4])
     assert joined in source and "gl.join(gl.join(w[{}], w[{}]), gl.join(w[{}], w[{}])))".format(
         *w4_fragments.JOINED[4:]) in source

@@ -43,8 +43,9 @@ def test_split_k_and_pending_sums():
 
 
 def check_split_k_and_pending_sums(weight, config: dict) -> None:
-    """A weight of 640 inputs, 10 steps: split 3 ways, shares of 4, 4 and 2; 16 ways, six read none."""
-    for split in (3, 3, 3, 16):  # the last program of each tile resets the workspace for the next launch
+    """A weight of 640 inputs, 10 steps: split 3 ways, shares of 4, 4 and 2; 6 ways, 5 shares of 2; 16
+    ways, 10 of 1 (no share empty: `w4_wgmma.grid`)."""
+    for split in (3, 3, 3, 6, 16):  # the last program of each tile resets the workspace for the next launch
         check(weight, 5, config=dict(config, SPLIT_K=split))
     torch.cuda.synchronize()
     for (_, _, use), (sums, counts) in _WORKSPACES.items():
@@ -93,6 +94,18 @@ def test_weights_it_fits_and_weights_it_does_not():
                   replace(weight, scales=weight.scales.t().contiguous().t())):
         assert not w4_wgmma.fits(other, torch.float16)
     assert w4_wgmma.takes(weight, torch.float16) == HOPPER
+
+
+def test_every_share_of_k_has_a_step():
+    """The kernels take a share's first step before their loop: the grid leaves no share empty, and the
+    shares as the kernel cuts them (cdiv(steps, shares) each) cover every step."""
+    for k in range(8, 64 * 70, 8):
+        steps = -(-k // w4_wgmma.STEP)
+        for split in range(1, 40):
+            tiles_n, tiles_m, shares = w4_wgmma.grid(33, 80, k, dict(BLOCK_N=64, BLOCK_M=16, SPLIT_K=split))
+            share = -(-steps // shares)
+            assert (tiles_n, tiles_m) == (2, 3) and 1 <= shares <= min(split, steps)
+            assert (shares - 1) * share < steps <= shares * share, (k, split)
 
 
 def test_its_tiles_are_offered_for_3_to_256_tokens_of_fp16(monkeypatch):
