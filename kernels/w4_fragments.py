@@ -14,10 +14,11 @@ take a neighbouring pair of scales and zero points, read from the checkpoint's r
 
 A step is 64 inputs; x's tile, the words, the group's scales and zero points arrive by TMA into a
 ring of STAGES buffers under one mbarrier, issued STAGES - 1 steps ahead (as in `w4_wgmma`), and
-each wgmma (W [BLOCK_N, 64] from registers times x^T: the tokens are the wgmma's n, 8-128 of them)
-is left in flight while the next step's weights are made. On an H200 (benchmarks/results/
-kernels_h200.md, "Version 15") 16 tokens of 4096x14336 took 17.1 us (pending) against 22.2 us for
-`w4_wgmma`, 64 tokens 24.1 against 28.4; the tuner takes it at 4-64 tokens and mostly at 128-256.
+each wgmma (W [BLOCK_N, 64] from registers times x^T: the tokens are the wgmma's n, 8-256 of them,
+in one warpgroup or two) is, in tiles of 64 tokens or more, left in flight while the next step's
+weights are made (its weights held in their registers until then). On an H200 (benchmarks/results/
+kernels_h200.md, "Version 16") the tuner takes it at 4-256 tokens on Llama-3-8B's shapes but
+4096x1024 at 128 tokens.
 
 Takes (`fits`): what `w4_wgmma` takes, with N a multiple of 16 and K of 16 (whole 16x16 blocks), and
 the weight's fragment words (`KernelWeight.fragments`, `quant_matmul.with_fragments`).
@@ -118,7 +119,8 @@ if gluon is not None:
 
     _DEQUANTIZE = gl.constexpr(DEQUANTIZE)
     # the fewest tokens a tile for which a step's wgmma stays in flight while the next step's weights are
-    # made: faster from 64 tokens, slower for 4-32 (up to 18%, 4096x14336; kernels_h200.md "Version 16")
+    # made: faster from 64 tokens, slower for 4-32 (up to 30% more time, 4096x14336 at 4 tokens;
+    # kernels_h200.md "Version 16")
     _IN_FLIGHT_FROM = gl.constexpr(64)
     _STEP = gl.constexpr(STEP)
 
@@ -179,9 +181,10 @@ if gluon is not None:
     def _fragments_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, acc, held, step, steps,
                         first, off_m, off_n, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr,
                         num_warps: gl.constexpr):
-        """Step `step` of `_fragments_kernel`: its weights made in registers, its wgmma issued and left in
-        flight once step - 1's (which read `held`, kept alive to then) is done, then step + STAGES - 1's
-        loads issued into the buffer that frees. Returns the sums and this step's weights."""
+        """Step `step` of `_fragments_kernel`: its weights made in registers, its wgmma issued and (tiles
+        of _IN_FLIGHT_FROM tokens or more) left in flight once step - 1's (which read `held`, kept alive
+        to then) is done, then step + STAGES - 1's loads issued into the buffer that frees. Returns the
+        sums and this step's weights."""
         BLOCK_N: gl.constexpr = acc.shape[0]
         Z_WIDTH: gl.constexpr = z_desc.block_type.shape[1]  # at least 128 bytes (`w4_wgmma.group_descriptors`)
         mma: gl.constexpr = acc.type.layout

@@ -16,7 +16,7 @@ previous step's is still in flight. On an H200 (benchmarks/results/kernels_h200.
 128 tokens took 15-19% less time than the Triton tiles; bound by issuing instructions (a quarter of
 the loop's dequantize, the rest issue the copies, address and synchronise), it has since given way
 to `w4_fragments` (its weights from registers), except where that kernel's copy of the codes is not
-made and at 128 tokens of 4096x14336 ("Version 15").
+made ("Version 16").
 
 Takes (`takes`): 4-bit uniform grids with fp16 scales and byte zero points (or none: symmetric),
 groups of a power of two of at least 64 inputs or one a row, no outliers; fp16 activations; compute
@@ -76,7 +76,7 @@ def grid(m: int, n: int, k: int, config: dict) -> tuple[int, int, int]:
     """The programs of a product: tiles of N, tiles of M, shares of K. No share is empty (SPLIT_K 12 of
     64 steps is 11 shares of 6): the kernels take a share's first step before their loop, so that ptxas
     keeps the wgmmas in flight (`tile_and_share`)."""
-    steps, split = triton.cdiv(k, STEP), max(config["SPLIT_K"], 1)  # (the launches refuse SPLIT_K < 1)
+    steps, split = triton.cdiv(k, STEP), max(config["SPLIT_K"], 1)  # (no division by 0: launch refuses it)
     shares = triton.cdiv(steps, triton.cdiv(steps, split))
     return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), shares
 
@@ -103,9 +103,10 @@ def start(kernel, descriptors: tuple, x: torch.Tensor, weight, config: dict, gro
     TMA `descriptors` on `grid`; the rest as `launch` takes it (the K split writes through the
     workspace unless the product is left pending)."""
     (m, k), n = x.shape, weight.out_features
-    kernel[grid(m, n, k, config)](
+    programs = grid(m, n, k, config)  # split as the caller sized the workspace: by the shares there are
+    kernel[programs](
         *descriptors, out, workspace, arrivals, m, n, k, GROUP=group, HAS_ZEROS=weight.zeros is not None,
-        SPLIT=config["SPLIT_K"] > 1 and not pending, PENDING=pending, BLOCK_N=config["BLOCK_N"],
+        SPLIT=programs[2] > 1 and not pending, PENDING=pending, BLOCK_N=config["BLOCK_N"],
         STAGES=config["num_stages"], num_warps=config["num_warps"])
 
 

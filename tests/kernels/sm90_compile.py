@@ -51,9 +51,12 @@ def compile_for_sm90(kernel, constexprs: dict, pointers: dict | None = None, num
     return compiled.asm["ptx"]
 
 
-def compile_gluon_for_sm90(kernel, descriptors: dict, pointers: dict, constexprs: dict, num_warps: int) -> str:
+def compile_gluon_for_sm90(kernel, descriptors: dict, pointers: dict, constexprs: dict, num_warps: int,
+                           register_operands: bool = False) -> str:
     """A Gluon kernel, its tensor descriptors' types taken from `descriptors` (of CPU tensors); pointers
-    float32 unless `pointers` names them, scalars int32. Returns the PTX."""
+    float32 unless `pointers` names them, scalars int32; its wgmmas kept in flight, none of their
+    register operands (which it has with `register_operands`) written while they read them. Returns
+    the PTX."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     signature = {param.name: "constexpr" if param.is_constexpr else mangle_type(descriptors[param.name])
@@ -64,7 +67,9 @@ def compile_gluon_for_sm90(kernel, descriptors: dict, pointers: dict, constexprs
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert compiled.asm["cubin"]
     assert_wgmmas_in_flight(compiled.asm["ptx"])
-    assert not (found := sass_hazards.hazards(sass_hazards.disassemble(compiled.asm["cubin"], nvdisasm()))), found
+    sass = sass_hazards.disassemble(compiled.asm["cubin"], nvdisasm())
+    assert (sass_hazards.wgmmas_reading_registers(sass) > 0) == register_operands
+    assert not (found := sass_hazards.hazards(sass)), found
     print(kernel.__name__, constexprs)
     return compiled.asm["ptx"]
 
@@ -111,7 +116,7 @@ def compile_w4_wgmma(block_m: int, block_n: int, stages: int, zeros: bool, split
     return compile_gluon_for_sm90(kernel, dict(zip(("x_desc", "w_desc", "s_desc", "z_desc"), made)),
                                   {"y_ptr": "*fp16", "arrivals_ptr": "*i32"},
                                   dict(GROUP=group, HAS_ZEROS=zeros, SPLIT=split, PENDING=pending, BLOCK_N=block_n,
-                                       STAGES=stages), num_warps)
+                                       STAGES=stages), num_warps, register_operands=fragments)
 
 
 def main() -> None:
@@ -171,15 +176,19 @@ def main() -> None:
             assert "wgmma.wait_group.sync.aligned 1;" in ptx and "sub.rn.f16x2" in ptx
             assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % block_m in ptx
         # W4 from register fragments: 8 tokens split, with zero points; 16 pending, symmetric, one group a
-        # row; 128 tokens x 256 outputs; 256 tokens x 128 outputs in two warpgroups. Between a step's barrier wait and its wgmma nothing goes through
-        # shared memory but the TMA'd operands' loads: no store or shuffle, one barrier (Triton's, before
-        # the scales' read: w4_wgmma's step has its tile's store, fence and barrier besides)
+        # row; 128 tokens x 256 outputs; 256 tokens x 128 outputs in two warpgroups. Between a step's
+        # barrier wait and its wgmma nothing goes through shared memory but the TMA'd operands' loads: no
+        # store or shuffle, one barrier (Triton's, before the scales' read: w4_wgmma's step has its tile's
+        # store, fence and barrier besides). Tiles of _IN_FLIGHT_FROM tokens or more leave a wgmma in flight
         for block_m, block_n, zeros, split, pending, group, warps in (
                 (8, 128, True, True, False, 64, 4), (16, 64, False, False, True, quant_matmul.ONE_GROUP, 4),
                 (128, 256, True, False, False, 128, 4), (256, 128, True, False, False, 64, 8)):
             ptx = compile_w4_wgmma(block_m, block_n, 4, zeros, split, pending, group, warps, fragments=True)
             # the last step (the loop's steps come earlier in the PTX)
-            step = ptx[ptx.rindex("mbarrier.try_wait"):ptx.rindex("wgmma.wait_group.sync.aligned 1")]
+            last = ptx.rindex("mbarrier.try_wait")
+            step = ptx[last:ptx.index("wgmma.wait_group.sync.aligned", last)]
+            in_flight = "wgmma.wait_group.sync.aligned 1;" in ptx
+            assert in_flight == (block_m >= w4_fragments._IN_FLIGHT_FROM.value), (block_m, in_flight)
             assert "st.shared" not in step and "shfl" not in step, "the fragments left registers"
             assert step.count("bar.sync") <= 1
             assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % block_m in ptx and "sub.rn.f16x2" in ptx

@@ -211,7 +211,10 @@ def test_every_configuration_the_tuner_may_choose_matches_the_reference(bits, gr
         try:
             x = check(weight, m, config=config)
         except triton.runtime.errors.OutOfResources:
-            continue  # more shared memory than this GPU has: the tuner passes it over too
+            # more shared memory than this GPU has (a Triton tile of 256 tokens of 8-bit codes on an H200):
+            # the tuner passes it over too; the Gluon kernels' tiles must all fit
+            assert not config.get("WGMMA"), config
+            continue
         if m > PENDING_TOKENS:
             continue
         pending = triton_matmul(x, weight, config=config, sums=sums).result()

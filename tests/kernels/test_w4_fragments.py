@@ -49,7 +49,10 @@ def test_every_ring_and_tile_matches_the_reference(stages, block_n, warps, block
 
 @on_hopper
 def test_split_k_and_pending_sums():
-    check_split_k_and_pending_sums(fragment_weight(64, 640, 64, False), FRAGMENTS)
+    """Tiles that wait for each step's wgmma, and tiles in one or two warpgroups that leave it in flight
+    (shares of 1-4 steps: the loop's first step alone, with a tail, with one whole turn)."""
+    for config in (FRAGMENTS, dict(FRAGMENTS, BLOCK_M=64), dict(FRAGMENTS, BLOCK_M=256, BLOCK_N=128, num_warps=8)):
+        check_split_k_and_pending_sums(fragment_weight(64 if config["num_warps"] == 4 else 128, 640, 64, False), config)
 
 
 @on_hopper

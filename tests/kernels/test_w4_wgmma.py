@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from qtool.kernels import gluon_hopper, w4_wgmma
-from qtool.kernels.quant_matmul import _WORKSPACES, candidates, code_slots, reference, triton_matmul
+from qtool.kernels import gluon_hopper, quant_matmul, w4_wgmma
+from qtool.kernels.quant_matmul import _WORKSPACES, candidates, code_slots, reference, triton_matmul, with_fragments
 
 from ptx_model import _bits16, run  # beside this file (pytest puts its folder on the path)
 from test_quant_matmul import DEVICE, check, lut_weight, relative_error, uniform_weight
@@ -42,10 +42,20 @@ def test_split_k_and_pending_sums():
     check_split_k_and_pending_sums(uniform_weight(64, 640, 4, 64, False), WGMMA)
 
 
+@on_hopper
+def test_a_split_of_a_single_step_stores_y(monkeypatch):
+    """64 inputs are one step: split 4 ways they are one share, y stored as unsplit (the workspace the
+    caller makes is sized by the shares: none, without an earlier product's)."""
+    monkeypatch.setattr(quant_matmul, "_WORKSPACES", {})
+    for config in (WGMMA, dict(WGMMA, FRAGMENTS=True, BLOCK_M=64)):
+        check(with_fragments(uniform_weight(64, 64, 4, 64, False), torch.float16), 5, config=dict(config, SPLIT_K=4))
+        torch.cuda.synchronize()
+
+
 def check_split_k_and_pending_sums(weight, config: dict) -> None:
-    """A weight of 640 inputs, 10 steps: split 3 ways, shares of 4, 4 and 2; 6 ways, 5 shares of 2; 16
-    ways, 10 of 1 (no share empty: `w4_wgmma.grid`)."""
-    for split in (3, 3, 3, 6, 16):  # the last program of each tile resets the workspace for the next launch
+    """A weight of 640 inputs, 10 steps: split 3 ways, shares of 4, 4 and 2; 4 ways, 3, 3, 3 and 1; 6
+    ways, 5 shares of 2; 16 ways, 10 of 1 (no share empty: `w4_wgmma.grid`)."""
+    for split in (3, 3, 3, 4, 6, 16):  # the last program of each tile resets the workspace for the next launch
         check(weight, 5, config=dict(config, SPLIT_K=split))
     torch.cuda.synchronize()
     for (_, _, use), (sums, counts) in _WORKSPACES.items():
