@@ -9,7 +9,9 @@ kernel's tail.
 
 The rule that keeps this correct: a kernel launched so waits, in every program, before it reads or
 writes anything another kernel touches. (One that ended before its predecessor would let the
-kernel after it overtake that predecessor.) Its own dependent is launched as its programs end, not
+kernel after it overtake that predecessor.) Quantized weights are the one exception taken: no
+kernel writes them after the model is loaded, so the W4 Gluon kernels load their first steps' before
+the wait (`w4_wgmma.start_ring`). Its own dependent is launched as its programs end, not
 earlier: on an H200 (benchmarks/results/runtime_h200.md, "Kernels launched as programmatic
 dependents") kernels that let the next one launch right after their wait made a decode step of
 eight sequences slower than plain launches (4.03 against 3.83 ms), where waiting alone made it

@@ -25,7 +25,7 @@ if gluon is not None:
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed in Triton 3.7
     cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed in Triton 3.7
 else:
-    tma_load = cta_barrier = None
+    tma_load = cta_barrier = wait_for_previous = None
 
 
 def available() -> bool:
@@ -54,3 +54,10 @@ if gluon is not None:
 
     _GL_DTYPES = {torch.int8: gl.int8, torch.uint8: gl.uint8, torch.int32: gl.int32, torch.float16: gl.float16,
                   torch.bfloat16: gl.bfloat16}
+
+    @gluon.jit
+    def wait_for_previous(PDL: gl.constexpr):
+        """`dependent_launch.wait_for_previous` in Gluon: until the kernel before has finished and its
+        writes are visible (PDL)."""
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)

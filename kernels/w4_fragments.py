@@ -115,7 +115,7 @@ def descriptors(x: torch.Tensor, weight, block_m: int, block_n: int) -> tuple:
 
 
 if gluon is not None:
-    from qtool.kernels.w4_wgmma import load_step, tile_and_share, write_tile
+    from qtool.kernels.w4_wgmma import load_step, start_ring, tile_and_share, write_tile
 
     _DEQUANTIZE = gl.constexpr(DEQUANTIZE)
     # the fewest tokens a tile for which a step's wgmma stays in flight while the next step's weights are
@@ -127,7 +127,7 @@ if gluon is not None:
     @gluon.jit
     def _fragments_kernel(x_desc, w_desc, s_desc, z_desc, y_ptr, ws_ptr, arrivals_ptr, M, N, K, GROUP: gl.constexpr,
                           HAS_ZEROS: gl.constexpr, SPLIT: gl.constexpr, PENDING: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, num_warps: gl.constexpr):
+                          STAGES: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
         """y^T [BLOCK_N outputs (in the fragments' order), BLOCK_M tokens] = W x^T over this program's
         share of K's steps (program_id(2) of num_programs(2)); in tiles of 64 tokens or more a step's
         wgmma left in flight while the next step's weights are made."""
@@ -144,11 +144,8 @@ if gluon is not None:
         # (symmetric: one slot never written, z_desc being the scales' descriptor)
         z_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES if HAS_ZEROS else 1, 1, Z_WIDTH], z_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for buffer in gl.static_range(STAGES):
-            mbarrier.init(ready.index(buffer), count=1)
-        for step in gl.static_range(STAGES - 1):
-            load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first,
-                      off_m, off_n, GROUP, HAS_ZEROS, STAGES, FRAGMENTS=True)
+        start_ring(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, steps, first, off_m, off_n,
+                   GROUP, HAS_ZEROS, STAGES, PDL, FRAGMENTS=True)
 
         # the first step before the loop, as in `w4_wgmma._w4_kernel` (ptxas then keeps the wgmmas in flight);
         # then two steps a turn: a wgmma reads its weights from registers until it is done, so each step

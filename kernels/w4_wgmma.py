@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 
 from qtool.kernels import gluon_hopper
+from qtool.kernels.dependent_launch import dependent_launch
 from qtool.kernels.gluon_hopper import (cta_barrier, descriptor, fence_async_shared, gl, gluon, mbarrier, tma_load,
-                                        triton, warpgroup_mma, warpgroup_mma_wait)
+                                        triton, wait_for_previous, warpgroup_mma, warpgroup_mma_wait)
 
 STEP = 64  # inputs a step: a group of 64, or part of a larger one
 
@@ -100,14 +101,16 @@ def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor,
 def start(kernel, descriptors: tuple, x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor,
           workspace: torch.Tensor, arrivals: torch.Tensor, pending: bool) -> None:
     """Launches a W4 Gluon kernel of this module's signature (`_w4_kernel`, or `w4_fragments`') with its
-    TMA `descriptors` on `grid`; the rest as `launch` takes it (the K split writes through the
-    workspace unless the product is left pending)."""
+    TMA `descriptors` on `grid`, as a programmatic dependent of the kernel before where it can
+    (`dependent_launch`; the kernel loads its first steps' weights before waiting for that one, see
+    `start_ring`); the rest as `launch` takes it (the K split writes through the workspace unless the
+    product is left pending)."""
     (m, k), n = x.shape, weight.out_features
     programs = grid(m, n, k, config)  # split as the caller sized the workspace: by the shares there are
     kernel[programs](
         *descriptors, out, workspace, arrivals, m, n, k, GROUP=group, HAS_ZEROS=weight.zeros is not None,
         SPLIT=programs[2] > 1 and not pending, PENDING=pending, BLOCK_N=config["BLOCK_N"],
-        STAGES=config["num_stages"], num_warps=config["num_warps"])
+        STAGES=config["num_stages"], num_warps=config["num_warps"], **dependent_launch(x.device))
 
 
 def descriptors(x: torch.Tensor, weight, block_m: int, block_n: int) -> tuple:
@@ -142,12 +145,36 @@ if gluon is not None:
         return gl.program_id(0) * BLOCK_N, gl.program_id(1) * BLOCK_M, first, gl.minimum(share, blocks - first)
 
     @gluon.jit
+    def start_ring(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, steps, first, off_m, off_n,
+                   GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
+                   FRAGMENTS: gl.constexpr = False):
+        """The ring's barriers set up and its first STAGES - 1 steps' loads issued: the weights' before
+        the wait for the kernel before (PDL), since no kernel writes them (they are written at load
+        time), so that they stream in while that kernel ends; x's after it."""
+        for buffer in gl.static_range(STAGES):
+            mbarrier.init(ready.index(buffer), count=1)
+        for step in gl.static_range(STAGES - 1):
+            _load_weights(x_desc, w_desc, s_desc, z_desc, w_bufs, s_bufs, z_bufs, ready, step, steps, first, off_n,
+                          GROUP, HAS_ZEROS, STAGES, FRAGMENTS)
+        wait_for_previous(PDL)
+        for step in gl.static_range(STAGES - 1):
+            _load_inputs(x_desc, x_bufs, ready, step, steps, first, off_m, STAGES)
+
+    @gluon.jit
     def load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first, off_m,
                   off_n, GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr,
                   FRAGMENTS: gl.constexpr = False):
         """Step `step`'s x tile, words (K-major words [8, BLOCK_N], or FRAGMENTS: `w4_fragments`' words
         [BLOCK_N / 2, 16]), scales and zero points (K block first + step) into buffer step % STAGES, if
         the program has such a step."""
+        _load_weights(x_desc, w_desc, s_desc, z_desc, w_bufs, s_bufs, z_bufs, ready, step, steps, first, off_n, GROUP,
+                      HAS_ZEROS, STAGES, FRAGMENTS)
+        _load_inputs(x_desc, x_bufs, ready, step, steps, first, off_m, STAGES)
+
+    @gluon.jit
+    def _load_weights(x_desc, w_desc, s_desc, z_desc, w_bufs, s_bufs, z_bufs, ready, step, steps, first, off_n,
+                      GROUP: gl.constexpr, HAS_ZEROS: gl.constexpr, STAGES: gl.constexpr, FRAGMENTS: gl.constexpr):
+        """`load_step`'s words, scales and zero points, under a barrier that expects x's tile too."""
         slot = step % STAGES
         present = step < steps
         nbytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes + s_desc.block_type.nbytes
@@ -156,7 +183,6 @@ if gluon is not None:
         mbarrier.expect(ready_slot, nbytes, pred=present)
         block = first + step
         group = block * _STEP // GROUP
-        tma_load(x_desc, [off_m, block * _STEP], ready_slot, x_bufs.index(slot), pred=present)
         if FRAGMENTS:
             tma_load(w_desc, [off_n // 2, block * (_STEP // 4)], ready_slot, w_bufs.index(slot), pred=present)
         else:
@@ -166,9 +192,15 @@ if gluon is not None:
             tma_load(z_desc, [group, off_n], ready_slot, z_bufs.index(slot), pred=present)
 
     @gluon.jit
+    def _load_inputs(x_desc, x_bufs, ready, step, steps, first, off_m, STAGES: gl.constexpr):
+        """`load_step`'s x tile."""
+        slot = step % STAGES
+        tma_load(x_desc, [off_m, (first + step) * _STEP], ready.index(slot), x_bufs.index(slot), pred=step < steps)
+
+    @gluon.jit
     def _w4_kernel(x_desc, w_desc, s_desc, z_desc, y_ptr, ws_ptr, arrivals_ptr, M, N, K, GROUP: gl.constexpr,
                    HAS_ZEROS: gl.constexpr, SPLIT: gl.constexpr, PENDING: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr, num_warps: gl.constexpr):
+                   STAGES: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
         """y^T [BLOCK_N outputs, BLOCK_M tokens] = W x^T over this program's share of K's steps
         (program_id(2) of num_programs(2)); a step's wgmma left in flight while the next step's
         weights are made (its tile the other of two)."""
@@ -186,11 +218,8 @@ if gluon is not None:
         z_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES if HAS_ZEROS else 1, 1, z_desc.block_type.shape[1]],
                                            z_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for buffer in gl.static_range(STAGES):
-            mbarrier.init(ready.index(buffer), count=1)
-        for step in gl.static_range(STAGES - 1):
-            load_step(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, step, steps, first,
-                      off_m, off_n, GROUP, HAS_ZEROS, STAGES)
+        start_ring(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, steps, first, off_m, off_n,
+                   GROUP, HAS_ZEROS, STAGES, PDL)
 
         # the first step before the loop (every share has one, `grid`): a loop that might not run would
         # leave ptxas a path on which the accumulator is set apart from the wgmmas, and for it ptxas waits

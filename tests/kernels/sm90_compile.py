@@ -113,10 +113,19 @@ def compile_w4_wgmma(block_m: int, block_n: int, stages: int, zeros: bool, split
     weight.fragments = torch.zeros(512, 1024, dtype=torch.int32)
     module, kernel = (w4_fragments, w4_fragments._fragments_kernel) if fragments else (w4_wgmma, w4_wgmma._w4_kernel)
     made = module.descriptors(torch.zeros(block_m, 4096, dtype=torch.float16), weight, block_m, block_n)
-    return compile_gluon_for_sm90(kernel, dict(zip(("x_desc", "w_desc", "s_desc", "z_desc"), made)),
-                                  {"y_ptr": "*fp16", "arrivals_ptr": "*i32"},
-                                  dict(GROUP=group, HAS_ZEROS=zeros, SPLIT=split, PENDING=pending, BLOCK_N=block_n,
-                                       STAGES=stages), num_warps, register_operands=fragments)
+    ptx = compile_gluon_for_sm90(kernel, dict(zip(("x_desc", "w_desc", "s_desc", "z_desc"), made)),
+                                 {"y_ptr": "*fp16", "arrivals_ptr": "*i32"},
+                                 dict(GROUP=group, HAS_ZEROS=zeros, SPLIT=split, PENDING=pending, BLOCK_N=block_n,
+                                      STAGES=stages, PDL=True), num_warps, register_operands=fragments)
+    # launched as a programmatic dependent: the first STAGES - 1 steps' words, scales (and zero points)
+    # requested before the one wait for the kernel before, their x tiles after it, before the first step
+    wait = ptx.index("griddepcontrol.wait")
+    first_step = ptx.index("mbarrier.try_wait", wait)
+    copies = "cp.async.bulk.tensor"
+    assert ptx.count("griddepcontrol.wait") == 1
+    assert ptx[:wait].count(copies) == (stages - 1) * (3 if zeros else 2), "weights not requested before the wait"
+    assert ptx[wait:first_step].count(copies) == stages - 1, "x not requested after the wait"
+    return ptx
 
 
 def main() -> None:
