@@ -5,6 +5,8 @@ quality (see ENVIRONMENT.md). The full 40-window figures live in benchmarks/; th
 8 windows of 2048 tokens of WikiText-2 to keep CI short.
 """
 
+import contextlib
+import io
 import json
 import math
 
@@ -28,10 +30,11 @@ def quantize(out, *flags):
     return out
 
 
-def evaluate(capsys, model, *flags):
-    capsys.readouterr()
-    assert main(["eval", str(model), "--ppl", "wikitext", "--max-windows", WINDOWS, "--json", *flags]) == 0
-    return json.loads(capsys.readouterr().out)
+def evaluate(model, *flags):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", str(model), "--ppl", "wikitext", "--max-windows", WINDOWS, "--json", *flags]) == 0
+    return json.loads(out.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,12 @@ def w4_checkpoint(tmp_path_factory):
     return quantize(tmp_path_factory.mktemp("smollm2") / "w4", "--bits", "4", "--group-size", "64", "--asym")
 
 
+@pytest.fixture(scope="module")
+def w4_ppl(w4_checkpoint):
+    """RTN W4 g64's perplexity: the figure GPTQ and AWQ must beat, evaluated once for the module."""
+    return evaluate(w4_checkpoint)["ppl"]
+
+
 def test_gguf_is_converted_once_and_reused(smollm2):
     weights = smollm2 / "model.safetensors"
     before = weights.stat().st_mtime_ns
@@ -54,15 +63,14 @@ def test_gguf_is_converted_once_and_reused(smollm2):
     assert "quantization_config" not in config
 
 
-def test_w8_per_channel_is_within_half_a_percent_and_w4_g64_is_finite(capsys, w8_checkpoint, w4_checkpoint):
-    w8 = evaluate(capsys, w8_checkpoint, "--compare", "smollm2-135m")
+def test_w8_per_channel_is_within_half_a_percent_and_w4_g64_is_finite(w8_checkpoint, w4_ppl):
+    w8 = evaluate(w8_checkpoint, "--compare", "smollm2-135m")
     assert w8["windows"] == int(WINDOWS) and w8["seqlen"] == 2048
     assert 10 < w8["base_ppl"] < 30  # a trained model, not a random one (~53,000)
     assert abs(w8["ppl"] / w8["base_ppl"] - 1) < 0.005
     assert w8["top1_agree"] > 0.9
-    w4 = evaluate(capsys, w4_checkpoint)
-    assert math.isfinite(w4["ppl"])
-    assert w8["base_ppl"] < w4["ppl"] < 2 * w8["base_ppl"]
+    assert math.isfinite(w4_ppl)
+    assert w8["base_ppl"] < w4_ppl < 2 * w8["base_ppl"]
 
 
 def test_w4_g64_size_and_bits_per_weight(capsys, w4_checkpoint, smollm2):
@@ -93,16 +101,14 @@ def test_same_recipe_gives_the_same_bytes(w4_checkpoint, tmp_path):
         assert (again / name).read_bytes() == (w4_checkpoint / name).read_bytes(), name
 
 
-def test_gptq_clearly_beats_rtn_on_the_real_model(capsys, tmp_path, w4_checkpoint):
+def test_gptq_clearly_beats_rtn_on_the_real_model(tmp_path, w4_ppl):
     """GPTQ W4 g64 asymmetric with a short calibration set (32 x 512 wiki-leads tokens; the
     benchmark uses 128 x 512) against RTN of the same scheme, on the same windows."""
     gptq = quantize(tmp_path / "gptq", "--method", "gptq", "--bits", "4", "--group-size", "64", "--asym",
                     "--calib", "wiki-leads", "--nsamples", "32", "--seqlen", "512")
     record = json.loads((gptq / "qtool.json").read_text())
     assert record["calibration_fingerprint"] and all(e["kind"] == "output" for e in record["layers"].values())
-    rtn_ppl = evaluate(capsys, w4_checkpoint)["ppl"]
-    gptq_ppl = evaluate(capsys, gptq)["ppl"]
-    assert gptq_ppl < 0.95 * rtn_ppl
+    assert evaluate(gptq)["ppl"] < 0.95 * w4_ppl
 
 
 def test_awq_scales_fold_into_smollm2_without_changing_its_logits(smollm2):
@@ -126,13 +132,13 @@ def test_awq_scales_fold_into_smollm2_without_changing_its_logits(smollm2):
     assert (after - before).abs().max() < 1e-4
 
 
-def test_awq_clearly_beats_rtn_on_the_real_model(capsys, tmp_path, w4_checkpoint):
+def test_awq_clearly_beats_rtn_on_the_real_model(tmp_path, w4_ppl):
     awq = quantize(tmp_path / "awq", "--method", "awq", "--bits", "4", "--group-size", "64", "--asym",
                    "--calib", "wiki-leads", "--nsamples", "32", "--seqlen", "512")
-    assert evaluate(capsys, awq)["ppl"] < 0.95 * evaluate(capsys, w4_checkpoint)["ppl"]
+    assert evaluate(awq)["ppl"] < 0.95 * w4_ppl
 
 
-def test_squeezellm_clearly_beats_rtn_per_channel_and_fisher_weights_matter(capsys, tmp_path):
+def test_squeezellm_clearly_beats_rtn_per_channel_and_fisher_weights_matter(tmp_path):
     """SqueezeLLM W4 with one look-up table per row, Fisher information from a short calibration
     set (16 x 512 wiki-leads tokens; the benchmark uses 100 x 512), against RTN W4 per channel
     (the same one scale set per row) and against the same k-means without Fisher weights."""
@@ -141,7 +147,7 @@ def test_squeezellm_clearly_beats_rtn_per_channel_and_fisher_weights_matter(caps
     squeezed = quantize(tmp_path / "squeezellm", "--method", "squeezellm", "--bits", "4", *fisher)
     plain = quantize(tmp_path / "plain", "--method", "squeezellm", "--bits", "4", "--no-sensitivity")
     rtn = quantize(tmp_path / "rtn", "--bits", "4", "--group-size", "-1", "--asym")
-    squeezed_ppl, plain_ppl, rtn_ppl = (evaluate(capsys, model)["ppl"] for model in (squeezed, plain, rtn))
+    squeezed_ppl, plain_ppl, rtn_ppl = (evaluate(model)["ppl"] for model in (squeezed, plain, rtn))
     assert squeezed_ppl < 0.8 * rtn_ppl
     assert squeezed_ppl < plain_ppl
 
