@@ -30,11 +30,16 @@ def quantize(out, *flags):
     return out
 
 
-def evaluate(model, *flags):
+def json_of(*args):
+    """What a `--json` command prints (capsys being per test, module fixtures call this too)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["eval", str(model), "--ppl", "wikitext", "--max-windows", WINDOWS, "--json", *flags]) == 0
+        assert main([*args, "--json"]) == 0
     return json.loads(out.getvalue())
+
+
+def evaluate(model, *flags):
+    return json_of("eval", str(model), "--ppl", "wikitext", "--max-windows", WINDOWS, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +78,8 @@ def test_w8_per_channel_is_within_half_a_percent_and_w4_g64_is_finite(w8_checkpo
     assert w8["base_ppl"] < w4_ppl < 2 * w8["base_ppl"]
 
 
-def test_w4_g64_size_and_bits_per_weight(capsys, w4_checkpoint, smollm2):
-    capsys.readouterr()
-    assert main(["inspect", str(w4_checkpoint), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+def test_w4_g64_size_and_bits_per_weight(w4_checkpoint, smollm2):
+    summary = json_of("inspect", str(w4_checkpoint))
     assert len(summary["layers"]) == 30 * 7
     assert summary["quantized_bits_per_weight"] <= 4.6
     fp16_bytes = sum(p.stat().st_size for p in smollm2.glob("*.safetensors"))
