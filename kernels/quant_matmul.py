@@ -22,9 +22,10 @@ Three things, as every kernel here:
   kernel does it in half2 arithmetic, two codes an instruction (`half2_dot_ptx`,
   `half2_table_dot_ptx`). More tokens dequantize the tile exactly to the activations' dtype (codes
   [rows, per word, N] merged into K) and multiply on the tensor cores (`tl.dot`; up to 64 tokens
-  as y^T = W x^T, the weights the first operand; on Hopper, for 3-256 tokens, 4-bit grids also by
-  Gluon kernels whose operands arrive by TMA: `qtool.kernels.w4_wgmma`'s, and `qtool.kernels.
-  w4_fragments`' from a second copy of the codes laid out as the wgmma's register fragments). K is
+  as y^T = W x^T, the weights the first operand; on Hopper, for 4-bit grids and 3 or more tokens,
+  also Gluon kernels whose operands arrive by TMA: `qtool.kernels.w4_wgmma`'s (up to 256 tokens),
+  and `qtool.kernels.w4_fragments`' from a second copy of the codes laid out as the wgmma's register
+  fragments). K is
   split among many programs so that every multiprocessor streams weights; they add into a float32
   workspace and the last to arrive writes y (one launch; no zeroing, no cast), or, for a caller
   that asks (`sums`: the runtime's model, up to PENDING_TOKENS tokens), into the caller's float32
@@ -173,7 +174,7 @@ class KernelWeight:
 
 def with_fragments(weight: KernelWeight, dtype: torch.dtype) -> KernelWeight:
     """The weight with its codes also laid out as the wgmma's register fragments, for products of
-    3-256 tokens by activations of `dtype` (`qtool.kernels.w4_fragments`), where that kernel runs:
+    3 or more tokens by activations of `dtype` (`qtool.kernels.w4_fragments`), where that kernel runs:
     on Hopper (compute capability 9.x) with Gluon, for a weight and dtype it fits. A second copy of
     the codes, N * K / 2 bytes (3.5 GB for Llama-3-8B's linears)."""
     if not (gluon_hopper.runs_on(weight.packed.device) and w4_fragments.fits(weight, dtype)):
@@ -363,8 +364,9 @@ def dequantize_t(weight: KernelWeight, dtype: torch.dtype, config: dict) -> torc
 
 
 def _outputs(x: torch.Tensor, n: int, grid: tuple, sums: torch.Tensor | None) -> tuple:
-    """(y, the split's workspace, its arrival counts) of a product on `grid` (N tiles, M tiles,
-    shares of K); with `sums`, the programs add into them (y, the workspace and counts unread)."""
+    """(y, the split's workspace, its arrival counts) of a product on `grid` (tiles of N and of M,
+    in either order, then shares of K); with `sums`, the programs add into them (y, the workspace and
+    counts unread)."""
     if sums is not None:
         return sums, sums, sums
     split = grid[2] > 1
@@ -511,9 +513,9 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     the weight allows), and for 2-4 tokens of two (in half2, the weights made once for both); up to
     64 tokens, dots with the operands swapped (y^T = W x^T, the tokens as the dot's columns; the
     weights made in half2 arithmetic where the weight allows); for more, dots of 64-128 tokens in
-    float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS; for 2-256 tokens
-    and a weight `w4_wgmma` takes, its tiles (`w4_wgmma_candidates`), and `w4_fragments`' where the
-    weight has its fragment words (`fragments_candidates`). Tiles up to 64 tokens are the
+    float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS; for 3-256 tokens
+    and a weight `w4_wgmma` takes, its tiles (`w4_wgmma_candidates`), and for 3 or more
+    `w4_fragments`' where the weight has its fragment words (`fragments_candidates`). Tiles up to 64 tokens are the
     fastest of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
     bits = weight.bits
 
@@ -564,7 +566,7 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     chosen = next((chosen for bound, chosen in by_bound if m <= bound), many + dequantize)
     if 2 < m <= 256 and w4_wgmma.takes(weight, dtype):
         chosen = chosen + w4_wgmma_candidates(m)
-    if 2 < m <= 256 and w4_fragments.takes(weight, dtype):
+    if 2 < m and w4_fragments.takes(weight, dtype):
         chosen = chosen + fragments_candidates(m)
     return chosen
 
@@ -582,21 +584,26 @@ def w4_wgmma_candidates(m: int) -> list[dict]:
 
 
 def fragments_candidates(m: int) -> list[dict]:
-    """Tiles of `w4_fragments`' kernel for m tokens: the tokens in one tile (8-64 of them; 128 up to
-    256, and past 128 also 256 in two warpgroups), outputs in tiles of 64 or 128, K split 1-16 ways, a
-    ring of 4 steps (3 for 256 tokens): the fastest of sweeps on an H200 (benchmarks/results/
-    kernels_h200.md, "Version 15" and "Version 16"; 32 ways, rings of 6 and 256 outputs were never
-    faster)."""
+    """Tiles of `w4_fragments`' kernel for m tokens: the tokens in one tile (8-64 of them; 128 past
+    64, and past 128 also 256 in two warpgroups), outputs in tiles of 64 or 128, K split 1-16 ways, a
+    ring of 4 steps (3 for 256 tokens; 6 for an unsplit K of up to 64 tokens): the fastest of sweeps
+    on an H200 and an H100 (benchmarks/results/kernels_h200.md, "Version 15", "Version 16" and
+    "Version 18"; 32 ways, and 256 outputs were never faster). Past 256 tokens the tiles are many
+    already, and K is split at most twice."""
     fragments = dict(WGMMA=True, FRAGMENTS=True)
     if m <= 64:
-        block_m, shapes = max(8, m_bucket(m)), ((128, 4), (128, 8), (128, 16), (64, 4), (64, 8), (64, 16))
+        block_m = max(8, m_bucket(m))
+        shapes = ((128, 1, 6), (64, 1, 6), (128, 2, 4), (128, 3, 4), (128, 4, 4), (128, 8, 4), (128, 16, 4),
+                  (64, 4, 4), (64, 8, 4), (64, 16, 4))
+    elif m <= 256:
+        block_m, shapes = 128, ((128, 1, 4), (128, 2, 4), (128, 4, 4), (128, 8, 4), (64, 2, 4), (64, 4, 4))
     else:
-        block_m, shapes = 128, ((128, 1), (128, 2), (128, 4), (128, 8), (64, 2), (64, 4))
-    tiles = [dict(fragments, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=4)
-             for block_n, split in shapes]
+        block_m, shapes = 128, ((128, 1, 4), (128, 2, 4), (64, 1, 4))
+    tiles = [dict(fragments, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split, num_warps=4, num_stages=stages)
+             for block_n, split, stages in shapes]
     if m > 128:
         tiles += [dict(fragments, BLOCK_M=256, BLOCK_N=128, SPLIT_K=split, num_warps=8, num_stages=3)
-                  for split in (1, 2, 4)]
+                  for split in ((1, 2, 4) if m <= 256 else (1, 2))]
     return tiles
 
 

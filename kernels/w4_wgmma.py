@@ -74,12 +74,14 @@ def fits(weight, dtype: torch.dtype) -> bool:
 
 
 def grid(m: int, n: int, k: int, config: dict) -> tuple[int, int, int]:
-    """The programs of a product: tiles of N, tiles of M, shares of K. No share is empty (SPLIT_K 12 of
-    64 steps is 11 shares of 6): the kernels take a share's first step before their loop, so that ptxas
-    keeps the wgmmas in flight (`tile_and_share`)."""
+    """The programs of a product: tiles of M, tiles of N, shares of K. The tiles of M (tokens) come
+    first, so that the programs running at once share their weights' tiles, read from memory once,
+    where x, re-read by every tile of N, stays in L2. No share is empty (SPLIT_K 12 of 64 steps is 11
+    shares of 6): the kernels take a share's first step before their loop, so that ptxas keeps the
+    wgmmas in flight (`tile_and_share`)."""
     steps, split = triton.cdiv(k, STEP), max(config["SPLIT_K"], 1)  # (no division by 0: launch refuses it)
     shares = triton.cdiv(steps, triton.cdiv(steps, split))
-    return triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]), shares
+    return triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), shares
 
 
 def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor, workspace: torch.Tensor,
@@ -142,7 +144,7 @@ if gluon is not None:
         blocks = gl.cdiv(K, _STEP)
         share = gl.cdiv(blocks, gl.num_programs(2))
         first = gl.program_id(2) * share
-        return gl.program_id(0) * BLOCK_N, gl.program_id(1) * BLOCK_M, first, gl.minimum(share, blocks - first)
+        return gl.program_id(1) * BLOCK_N, gl.program_id(0) * BLOCK_M, first, gl.minimum(share, blocks - first)
 
     @gluon.jit
     def start_ring(x_desc, w_desc, s_desc, z_desc, x_bufs, w_bufs, s_bufs, z_bufs, ready, steps, first, off_m, off_n,

@@ -16,7 +16,7 @@ linears that read one input (`FusedLinears`, `Int8Layout`).
 
 On Hopper, 4-bit uniform grids that `w4_fragments` fits (fp16 scales and activations, groups of 64
 or more, N and K multiples of 16) keep their codes a third time, laid out as the wgmma's register
-fragments for products of 3-256 tokens (`with_fragments`: N * K / 2 bytes, 3.5 GB for Llama-3-8B).
+fragments for products of 3 or more tokens (`with_fragments`: N * K / 2 bytes, 3.5 GB for Llama-3-8B).
 The runtime makes all of these before it sizes its KV cache (`make_kernel_views`).
 
 Products of up to 64 tokens may be left pending for the kernel that reads them

@@ -199,12 +199,12 @@ def test_a_tail_of_columns_is_masked():
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="the tuner's tiles (num_warps among them) compile for a GPU only")
 @pytest.mark.parametrize("bits, group_size, symmetric", [(4, 64, False), (8, -1, True)])
-@pytest.mark.parametrize("m", [1, 2, 3, 16, 40, 200])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 40, 200, 600])
 def test_every_configuration_the_tuner_may_choose_matches_the_reference(bits, group_size, symmetric, m):
     """The tuner keeps whichever candidate is fastest, so each one must be right, at its own warps:
     finishing its product, and leaving it pending (what the runtime asks of up to PENDING_TOKENS
     tokens); on Hopper the Gluon kernels' tiles among them, of the 4-bit weight's fragment words too
-    (200 tokens: tiles of 256 tokens in two warpgroups)."""
+    (200 tokens: tiles of 256 tokens in two warpgroups; 600: three such tiles, the last part empty)."""
     weight = with_fragments(uniform_weight(1536, 1024, bits, group_size, symmetric), torch.float16)
     sums = torch.zeros(m, weight.out_features, device=DEVICE)
     for config in candidates(m, weight, torch.float16):

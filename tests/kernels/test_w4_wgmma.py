@@ -112,9 +112,9 @@ def test_every_share_of_k_has_a_step():
     for k in range(8, 64 * 70, 8):
         steps = -(-k // w4_wgmma.STEP)
         for split in range(1, 40):
-            tiles_n, tiles_m, shares = w4_wgmma.grid(33, 80, k, dict(BLOCK_N=64, BLOCK_M=16, SPLIT_K=split))
+            tiles_m, tiles_n, shares = w4_wgmma.grid(33, 80, k, dict(BLOCK_N=64, BLOCK_M=16, SPLIT_K=split))
             share = -(-steps // shares)
-            assert (tiles_n, tiles_m) == (2, 3) and 1 <= shares <= min(split, steps)
+            assert (tiles_m, tiles_n) == (3, 2) and 1 <= shares <= min(split, steps)
             assert (shares - 1) * share < steps <= shares * share, (k, split)
 
 
