@@ -3,6 +3,8 @@ from the Triton versions the kernels were compiled with, under the names of Trit
 
 from __future__ import annotations
 
+import functools
+
 from qtool.kernels.dispatch import compute_capability
 
 TESTED_FROM = (3, 6)  # Gluon is experimental and its API moves: versions before this one were never tried
@@ -42,11 +44,17 @@ def runs_on(device) -> bool:
 def descriptor(tensor, block: list[int], layout=None) -> "TensorDescriptor":
     """A TMA descriptor of a 2-D tensor (its rows contiguous) in blocks of `block`, into shared memory
     laid out as wgmma reads it (the default for the block) unless `layout` says otherwise."""
-    layout = layout or gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[tensor.dtype])
+    layout = layout or _default_layout(tuple(block), tensor.dtype)
     rows, columns = tensor.shape
     # a tensor of one row may report any stride for it (a transposed column does); TMA checks it
     row_stride = columns if rows == 1 else tensor.stride(0)
     return TensorDescriptor(tensor, [rows, columns], [row_stride, tensor.stride(1)], block, layout)
+
+
+@functools.cache
+def _default_layout(block: tuple, dtype) -> "gl.NVMMASharedLayout":
+    """wgmma's shared-memory layout for blocks of `dtype` (made once: a launch makes one for x)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype])
 
 
 if gluon is not None:

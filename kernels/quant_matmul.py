@@ -108,6 +108,9 @@ class KernelWeight:
     fragments: torch.Tensor | None = None  # the codes again, as wgmma fragments (`with_fragments`)
 
     def __post_init__(self):
+        # what the launch path works out for this weight once (its tuned configurations, its TMA
+        # descriptors): eager launches (a prefill's) otherwise spent more host time than GPU time
+        self._remembered = {}
         self.max_row_outliers = 0
         self.outlier_rows = None
         if self.outlier_row_offsets is not None:
@@ -131,6 +134,13 @@ class KernelWeight:
     @property
     def out_features(self) -> int:
         return self.packed.shape[1]
+
+    def remembered(self, key, make):
+        """make(), the first time `key` is asked of this weight; the same object after (a copy of the
+        weight, or one made by `replace`, starts afresh)."""
+        if key not in self._remembered:
+            self._remembered[key] = make()
+        return self._remembered[key]
 
     @property
     def groups(self) -> int:
@@ -239,12 +249,17 @@ def triton_matmul(x: torch.Tensor, weight: KernelWeight, config: dict | None = N
     if sums is not None:
         sums = sums.view(-1)[: x.shape[0] * weight.out_features].view(x.shape[0], weight.out_features)
     if config is None:
-        key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype,
-               weight.outlier_values is not None, weight.fragments is not None, sums is not None,
-               None if weight.scales is None else weight.scales.dtype, *_meta(weight).values())
-        config = _TUNER.choose(key, lambda: _timed_products(x, weight, sums is not None),
-                               candidates(x.shape[0], weight, x.dtype))
+        config = weight.remembered(("tuned", m_bucket(x.shape[0]), x.dtype, sums is not None),
+                                   lambda: _tuned(x, weight, sums is not None))
     return _launch(x, weight, config, sums)
+
+
+def _tuned(x: torch.Tensor, weight: KernelWeight, pending: bool) -> dict:
+    """The tuner's configuration for this product (timed the first time its key is seen)."""
+    key = (m_bucket(x.shape[0]), weight.out_features, weight.in_features, x.dtype, weight.outlier_values is not None,
+           weight.fragments is not None, pending, None if weight.scales is None else weight.scales.dtype,
+           *_meta(weight).values())
+    return _TUNER.choose(key, lambda: _timed_products(x, weight, pending), candidates(x.shape[0], weight, x.dtype))
 
 
 def _timed_products(x: torch.Tensor, weight: KernelWeight, pending: bool) -> list:
@@ -334,8 +349,8 @@ def _launch(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Ten
 
 def _launch_gluon_w4(x: torch.Tensor, weight: KernelWeight, config: dict, sums: torch.Tensor | None
                      ) -> torch.Tensor | PendingSum:
-    """The product by a Gluon kernel (`w4_wgmma`'s, or with FRAGMENTS `w4_fragments`'), on a grid of N
-    tiles x M tiles x shares of K."""
+    """The product by a Gluon kernel (`w4_wgmma`'s, or with FRAGMENTS `w4_fragments`'), on a grid of M
+    tiles x N tiles x shares of K."""
     kernel = w4_fragments if config.get("FRAGMENTS") else w4_wgmma
     if not kernel.takes(weight, x.dtype):
         raise ValueError("the W4 wgmma kernels take fp16 activations and 4-bit uniform grids (fp16 scales, byte zero "

@@ -110,8 +110,9 @@ def launch(x: torch.Tensor, weight, config: dict, group: int, out: torch.Tensor,
 def descriptors(x: torch.Tensor, weight, block_m: int, block_n: int) -> tuple:
     """The kernel's TMA descriptors: x's tiles, the fragment words', rows of scales and of zero points
     (as `w4_wgmma.descriptors`)."""
-    return (descriptor(x, [block_m, STEP]), descriptor(weight.fragments, [block_n // 2, STEP // 4]),
-            *w4_wgmma.group_descriptors(weight, block_n))
+    return (descriptor(x, [block_m, STEP]), *weight.remembered(
+        ("w4_fragments", block_n), lambda: (descriptor(weight.fragments, [block_n // 2, STEP // 4]),
+                                            *w4_wgmma.group_descriptors(weight, block_n))))
 
 
 if gluon is not None:

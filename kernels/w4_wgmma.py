@@ -118,8 +118,9 @@ def start(kernel, descriptors: tuple, x: torch.Tensor, weight, config: dict, gro
 def descriptors(x: torch.Tensor, weight, block_m: int, block_n: int) -> tuple:
     """The kernel's TMA descriptors: x's tiles, the words', and rows of scales and of zero points
     (`group_descriptors`)."""
-    return (descriptor(x, [block_m, STEP]), descriptor(weight.packed, [STEP // 8, block_n]),
-            *group_descriptors(weight, block_n))
+    return (descriptor(x, [block_m, STEP]), *weight.remembered(
+        ("w4_wgmma", block_n), lambda: (descriptor(weight.packed, [STEP // 8, block_n]),
+                                        *group_descriptors(weight, block_n))))
 
 
 def group_descriptors(weight, block_n: int) -> tuple:
