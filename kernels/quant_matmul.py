@@ -25,9 +25,8 @@ Three things, as every kernel here:
   as y^T = W x^T, the weights the first operand; on Hopper, for 4-bit grids and 3 or more tokens,
   also Gluon kernels whose operands arrive by TMA: `qtool.kernels.w4_wgmma`'s (up to 256 tokens),
   and `qtool.kernels.w4_fragments`' from a second copy of the codes laid out as the wgmma's register
-  fragments). K is
-  split among many programs so that every multiprocessor streams weights; they add into a float32
-  workspace and the last to arrive writes y (one launch; no zeroing, no cast), or, for a caller
+  fragments). K is split among many programs so that every multiprocessor streams weights; they
+  add into a float32 workspace and the last to arrive writes y (one launch; no zeroing, no cast), or, for a caller
   that asks (`sums`: the runtime's model, up to PENDING_TOKENS tokens), into the caller's float32
   accumulator, leaving the product pending for the kernel that reads it (`qtool.kernels.pending`:
   no arrival count, no last program). Many tokens may
@@ -530,8 +529,8 @@ def candidates(m: int, weight: KernelWeight, dtype: torch.dtype) -> list[dict]:
     weights made in half2 arithmetic where the weight allows); for more, dots of 64-128 tokens in
     float32 weights, swapped dots of 128-256 tokens, and dequantize-then-cuBLAS; for 3-256 tokens
     and a weight `w4_wgmma` takes, its tiles (`w4_wgmma_candidates`), and for 3 or more
-    `w4_fragments`' where the weight has its fragment words (`fragments_candidates`). Tiles up to 64 tokens are the
-    fastest of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
+    `w4_fragments`' where the weight has its fragment words (`fragments_candidates`). Tiles up to 64
+    tokens are the fastest of sweeps on an H200 (benchmarks/results/kernels_h200.md). A dot needs 8 rows of words."""
     bits = weight.bits
 
     def tiles(*shapes, **form):

@@ -1,6 +1,7 @@
 """The quantized matmul kernel against its torch reference, on random inputs of odd shapes: under
 TRITON_INTERPRET=1 on a machine without a GPU (small shapes), on the GPU where there is one."""
 
+from dataclasses import replace
 
 import pytest
 import torch
@@ -186,6 +187,19 @@ def test_split_k_adds_every_share_once_and_leaves_the_workspace_zero(config):
     weight = uniform_weight(40, 640, 4, 64, False)
     for _ in range(3):  # the last program of each tile resets the workspace for the next launch
         check(weight, 3, config=config)
+
+
+def test_a_weight_remembers_what_it_is_asked_once_and_its_copies_afresh():
+    """What the launch path keeps per weight (tuned configurations, TMA descriptors): made once for a
+    key, the same object after; a copy (new memory) or a `replace` (new tensors) makes its own."""
+    weight = uniform_weight(24, 128, 4, 32, False)
+    made = []
+    first = weight.remembered("key", lambda: made.append(1) or object())
+    assert weight.remembered("key", lambda: made.append(1) or object()) is first and len(made) == 1
+    assert weight.remembered("other", lambda: made.append(1) or object()) is not first and len(made) == 2
+    for other in (weight.copy(), replace(weight, fragments=None)):
+        assert other.remembered("key", lambda: made.append(1) or object()) is not first
+    assert len(made) == 4
 
 
 def test_a_tail_of_columns_is_masked():
